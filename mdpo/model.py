@@ -1,0 +1,437 @@
+"""Gemma 1 / 2 / 3 (text) in pure PyTorch.
+
+One module tree for all three generations; `GemmaConfig.family` switches on the parts that differ.
+Parameter names mirror the Hugging Face checkpoints (minus the leading "model."), so weight loading is
+a one-line rename checked strictly (see mdpo/weights.py).
+
+The model is pure: no tokenizer, no sampling, no no_grad. `forward` takes explicit positions, which
+define both RoPE and the attention mask, and an optional preallocated KV cache.
+
+Every detail below that changes logits is commented where it happens; sources are the transformers
+reference classes (which the tests match to 1e-4) and google/gemma_pytorch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+FAMILIES = ("gemma", "gemma2", "gemma3")
+LAYER_TYPES = ("full", "sliding")
+ATTN_IMPLS = ("sdpa", "eager")
+
+
+@dataclass
+class GemmaConfig:
+    """Architecture of one Gemma model. Presets: `GemmaConfig.from_name("gemma-7b")`."""
+
+    family: str = "gemma3"  # gemma (Gemma 1), gemma2, gemma3 (text only)
+    vocab_size: int = 262144
+    hidden_size: int = 640
+    intermediate_size: int = 2048
+    num_layers: int = 18
+    num_heads: int = 4
+    num_kv_heads: int = 1
+    head_dim: int = 256
+    max_position_embeddings: int = 32768
+    rms_norm_eps: float = 1e-6
+    rope_base: float = 10_000.0  # RoPE base of full-attention layers
+    rope_local_base: float | None = None  # RoPE base of sliding layers (Gemma 3: 1e4); None = rope_base
+    rope_scaling_factor: float = 1.0  # linear position scaling of full layers (Gemma 3 4b+: 8)
+    query_pre_attn_scalar: float | None = None  # scores scale = this ** -0.5; None = head_dim (Gemma 1)
+    attn_softcap: float | None = None  # Gemma 2: 50, tanh cap on attention scores
+    final_softcap: float | None = None  # Gemma 2: 30, tanh cap on the logits
+    sliding_window: int | None = None  # keys k with 0 <= q - k < sliding_window on sliding layers
+    layer_types: list[str] | None = None  # "full" / "sliding" per layer; None = the family's pattern
+    bos_id: int = 2
+    eos_id: int = 1
+    pad_id: int = 0
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown Gemma family {self.family!r}; expected one of {FAMILIES}")
+        if self.layer_types is None:
+            self.layer_types = default_layer_types(self.family, self.num_layers)
+        self.layer_types = list(self.layer_types)
+        if len(self.layer_types) != self.num_layers:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+        bad = set(self.layer_types) - set(LAYER_TYPES)
+        if bad:
+            raise ValueError(f"unknown layer types {sorted(bad)}; expected {LAYER_TYPES}")
+        if "sliding" in self.layer_types and not self.sliding_window:
+            raise ValueError("sliding layers need a sliding_window")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+
+    # Gemma 2 and 3 wrap both sublayers in an extra norm on their output (and rename the pre-FFN norm).
+    @property
+    def post_norms(self) -> bool:
+        return self.family != "gemma"
+
+    # Gemma 3 replaces Gemma 2's attention soft-cap with RMSNorm on q and k.
+    @property
+    def qk_norm(self) -> bool:
+        return self.family == "gemma3"
+
+    @property
+    def query_scale(self) -> float:
+        # Gemma 1 scales by head_dim**-0.5; Gemma 2/3 by query_pre_attn_scalar**-0.5 (gemma-2-9b shipped
+        # with 224 and was corrected to 256 = head_dim; gemma-2-27b really uses hidden/heads = 144).
+        return float(self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "GemmaConfig":
+        """A named preset (see PRESETS), optionally with fields replaced."""
+        key = PRESET_ALIASES.get(name, name)
+        if key not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+        return replace(PRESETS[key], **overrides)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_layer_types(family: str, num_layers: int) -> list[str]:
+    if family == "gemma":
+        return ["full"] * num_layers
+    if family == "gemma2":
+        # Gemma 2 alternates, starting with a sliding layer: layers 0, 2, 4, ... are local.
+        return ["sliding" if i % 2 == 0 else "full" for i in range(num_layers)]
+    # Gemma 3: five local layers, then one global (layers 5, 11, 17, ... are global).
+    return ["full" if (i + 1) % 6 == 0 else "sliding" for i in range(num_layers)]
+
+
+def _g1(**kw) -> GemmaConfig:
+    return GemmaConfig(family="gemma", vocab_size=256000, max_position_embeddings=8192, **kw)
+
+
+def _g2(**kw) -> GemmaConfig:
+    return GemmaConfig(family="gemma2", vocab_size=256000, max_position_embeddings=8192, query_pre_attn_scalar=256,
+                       attn_softcap=50.0, final_softcap=30.0, sliding_window=4096, **kw)
+
+
+def _g3(**kw) -> GemmaConfig:
+    return GemmaConfig(family="gemma3", vocab_size=262144, max_position_embeddings=32768, query_pre_attn_scalar=256,
+                       rope_base=1_000_000.0, rope_local_base=10_000.0, sliding_window=512, **kw)
+
+
+PRESETS: dict[str, GemmaConfig] = {
+    "gemma-2b": _g1(hidden_size=2048, intermediate_size=16384, num_layers=18, num_heads=8, num_kv_heads=1),
+    "gemma-7b": _g1(hidden_size=3072, intermediate_size=24576, num_layers=28, num_heads=16, num_kv_heads=16),
+    "gemma-2-2b": _g2(hidden_size=2304, intermediate_size=9216, num_layers=26, num_heads=8, num_kv_heads=4),
+    "gemma-2-9b": _g2(hidden_size=3584, intermediate_size=14336, num_layers=42, num_heads=16, num_kv_heads=8),
+    "gemma-3-270m": _g3(hidden_size=640, intermediate_size=2048, num_layers=18, num_heads=4, num_kv_heads=1),
+    "gemma-3-1b": _g3(hidden_size=1152, intermediate_size=6912, num_layers=26, num_heads=4, num_kv_heads=1),
+    # Tiny configs for tests: same flags as their generation, small enough for a CPU in milliseconds,
+    # with windows short enough that test prompts cross them.
+    "tiny-gemma": GemmaConfig(family="gemma", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=3,
+                              num_heads=4, num_kv_heads=1, head_dim=16, max_position_embeddings=256),
+    "tiny-gemma2": GemmaConfig(family="gemma2", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=4,
+                               num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256,
+                               query_pre_attn_scalar=24, attn_softcap=50.0, final_softcap=30.0, sliding_window=8),
+    "tiny-gemma3": GemmaConfig(family="gemma3", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=6,
+                               num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256,
+                               query_pre_attn_scalar=16, rope_base=1_000_000.0, rope_local_base=10_000.0,
+                               sliding_window=8),
+}
+PRESET_ALIASES = {"gemma-1.1-7b-it": "gemma-7b", "gemma-1.1-2b-it": "gemma-2b", "gemma-2-9b-it": "gemma-2-9b",
+                  "gemma-2-2b-it": "gemma-2-2b", "gemma-3-1b-it": "gemma-3-1b"}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Gemma's weights are zero-centred (scale = 1 + w), and the whole thing, multiply included, runs in
+        # fp32 with one cast at the end. Llama casts *before* the weight multiply; doing that here changes
+        # bf16 logits (transformers PR 29402).
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).type_as(x)
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, base: float, scale: float, dtype: torch.dtype):
+    """cos/sin tables (B, T, head_dim) for integer positions (B, T), computed in fp32 then cast to dtype."""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim
+    inv_freq = 1.0 / (base ** exponent)
+    inv_freq = inv_freq / scale  # linear RoPE scaling divides the frequencies (= scales positions down)
+    # Angles in fp32: in bf16, positions past 256 lose their low bits and neighbouring tokens collide.
+    angles = positions[..., None].float() * inv_freq  # (B, T, D/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (B, T, D): half-split layout, not interleaved pairs
+    # Like transformers, the tables are cast to the activation dtype and the rotation runs in that dtype
+    # (gemma_pytorch rotates in fp32 instead; identical in fp32, slightly different in bf16).
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, T, D) by tables (B, T, D), half-split ("rotate_half") convention."""
+    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D), broadcast over heads
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos + rotated * sin
+
+
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Boolean mask (B, 1, Tq, Tk), True where query may attend: 0 <= q - k (< window on sliding layers).
+
+    q_pos is (B, Tq); k_pos is (B, Tk) or (Tk,). Positions, not indices, decide visibility, so right-padded
+    rows and cache slots beyond a row's length are hidden by causality alone.
+    """
+    if k_pos.dim() == 1:
+        k_pos = k_pos[None]
+    delta = q_pos[:, :, None] - k_pos[:, None, :]  # (B, Tq, Tk)
+    mask = delta >= 0
+    if window is not None:
+        # Window semantics: W keys including the token itself (q - k < W). W + 1 here changes logits
+        # from position W on.
+        mask = mask & (delta < window)
+    return mask[:, None]
+
+
+class KVCache:
+    """Preallocated keys and values, one (B, H_kv, max_len, D) pair per layer.
+
+    A token at position p is stored in slot p of its row, so rows of different lengths share one cache
+    and positions are the same ones the trainer uses for the same token sequence.
+    """
+
+    def __init__(self, config: GemmaConfig, batch_size: int, max_len: int, dtype=torch.float32, device=None):
+        shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, kv_len: int):
+        """Write k, v (B, H_kv, T, D) at slots `positions` (B, T); return slots [0, kv_len) of this layer."""
+        index = positions[:, None, :, None].expand_as(k)  # (B, H_kv, T, D)
+        self.k[layer].scatter_(2, index, k)
+        self.v[layer].scatter_(2, index, v)
+        return self.k[layer][:, :, :kv_len], self.v[layer][:, :, :kv_len]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GemmaConfig, layer_idx: int):
+        super().__init__()
+        c = config
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.scale = c.query_scale
+        self.softcap = c.attn_softcap
+        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+        if c.qk_norm:
+            # One weight of size head_dim shared by all heads, applied before RoPE.
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, positions, cache: KVCache | None, kv_len: int, impl: str):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v, positions, kv_len)  # (B, Hkv, S, D)
+        if impl == "sdpa" and self.softcap is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+                                                 enable_gqa=self.num_heads != self.num_kv_heads)
+        else:
+            # Explicit path: fused SDPA kernels cannot apply Gemma 2's tanh soft-cap.
+            out = eager_attention(q, k, v, mask, self.scale, self.softcap)
+        out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H*D)
+        return self.o_proj(out)
+
+
+def eager_attention(q, k, v, mask, scale: float, softcap: float | None):
+    """Reference attention: scores in the activation dtype, softmax in fp32 (as transformers' eager)."""
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1:  # GQA / MQA: query head h reads kv head h // n_rep
+        k = k.repeat_interleave(n_rep, dim=1)
+        v = v.repeat_interleave(n_rep, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * scale  # (B, H, Tq, Tk); scaled after the matmul, as the reference
+    if softcap is not None:
+        # Gemma 2: the cap applies to the scaled scores and *before* the mask.
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return probs @ v
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        # GeGLU with the tanh approximation of GELU in every generation. Gemma 1 configs say "gelu", but
+        # the model was trained with tanh-GELU (gemma_pytorch; transformers rewrites "gelu" the same way).
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GemmaConfig, layer_idx: int):
+        super().__init__()
+        c = config
+        self.sliding = c.layer_types[layer_idx] == "sliding"
+        self.post_norms = c.post_norms
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = Attention(c, layer_idx)
+        # Gemma 1 checkpoints call the pre-FFN norm "post_attention_layernorm"; Gemma 2/3 use that name for
+        # a real post-attention norm and add pre_/post_feedforward_layernorm. Names follow the checkpoints.
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        if c.post_norms:
+            self.pre_feedforward_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+            self.post_feedforward_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c)
+
+    def forward(self, x, rope, masks, positions, cache, kv_len, impl):
+        cos, sin = rope[self.sliding]
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, masks[self.sliding], positions, cache, kv_len, impl)
+        if self.post_norms:
+            x = x + self.post_attention_layernorm(attn)
+            x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        else:
+            x = x + attn
+            x = x + self.mlp(self.post_attention_layernorm(x))
+        return x
+
+
+class Gemma(nn.Module):
+    """A Gemma causal LM. `model(tokens)` -> logits (B, T, V)."""
+
+    def __init__(self, config: GemmaConfig, attn_impl: str = "sdpa"):
+        super().__init__()
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
+        self.config = config
+        self.attn_impl = attn_impl
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None):
+        """Initialise in place (after `to_empty` from the meta device).
+
+        Linear and embedding weights ~ N(0, 0.02) (transformers' initializer_range for Gemma); norm weights 0,
+        which is a unit scale because Gemma norms multiply by (1 + w).
+        """
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.zero_()
+            else:
+                p.normal_(0.0, std, generator=generator)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
+        """Logits (B, T, V), or final-norm hidden states (B, T, hidden) if return_hidden.
+
+        Args:
+            tokens: (B, T) token ids; batches of different lengths are right-padded.
+            positions: (B, T) position of each token; defaults to 0..T-1. With a cache, positions are also the
+                cache slots written, and every slot at an earlier position of the row is attended.
+            cache: a KVCache to write this call's keys/values into and read earlier ones from.
+        """
+        B, T = tokens.shape
+        if positions is None:
+            if cache is not None:
+                raise ValueError("forward with a KV cache needs explicit positions")
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        x = self.embed_tokens(tokens)
+        # Scale by sqrt(hidden) *rounded to the weight dtype* (in bf16, sqrt(3072) = 55.43 becomes 55.5);
+        # the checkpoints were trained with the rounded value.
+        x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
+
+        c = self.config
+        if cache is not None:
+            kv_len = int(positions.max()) + 1  # attend over cache slots [0, kv_len): one host sync per call
+            if kv_len > cache.max_len:
+                raise ValueError(f"position {kv_len - 1} does not fit a KV cache of length {cache.max_len}")
+            k_pos = torch.arange(kv_len, device=tokens.device)
+        else:
+            kv_len, k_pos = T, positions
+        # Tables and masks are built once per call and shared by all layers of each kind (index: sliding?).
+        rope = {
+            False: rope_tables(positions, c.head_dim, c.rope_base, c.rope_scaling_factor, x.dtype),
+            True: rope_tables(positions, c.head_dim, c.rope_local_base or c.rope_base, 1.0, x.dtype),
+        }
+        masks = {False: attention_mask(positions, k_pos, None),
+                 True: attention_mask(positions, k_pos, c.sliding_window)}
+        for layer in self.layers:
+            x = layer(x, rope, masks, positions, cache, kv_len, self.attn_impl)
+        x = self.norm(x)
+        return x if return_hidden else self.head(x)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from final hidden states: the tied embedding, then Gemma 2's final soft-cap."""
+        logits = F.linear(hidden, self.embed_tokens.weight)
+        if self.config.final_softcap is not None:
+            cap = self.config.final_softcap
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    # --- cost accounting (benchmarks report MFU and bandwidth use from these) ---
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs (forward + backward) per token at context seq_len.
+
+        6 per parameter-multiply (the tied embedding counts once, as the LM head matmul; the lookup is free),
+        plus 12 * heads * head_dim * context per layer for QK^T and PV, with the context of a sliding layer
+        capped at its window. The causal half is not subtracted (nanochat / PaLM convention).
+        """
+        c = self.config
+        attn = 0
+        for kind in c.layer_types:
+            ctx = min(seq_len, c.sliding_window) if kind == "sliding" else seq_len
+            attn += 12 * c.num_heads * c.head_dim * ctx
+        return 6 * self.num_params() + attn
+
+    def kv_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
+        c = self.config
+        elem = (dtype or self.embed_tokens.weight.dtype).itemsize
+        return 2 * c.num_layers * c.num_kv_heads * c.head_dim * elem
+
+    # --- checkpoints (implemented in mdpo/weights.py) ---
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device="cpu", attn_impl: str = "sdpa"):
+        """Load an HF-layout folder (config.json + safetensors), strictly."""
+        from mdpo.weights import load_pretrained
+        return load_pretrained(path, dtype=dtype, device=device, attn_impl=attn_impl)
+
+    def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None):
+        """Write config.json + safetensors in the Hugging Face layout (loads in transformers and vLLM)."""
+        from mdpo.weights import save_pretrained
+        save_pretrained(self, path, max_shard_bytes=max_shard_bytes, dtype=dtype)
+
+
+def build_model(config: GemmaConfig, device="cpu", dtype: torch.dtype = torch.float32, attn_impl: str = "sdpa",
+                init: bool = True, seed: int | None = None) -> Gemma:
+    """Construct on the meta device (no allocation), materialise on `device`, then init_weights()."""
+    with torch.device("meta"):
+        model = Gemma(config, attn_impl=attn_impl)
+    model = model.to_empty(device=device).to(dtype)
+    if init:
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=device).manual_seed(seed)
+        model.init_weights(generator=gen)
+    return model

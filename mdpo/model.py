@@ -420,10 +420,13 @@ class Gemma(nn.Module):
         from mdpo.weights import load_pretrained
         return load_pretrained(path, dtype=dtype, device=device, attn_impl=attn_impl)
 
-    def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None):
-        """Write config.json + safetensors in the Hugging Face layout (loads in transformers and vLLM)."""
+    def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None,
+                        tokenizer=None):
+        """Write config.json + safetensors (+ the tokenizer's files) in the Hugging Face layout."""
         from mdpo.weights import save_pretrained
         save_pretrained(self, path, max_shard_bytes=max_shard_bytes, dtype=dtype)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
 
 
 def build_model(config: GemmaConfig, device="cpu", dtype: torch.dtype = torch.float32, attn_impl: str = "sdpa",

@@ -1,0 +1,98 @@
+"""Per-sequence sums of masked token log-probs, without materialising [tokens x vocab] logits.
+
+Gemma's vocabulary is 256k: fp32 logits for two DPO pairs of 2k tokens are 8 GB, and a naive log-softmax
+keeps another copy for backward. Here the LM head runs only at the selected positions, in chunks, inside
+a custom autograd function whose backward recomputes each chunk's logits instead of saving them (the
+Cut-Cross-Entropy / Liger idea). Peak extra memory is O(chunk x vocab) in forward and in backward, and the
+result is an ordinary differentiable (B,) tensor, so any sequence-level loss (DPO, KTO) can sit on top.
+
+Log-softmax is always fp32, and Gemma 2's final soft-cap is applied before it, as in the model's head.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mdpo.model import Gemma
+
+
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, softcap: float | None):
+    """fp32 logits (c, V) for hidden rows h (c, d); also the pre-cap tanh, needed by the backward."""
+    logits = (h @ weight.T).float()  # matmul in the model dtype, like the model's head; softmax in fp32
+    if softcap is None:
+        return logits, None
+    t = torch.tanh(logits / softcap)
+    return t * softcap, t
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, softcap, chunk_size):
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for s in range(0, hidden.shape[0], chunk_size):
+            logits, _ = _chunk_logits(hidden[s:s + chunk_size], weight, softcap)
+            tgt = targets[s:s + chunk_size, None]
+            out[s:s + chunk_size] = (logits.gather(1, tgt) - logits.logsumexp(-1, keepdim=True))[:, 0]
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.softcap, ctx.chunk_size = softcap, chunk_size
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, targets = ctx.saved_tensors
+        softcap, chunk = ctx.softcap, ctx.chunk_size
+        grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if ctx.needs_input_grad[1] else None
+        for s in range(0, hidden.shape[0], chunk):
+            h = hidden[s:s + chunk]
+            g = grad_out[s:s + chunk, None].float()  # (c, 1)
+            logits, t = _chunk_logits(h, weight, softcap)
+            # d logp[target] / d logits = onehot(target) - softmax(logits)
+            dlogits = torch.softmax(logits, dim=-1).mul_(-g)
+            dlogits.scatter_add_(1, targets[s:s + chunk, None], g)
+            if t is not None:
+                dlogits.mul_(1 - t * t)  # through cap * tanh(z / cap)
+            dlogits = dlogits.to(h.dtype)
+            if grad_h is not None:
+                grad_h[s:s + chunk] = dlogits @ weight
+            if grad_w is not None:
+                grad_w += (dlogits.T @ h).float()
+        return grad_h, (grad_w.to(weight.dtype) if grad_w is not None else None), None, None, None
+
+
+def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                   softcap: float | None = None, chunk_size: int = 1024) -> torch.Tensor:
+    """log softmax(softcap(hidden @ weight.T))[targets], fp32 (M,), computed chunk by chunk.
+
+    Args:
+        hidden: (M, d) final hidden states at the selected positions.
+        weight: (V, d) the (tied) output embedding.
+        targets: (M,) token ids whose log-probs are wanted.
+    """
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=torch.float32) + 0 * weight.sum()  # keeps the graph connected
+    return _TokenLogprobs.apply(hidden, weight, targets, softcap, chunk_size)
+
+
+def sequence_logprobs(model: Gemma, tokens: torch.Tensor, loss_mask: torch.Tensor,
+                      positions: torch.Tensor | None = None, chunk_size: int = 1024):
+    """Sum over the masked tokens of each row of log p(token | earlier tokens), with gradients.
+
+    Args:
+        tokens: (B, T) right-padded token ids.
+        loss_mask: (B, T) bool, True at the tokens whose log-probs count (the policy's own tokens). Token t
+            is predicted from position t - 1, so position 0 can never count.
+    Returns:
+        (sums (B,) fp32, counts (B,) int64): summed log-probs and the number of tokens summed per row.
+    """
+    if tokens.shape != loss_mask.shape:
+        raise ValueError(f"tokens {tuple(tokens.shape)} and loss_mask {tuple(loss_mask.shape)} differ in shape")
+    hidden = model(tokens, positions=positions, return_hidden=True)  # (B, T, d)
+    select = loss_mask[:, 1:].bool()  # (B, T-1): target token t+1 predicted at position t
+    h = hidden[:, :-1][select]  # (M, d)
+    targets = tokens[:, 1:][select]  # (M,)
+    rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None].expand_as(select)[select]  # (M,)
+    lp = token_logprobs(h, model.embed_tokens.weight, targets, model.config.final_softcap, chunk_size)
+    sums = torch.zeros(tokens.shape[0], dtype=torch.float32, device=tokens.device).index_add(0, rows, lp)
+    return sums, select.sum(-1)

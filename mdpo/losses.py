@@ -1,0 +1,112 @@
+"""Preference and SFT losses: pure functions of per-sequence summed log-probs.
+
+Every function takes (B,) tensors of summed masked log-probs (see mdpo.logprobs) and returns
+`(losses, metrics)`: per-example losses (B,) that the trainer averages with the right global normaliser, and
+a dict of detached scalar tensors for logging. Nothing here knows about models, masks or batches.
+
+Notation: pi_c / pi_r are the policy's log-probs of the chosen (winning) and rejected (losing) trajectory,
+ref_c / ref_r the reference's. With a multi-turn mask these sums run over the model's turns only, which
+is what turns DPO into M-DPO (and KTO into M-KTO): the interpreter's tokens never enter the ratio.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+DPO_TYPES = ("sigmoid", "ipo", "hinge")
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float = 0.1, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0, nll_coef: float = 0.0, chosen_tokens: torch.Tensor | None = None):
+    """M-DPO (paper eq. 14) and its variants on per-sequence log-probs.
+
+    h = (pi_c - ref_c) - (pi_r - ref_r), the difference of the two trajectories' log-ratios.
+      sigmoid: -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h). eps = label_smoothing > 0 is
+               conservative DPO (cDPO: the preference label is flipped with probability eps); eps = 0 is
+               the paper's M-DPO.
+      ipo:     (h - 1 / (2 beta))^2 (Azar et al. 2023, eq. 17). Pass length-averaged log-probs for TRL's
+               length-normalised IPO.
+      hinge:   max(0, 1 - beta h) (SLiC / RSO).
+    nll_coef > 0 adds nll_coef * (-pi_c / chosen_tokens): the chosen trajectory's per-token NLL, the paper's
+    "+ NLL" ablation (its code used a token mean, so chosen_tokens must be given).
+    """
+    if loss_type not in DPO_TYPES:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; expected one of {DPO_TYPES}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    chosen_ratio = policy_chosen - ref_chosen
+    rejected_ratio = policy_rejected - ref_rejected
+    h = chosen_ratio - rejected_ratio
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        losses = torch.relu(1 - beta * h)
+    metrics = {}
+    if nll_coef:
+        if chosen_tokens is None:
+            raise ValueError("nll_coef > 0 needs chosen_tokens (the number of tokens in each chosen sum)")
+        nll = -policy_chosen / chosen_tokens.clamp(min=1)
+        losses = losses + nll_coef * nll
+        metrics["nll"] = nll.detach().mean()
+    rc, rr = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+    metrics.update({
+        "rewards/chosen": rc.mean(),
+        "rewards/rejected": rr.mean(),
+        "rewards/margin": (rc - rr).mean(),
+        "rewards/accuracy": (rc > rr).float().mean(),
+        "logps/chosen": policy_chosen.detach().mean(),
+        "logps/rejected": policy_rejected.detach().mean(),
+    })
+    return losses, metrics
+
+
+def kto_kl_estimate(policy_kl: torch.Tensor, ref_kl: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point z0 (paper eq. 15): mean log-ratio on mismatched prompt/completion pairs.
+
+    Averaged across data-parallel ranks when torch.distributed is initialised, detached (z0 is a baseline,
+    not a path for gradients) and clamped at 0 (a KL divergence cannot be negative; the estimate can).
+    """
+    kl = (policy_kl.detach() - ref_kl.detach()).float().mean()
+    if dist.is_available() and dist.is_initialized():
+        # SUM then divide: gloo has no AVG reduction.
+        dist.all_reduce(kl, op=dist.ReduceOp.SUM)
+        kl = kl / dist.get_world_size()
+    return kl.clamp(min=0)
+
+
+def kto_loss(policy: torch.Tensor, ref: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor | float,
+             beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
+    """M-KTO (paper eq. 15): desirable 1 - sigmoid(beta (r - z0)), undesirable 1 - sigmoid(beta (z0 - r)).
+
+    r = policy - ref is each trajectory's log-ratio, z0 = kl from `kto_kl_estimate`, and `desirable` is a
+    bool (B,) label (a correct final answer). Each loss is scaled by its class weight (lambda_D, lambda_U).
+    """
+    desirable = desirable.bool()
+    kl = torch.as_tensor(kl, dtype=torch.float32, device=policy.device).detach()
+    r = policy - ref
+    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (r - kl))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (kl - r))))
+    rewards = beta * r.detach()
+    metrics = {"kl": kl, "logps/policy": policy.detach().mean()}
+    # Means over an empty class would be NaN; report them only when the batch has that class.
+    if desirable.any():
+        metrics["rewards/chosen"] = rewards[desirable].mean()
+    if (~desirable).any():
+        metrics["rewards/rejected"] = rewards[~desirable].mean()
+    return losses, metrics
+
+
+def sft_loss(policy: torch.Tensor, tokens: torch.Tensor):
+    """Masked NLL: per-example -sum log p over the model's tokens (SFT stage and the RAFT baseline).
+
+    The trainer divides the summed losses by the global token count, which gives a token-level mean over
+    the whole batch rather than a mean of per-sequence means.
+    """
+    losses = -policy
+    n = tokens.sum().clamp(min=1)
+    return losses, {"nll": losses.detach().sum() / n, "tokens": tokens.sum().detach().float()}

@@ -2,9 +2,10 @@
 
     python benchmarks/bench_model.py [--seq 512] [--batches 1 4] [--dtypes float32 bfloat16] [--reps 2]
 
-Model: the real google/gemma-3-270m (PyPI GGUF, converted once into runs/). Each (implementation, dtype,
-batch) row runs in its own process, so peak memory is that row's alone: the process resets its RSS
-high-water mark after loading and warm-up, and reports the peak above the loaded baseline.
+Model: the real google/gemma-3-270m (PyPI GGUF, converted once into runs/). Speed: one process per
+(dtype, batch) holds both models and alternates them rep by rep, so load from other processes on the
+machine hits both alike. Peak memory: one process per (implementation, dtype, batch), which resets its RSS
+high-water mark after loading and warm-up and reports the peak above that baseline.
 Prefill = one forward over B x T tokens returning all logits, no cache. Forward+backward = the same forward
 plus full-vocabulary cross-entropy and backward. transformers runs its default attention (SDPA), as does mdpo.
 Prints a table, then one JSON line.
@@ -41,42 +42,80 @@ def reset_peak():
     return rss_mb("VmRSS")
 
 
-def worker(impl: str, dtype_name: str, batch: int, seq: int, reps: int) -> dict:
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    dtype = getattr(torch, dtype_name)
+def build(impl: str, dtype: torch.dtype):
+    """(model, forward returning all logits) for one implementation."""
     if impl == "mdpo":
         from mdpo.model import Gemma
         model = Gemma.from_pretrained(MODEL_DIR, dtype=dtype)
-        fwd = lambda x: model(x)  # noqa: E731
-    else:
-        import transformers
-        model = transformers.AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=dtype)
-        fwd = lambda x: model(x, use_cache=False).logits  # noqa: E731
+        return model, (lambda x: model(x))
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=dtype)
+    return model, (lambda x: model(x, use_cache=False).logits)
+
+
+def workloads(model, fwd, x):
     V = model.config.vocab_size
-    x = torch.randint(10, V, (batch, seq), generator=torch.Generator().manual_seed(0))
 
     def prefill():
         with torch.no_grad():
-            return fwd(x)
+            fwd(x)
 
-    def train_step():
+    def fwd_bwd():
         logits = fwd(x)
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, V), x[:, 1:].reshape(-1))
         loss.backward()
         model.zero_grad(set_to_none=True)
-        return loss
 
-    out = {"impl": impl, "dtype": dtype_name, "batch": batch, "seq": seq}
-    for name, fn in (("prefill", prefill), ("fwd_bwd", train_step)):
-        fn()  # warm-up: first-call allocations and kernel selection
-        base = reset_peak()
-        t0 = time.perf_counter()
+    return {"prefill": prefill, "fwd_bwd": fwd_bwd}
+
+
+def inputs(batch: int, seq: int):
+    return torch.randint(10, 200_000, (batch, seq), generator=torch.Generator().manual_seed(0))
+
+
+def speed_worker(dtype_name: str, batch: int, seq: int, reps: int) -> dict:
+    """tok/s of both implementations, measured alternately in one process."""
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    x = inputs(batch, seq)
+    jobs = {impl: workloads(*build(impl, getattr(torch, dtype_name)), x) for impl in ("mdpo", "transformers")}
+    out = {}
+    for name in ("prefill", "fwd_bwd"):
+        total = {impl: 0.0 for impl in jobs}
+        for impl in jobs:
+            jobs[impl][name]()  # warm-up: first-call allocations and kernel selection
         for _ in range(reps):
-            fn()
-        dt = (time.perf_counter() - t0) / reps
-        out[f"{name}_tok_s"] = batch * seq / dt
-        out[f"{name}_peak_mb"] = rss_mb("VmHWM") - base
+            for impl in jobs:
+                t0 = time.perf_counter()
+                jobs[impl][name]()
+                total[impl] += time.perf_counter() - t0
+        for impl in jobs:
+            out[f"{impl}_{name}_tok_s"] = batch * seq * reps / total[impl]
     return out
+
+
+def memory_worker(impl: str, dtype_name: str, batch: int, seq: int) -> dict:
+    """Peak RSS above the loaded-and-warmed baseline, per workload, for one implementation."""
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    jobs = workloads(*build(impl, getattr(torch, dtype_name)), inputs(batch, seq))
+    out = {}
+    for name, fn in jobs.items():
+        fn()
+        base = reset_peak()
+        fn()
+        out[f"{impl}_{name}_peak_mb"] = rss_mb("VmHWM") - base
+    return out
+
+
+def run_worker(*args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", *map(str, args)]
+    # A fixed mmap threshold makes glibc hand every large buffer back to the OS on free, so RSS follows the
+    # bytes actually live; with the default dynamic threshold, freed buffers up to 32 MB stay resident and
+    # the peak depends on allocation history rather than on the model code.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode:
+        raise RuntimeError(f"worker {args} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def main():
@@ -85,11 +124,15 @@ def main():
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--worker", nargs=3, metavar=("IMPL", "DTYPE", "BATCH"))
+    ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        impl, dtype, batch = args.worker
-        print(json.dumps(worker(impl, dtype, int(batch), args.seq, args.reps)))
+        kind, *rest = args.worker
+        if kind == "speed":
+            res = speed_worker(rest[0], int(rest[1]), int(rest[2]), int(rest[3]))
+        else:
+            res = memory_worker(rest[0], rest[1], int(rest[2]), int(rest[3]))
+        print(json.dumps(res))
         return
     if not (MODEL_DIR / "config.json").exists():
         from mdpo.convert import convert_gguf, pypi_gemma3_270m
@@ -98,21 +141,17 @@ def main():
     rows = []
     for dtype in args.dtypes:
         for batch in args.batches:
-            pair = {}
-            for impl in ("transformers", "mdpo"):
-                cmd = [sys.executable, __file__, "--worker", impl, dtype, str(batch), "--seq", str(args.seq),
-                       "--reps", str(args.reps)]
-                res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-                pair[impl] = json.loads(res.stdout.strip().splitlines()[-1])
-            m, h = pair["mdpo"], pair["transformers"]
+            r = run_worker("speed", dtype, batch, args.seq, args.reps)
+            for impl in ("mdpo", "transformers"):
+                r.update(run_worker("memory", impl, dtype, batch, args.seq))
             rows.append({
                 "dtype": dtype, "batch": batch, "seq": args.seq,
-                "prefill_tok_s": [round(m["prefill_tok_s"], 1), round(h["prefill_tok_s"], 1)],
-                "prefill_speedup": round(m["prefill_tok_s"] / h["prefill_tok_s"], 3),
-                "prefill_peak_mb": [round(m["prefill_peak_mb"]), round(h["prefill_peak_mb"])],
-                "fwd_bwd_tok_s": [round(m["fwd_bwd_tok_s"], 1), round(h["fwd_bwd_tok_s"], 1)],
-                "fwd_bwd_speedup": round(m["fwd_bwd_tok_s"] / h["fwd_bwd_tok_s"], 3),
-                "fwd_bwd_peak_mb": [round(m["fwd_bwd_peak_mb"]), round(h["fwd_bwd_peak_mb"])],
+                "prefill_tok_s": [round(r["mdpo_prefill_tok_s"], 1), round(r["transformers_prefill_tok_s"], 1)],
+                "prefill_speedup": round(r["mdpo_prefill_tok_s"] / r["transformers_prefill_tok_s"], 3),
+                "prefill_peak_mb": [round(r["mdpo_prefill_peak_mb"]), round(r["transformers_prefill_peak_mb"])],
+                "fwd_bwd_tok_s": [round(r["mdpo_fwd_bwd_tok_s"], 1), round(r["transformers_fwd_bwd_tok_s"], 1)],
+                "fwd_bwd_speedup": round(r["mdpo_fwd_bwd_tok_s"] / r["transformers_fwd_bwd_tok_s"], 3),
+                "fwd_bwd_peak_mb": [round(r["mdpo_fwd_bwd_peak_mb"]), round(r["transformers_fwd_bwd_peak_mb"])],
             })
             r = rows[-1]
             print(f"{dtype:>8} B={batch} T={args.seq}: prefill {r['prefill_tok_s'][0]:7.1f} vs "

@@ -246,7 +246,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, positions, kv_len)  # (B, Hkv, S, D)
         if impl == "sdpa" and self.softcap is None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
                                                  enable_gqa=self.num_heads != self.num_kv_heads)
         else:
             # Explicit path: fused SDPA kernels cannot apply Gemma 2's tanh soft-cap.
@@ -347,11 +347,18 @@ class Gemma(nn.Module):
                 cache slots written, and every slot at an earlier position of the row is attended.
             cache: a KVCache to write this call's keys/values into and read earlier ones from.
         """
+        # The decoder runs in its own frame so its RoPE tables and masks are freed before the (large) logits
+        # are allocated.
+        hidden = self._decode(tokens, positions, cache)
+        return hidden if return_hidden else self.head(hidden)
+
+    def _decode(self, tokens, positions, cache):
         B, T = tokens.shape
+        plain_causal = positions is None  # positions 0..T-1 in every row, no cache
         if positions is None:
             if cache is not None:
                 raise ValueError("forward with a KV cache needs explicit positions")
-            positions = torch.arange(T, device=tokens.device).expand(B, T)
+            positions = torch.arange(T, device=tokens.device)[None]  # (1, T): tables and masks broadcast over B
         x = self.embed_tokens(tokens)
         # Scale by sqrt(hidden) *rounded to the weight dtype* (in bf16, sqrt(3072) = 55.43 becomes 55.5);
         # the checkpoints were trained with the rounded value.
@@ -370,12 +377,19 @@ class Gemma(nn.Module):
             False: rope_tables(positions, c.head_dim, c.rope_base, c.rope_scaling_factor, x.dtype),
             True: rope_tables(positions, c.head_dim, c.rope_local_base or c.rope_base, 1.0, x.dtype),
         }
-        masks = {False: attention_mask(positions, k_pos, None, x.dtype),
-                 True: attention_mask(positions, k_pos, c.sliding_window, x.dtype)}
+        # With plain 0..T-1 positions the full-attention mask is just causal, and so is the sliding one while
+        # T <= window: SDPA's is_causal path then needs no mask tensor at all (None below) and runs faster.
+        fused = self.attn_impl == "sdpa" and c.attn_softcap is None
+        masks = {}
+        for sliding in (False, True):
+            window = c.sliding_window if sliding else None
+            if plain_causal and fused and (window is None or T <= window):
+                masks[sliding] = None
+            else:
+                masks[sliding] = attention_mask(positions, k_pos, window, x.dtype)
         for layer in self.layers:
             x = layer(x, rope, masks, positions, cache, kv_len, self.attn_impl)
-        x = self.norm(x)
-        return x if return_hidden else self.head(x)
+        return self.norm(x)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits from final hidden states: the tied embedding, then Gemma 2's final soft-cap."""

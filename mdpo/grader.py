@@ -14,6 +14,16 @@ fixes the failure modes measured in `shared/reference/grading-executors.md` sect
 * e-notation keeps its exponent (Math-Verify reads `1.5e3` as 1.5);
 * tiny numbers are compared relatively, never "both below 1e-6 so equal" (Math-Verify).
 
+Policies (they decide DPO labels, so they are written down):
+* numbers are exact fractions compared with relative tolerance 1e-4 (ToRA/Qwen's value; `rel_tol=0` for
+  exact), so decimal approximations of exact answers pass (`1.4142` for `\\sqrt{2}`, also `17.9999` for 18);
+* bare lists ("3, 5, 7") and sets compare unordered; tuples, intervals and matrices compare in order, with
+  bracket kinds required to match; a bare list may stand for a parenthesised tuple, never for an interval;
+* `a \\pm b` is the list `a+b, a-b`; `x > 2` is the interval `(2, \\infty)`; `\\mathbb{R}` is `(-\\infty, \\infty)`;
+* `y = 2x+1` equals `2x+1` (a bare variable on the left) and `y - 2x = 1` (proportional equations);
+* `4210` equals `4210_5` (the base only restated); words compare case-insensitively;
+* a percent sign is dropped ("50\\%" is 50), not read as a factor 1/100.
+
 LaTeX is translated to sympy by a small recursive-descent parser in this file (no antlr / latex2sympy).
 Every sympy comparison runs under a wall-clock limit and a timeout counts as "not equal"; no public
 function raises on junk input.
@@ -21,7 +31,6 @@ function raises on junk input.
 
 from __future__ import annotations
 
-import math
 import random
 import re
 import signal
@@ -216,8 +225,9 @@ _GREEK = ("alpha", "beta", "gamma", "delta", "epsilon", "varepsilon", "zeta", "e
           "chi", "psi", "omega", "Gamma", "Delta", "Theta", "Lambda", "Xi", "Sigma", "Phi", "Psi", "Omega")
 # "x =", "y=", "f(x) =", "\theta =", "x \in": dropped. Only a *variable* on the left: hendrycks/ToRA/Qwen drop
 # any left side of <= 2 characters, which turned gold "7 = 11a+c" into "11a+c".
-_VAR_PREFIX_RE = re.compile(
-    r"^\s*(?:[A-Za-z](?:_\{?\w+\}?)?'*(?:\([A-Za-z]\))?|\\(?:%s))\s*(?:=|\\in(?![a-zA-Z]))\s*(?=\S)" % "|".join(_GREEK))
+_VAR = r"(?:[A-Za-z](?:_\{?\w+\}?)?'*(?:\([A-Za-z]\))?|\\(?:%s))" % "|".join(_GREEK)
+_VAR_PREFIX_RE = re.compile(r"^\s*%s\s*(?:=|\\in(?![a-zA-Z]))\s*(?=\S)" % _VAR)
+_IN_PREFIX_RE = re.compile(r"^\s*%s\s*\\in(?![a-zA-Z])\s*(?=\S)" % _VAR)
 
 
 def _unit_tail(s: str) -> str:
@@ -339,8 +349,8 @@ def _strip_outer_braces(s: str) -> str:
     return s
 
 
-def _drop_var_prefix(s: str) -> str:
-    m = _VAR_PREFIX_RE.match(s)
+def _drop_var_prefix(s: str, eq: bool = True) -> str:
+    m = (_VAR_PREFIX_RE if eq else _IN_PREFIX_RE).match(s)
     if m and "=" not in s[m.end():]:
         return s[m.end():].strip()
     return s
@@ -349,8 +359,9 @@ def _drop_var_prefix(s: str) -> str:
 _ESCAPES_RE = re.compile(r"\\\\|\\[()\[\],:;> !]|\\(?:quad|qquad)(?![a-zA-Z])")
 
 
-def _normalize(s) -> str:
-    """Light normalisation that keeps spaces (they matter to the parser); strip_answer also drops them."""
+def _normalize(s, drop_eq: bool = True) -> str:
+    """Light normalisation that keeps spaces (they matter to the parser); strip_answer also drops them.
+    drop_eq=False keeps a `y =` prefix so that is_equiv can compare `y = 2x+3` with `y - 2x = 3`."""
     if not isinstance(s, str):
         return ""
     if len(s) > _MAX_LEN:
@@ -411,7 +422,7 @@ def _normalize(s) -> str:
     s = re.sub(r"\\varnothing(?![a-zA-Z])|\\\{\s*\\\}", r"\\emptyset", s)
     s = _strip_outer_braces(s.strip())
     s = re.sub(r"^\(\s*([A-E])\s*\)$", r"\1", s)  # multiple choice "\text{(C)}" -> "C"
-    s = _drop_var_prefix(s)
+    s = _drop_var_prefix(s, drop_eq)
     s = _top_level_map(s, _join_thousands)
     s = re.sub(r"(?<![\w.])\.(\d)", r"0.\1", s)  # ".35625" -> "0.35625"
     s = re.sub(r"(?<![\d.])(\d+)\.0+(?![\d.])", r"\1", s)  # "18.0" -> "18" (Python prints floats)
@@ -619,7 +630,7 @@ class _Parser:
     # -- grammar
     def expr(self):
         self.depth += 1
-        if self.depth > 200:
+        if self.depth > 100:
             raise _ParseError("too deep")
         if time.monotonic() > self.deadline:
             raise _Timeout()
@@ -999,14 +1010,19 @@ def _matching_close(s: str, start: int) -> int | None:
     return None
 
 
+_PM_RE = re.compile(r"\\(?:pm|mp)(?![a-zA-Z])")
+
+
 def _expand_pm(s: str, limit: int = 3) -> list[str]:
     """`1 \\pm \\sqrt{19}` -> [`1 + \\sqrt{19}`, `1 - \\sqrt{19}`] (textual, so `\\frac{1\\pm\\sqrt5}{2}` works)."""
+    if len(_PM_RE.findall(s)) > limit:
+        return [s]  # junk: expanding would be exponential
     out = [s]
     for _ in range(limit):
         nxt = []
         changed = False
         for x in out:
-            m = re.search(r"\\(?:pm|mp)(?![a-zA-Z])", x)
+            m = _PM_RE.search(x)
             if not m:
                 nxt.append(x)
                 continue
@@ -1187,6 +1203,12 @@ class _Comparer:
             if flat is None or sq[1] != "(" or sq[2] != ")":
                 return False
             return _ordered(flat, sq[3], self.eq) if ka == "matrix" else _ordered(sq[3], flat, self.eq)
+        if {ka, kb} == {"eq", "scalar"}:
+            # "y = 2x+3" vs "2x+3": the left side must be a bare variable (gold "7 = 11a+c" is no prefix)
+            e, sc = (A, B) if ka == "eq" else (B, A)
+            if not re.fullmatch(_VAR, e[1].strip()):
+                return False
+            return self.scalar(e[2], sc[1]) if ka == "eq" else self.scalar(sc[1], e[2])
         if ka == "eq" and kb == "eq":
             if _canon(A[1]) == _canon(B[1]) and self.scalar(A[2], B[2]):
                 return True
@@ -1215,11 +1237,11 @@ def _run_with_timeout(fn, timeout: float):
             use_signal = False
     if use_signal:
         t0 = time.monotonic()
-        prev_delay, prev_interval = signal.setitimer(signal.ITIMER_REAL, timeout)
-        if prev_delay and prev_delay < timeout:  # an outer alarm due sooner keeps its deadline
-            signal.setitimer(signal.ITIMER_REAL, prev_delay)
+        prev_delay, prev_interval = signal.getitimer(signal.ITIMER_REAL)
         try:
             try:
+                # an outer alarm due sooner keeps its deadline
+                signal.setitimer(signal.ITIMER_REAL, min(timeout, prev_delay) if prev_delay else timeout)
                 return fn()
             except _Timeout:
                 return None
@@ -1262,7 +1284,7 @@ def is_equiv(pred: str, gold: str, *, percent_leniency: bool = False, timeout: f
     try:
         if not isinstance(pred, str) or not isinstance(gold, str):
             return False
-        a, b = _normalize(pred), _normalize(gold)
+        a, b = _normalize(pred, drop_eq=False), _normalize(gold, drop_eq=False)
         if not a or not b:
             return False
         if _canon(a) == _canon(b):

@@ -13,6 +13,7 @@ reference classes (which the tests match to 1e-4) and google/gemma_pytorch.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -209,13 +210,31 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.max_len = max_len
+        self.rows: torch.Tensor | None = None  # set on views from select(): the cache rows a forward uses
+
+    def select(self, rows: torch.Tensor) -> "KVCache":
+        """A view of this cache for a forward over only `rows` (R,) of the batch (e.g. one row's prefill)."""
+        view = copy.copy(self)
+        view.rows = rows
+        return view
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, kv_len: int):
         """Write k, v (B, H_kv, T, D) at slots `positions` (B, T); return slots [0, kv_len) of this layer."""
-        index = positions[:, None, :, None].expand_as(k)  # (B, H_kv, T, D)
-        self.k[layer].scatter_(2, index, k)
-        self.v[layer].scatter_(2, index, v)
-        return self.k[layer][:, :, :kv_len], self.v[layer][:, :, :kv_len]
+        if self.rows is None:
+            index = positions[:, None, :, None].expand_as(k)  # (B, H_kv, T, D)
+            self.k[layer].scatter_(2, index, k)
+            self.v[layer].scatter_(2, index, v)
+            return self.k[layer][:, :, :kv_len], self.v[layer][:, :, :kv_len]
+        # Advanced indices on dims 0 and 2 put their broadcast shape (R, T) first: values are (R, T, H_kv, D).
+        self.k[layer][self.rows[:, None], :, positions] = k.transpose(1, 2)
+        self.v[layer][self.rows[:, None], :, positions] = v.transpose(1, 2)
+        return self.k[layer][self.rows, :, :kv_len], self.v[layer][self.rows, :, :kv_len]
+
+    def copy_prefix(self, src: int, dst: torch.Tensor, length: int):
+        """Copy slots [0, length) of row src into rows dst: N samples of one prompt share one prefill."""
+        for k, v in zip(self.k, self.v):
+            k[dst, :, :length] = k[src, :, :length]
+            v[dst, :, :length] = v[src, :, :length]
 
 
 class Attention(nn.Module):

@@ -1,0 +1,373 @@
+"""Batched, KV-cached sampling of tool-integrated trajectories, with the interpreter in the loop.
+
+B slots share one preallocated KV cache. Each slot holds one trajectory; a token at position p lives in
+cache slot p of its row, so rows of any lengths decode together. One loop iteration:
+
+1. admit:  free slots take the next samples. N samples of one prompt share one prefill: the prompt runs
+           once, its KV is copied to the sibling rows (and kept on the side for siblings admitted later),
+           and every sibling draws its first token from the same logits.
+2. tools:  finished interpreter calls are turned into observation tokens and queued on their row.
+3. extend: a row with several queued tokens (an observation) feeds them in one forward over that row
+           alone; nothing already in the cache is recomputed.
+4. decode: all rows with one queued token advance in one batched (B, 1) forward.
+
+A row pauses when its model turn closes a ```python block: the code goes to the executor and the other rows
+keep decoding. Every token is recorded with its role (mdpo.trajectory.Role), so the trainer's mask comes
+from how a token was produced, never from re-reading text.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from mdpo.model import Gemma, KVCache
+from mdpo.trajectory import Role, Trajectory
+
+CODE_OPEN = "```python"
+CODE_CLOSE = "```"
+MAX_CALLS_TEXT = "\nReach max function call limit."  # the paper's closing text after the last allowed call
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    max_new_tokens_per_turn: int = 512
+    max_turns: int = 6  # model turns; the paper's horizon H
+    max_length: int = 2048  # whole trajectory, prompt included
+
+
+@dataclass
+class Request:
+    """A prompt (already rendered and tokenised, BOS included) and how many samples to draw from it."""
+
+    prompt_id: str
+    tokens: list[int]
+    n: int = 1
+    params: SamplingParams | None = None  # None = the sampler's default
+    meta: dict = field(default_factory=dict)
+
+
+def format_observation(observation: str) -> str:
+    """The user turn that carries interpreter output, as the paper formats Gemma turns."""
+    return f"<start_of_turn>user\n```output\n{observation}\n```<end_of_turn>\n"
+
+
+@dataclass
+class _Row:
+    req: int
+    sample_id: int
+    params: SamplingParams
+    tokens: list[int]
+    roles: list[int]
+    turns: list[int]
+    logprobs: list[float]
+    length: int  # tokens whose keys/values are in the cache; tokens[length:] are queued for the next forward
+    stream: object
+    turn: int = 1
+    turn_tokens: int = 0
+    turn_text: str = ""
+    code_start: int = -1  # index in turn_text where the open ```python block's code begins, -1 if none
+    scan_from: int = 0
+    future: cf.Future | None = None
+    closed_by_eot: bool = False
+
+
+class Sampler:
+    """Samples trajectories from `model`, running code blocks with `executor` if one is given.
+
+    Args:
+        model: a Gemma (eval mode, any dtype/device).
+        tokenizer: a mdpo Tokenizer (stop ids, incremental decoding, observation encoding).
+        batch_size: number of slots decoded together.
+        max_length: KV cache length; no trajectory grows beyond it.
+        executor: object with submit(key, code) -> Future[result with .observation] and release(key)
+            (mdpo.executor.ExecutorPool). None: code blocks are not run.
+        seed: seed of the sampling generator.
+        choose: testing hook, (prompt_id, sample_id, generated ids) -> forced token id or None.
+    """
+
+    def __init__(self, model: Gemma, tokenizer, batch_size: int = 8, max_length: int = 2048, executor=None,
+                 seed: int = 0, choose: Callable | None = None, model_name: str = ""):
+        self.model = model
+        self.tok = tokenizer
+        self.B = batch_size
+        self.max_length = max_length
+        self.executor = executor
+        self.choose = choose
+        self.model_name = model_name
+        w = model.embed_tokens.weight
+        self.device, self.dtype = w.device, w.dtype
+        self.gen = torch.Generator(device=self.device).manual_seed(seed)
+        self.cache = KVCache(model.config, batch_size, max_length, self.dtype, self.device)
+        self.stop_ids = set(tokenizer.stop_ids)
+        self.eot_id = tokenizer.end_of_turn_id
+        self.tokenizer_id = hashlib.sha256(tokenizer.model_proto).hexdigest()[:16]
+        self.stats = {"forward_calls": 0, "prefill_tokens": 0, "extend_tokens": 0, "decode_steps": 0,
+                      "sampled_tokens": 0, "tool_calls": 0}
+        # Encoded once: the template pieces injected around every tool turn.
+        self._close_turn = tokenizer.encode("<end_of_turn>\n")
+        self._newline = tokenizer.encode("\n")
+        self._open_model = tokenizer.encode("<start_of_turn>model\n")
+        self._max_calls = tokenizer.encode(MAX_CALLS_TEXT)
+
+    # --- public ---
+
+    @torch.no_grad()
+    def generate(self, requests: list[Request], params: SamplingParams | None = None) -> Iterator[Trajectory]:
+        """Yield one Trajectory per sample as rows finish (not in request order)."""
+        default = params or SamplingParams()
+        self._requests = requests
+        queue = deque((i, s) for i, r in enumerate(requests) for s in range(r.n))
+        for r in requests:
+            if not r.tokens:
+                raise ValueError(f"request {r.prompt_id!r}: empty prompt")
+            if len(r.tokens) >= self.max_length:
+                raise ValueError(f"request {r.prompt_id!r}: prompt of {len(r.tokens)} tokens does not fit "
+                                 f"max_length {self.max_length}")
+        rows: list[_Row | None] = [None] * self.B
+        prefixes: dict[int, tuple] = {}  # req -> (per-layer (k, v) of the prompt, last logits)
+        while queue or any(r is not None for r in rows):
+            yield from self._admit(requests, default, queue, rows, prefixes)
+            yield from self._collect_tools(rows)
+            yield from self._extend(rows)
+            if not (yield from self._decode(rows)):
+                waiting = [r.future for r in rows if r is not None and r.future is not None]
+                if waiting:
+                    cf.wait(waiting, return_when=cf.FIRST_COMPLETED)
+
+    # --- loop stages ---
+
+    def _admit(self, requests, default, queue, rows, prefixes):
+        free = [i for i, r in enumerate(rows) if r is None]
+        while free and queue:
+            req = queue[0][0]
+            group = []
+            while queue and queue[0][0] == req and len(group) < len(free):
+                group.append(queue.popleft()[1])
+            slots, free = free[: len(group)], free[len(group):]
+            prompt = requests[req].tokens
+            n = len(prompt)
+            slot_t = torch.tensor(slots, device=self.device)
+            if req in prefixes:
+                kv, logits = prefixes[req]
+                for layer, (k, v) in enumerate(kv):
+                    self.cache.k[layer][slot_t, :, :n] = k
+                    self.cache.v[layer][slot_t, :, :n] = v
+            else:
+                logits = self._forward_row(slots[0], prompt, 0)
+                self.stats["prefill_tokens"] += n
+                if len(slots) > 1:
+                    self.cache.copy_prefix(slots[0], slot_t[1:], n)
+                if queue and queue[0][0] == req:  # siblings still waiting for a slot keep the prompt's KV
+                    kv = [(k[slots[0], :, :n].clone(), v[slots[0], :, :n].clone())
+                          for k, v in zip(self.cache.k, self.cache.v)]
+                    prefixes[req] = (kv, logits)
+            if not (queue and queue[0][0] == req):
+                prefixes.pop(req, None)
+            p = requests[req].params or default
+            for slot, sample_id in zip(slots, group):
+                rows[slot] = _Row(req=req, sample_id=sample_id, params=p, tokens=list(prompt),
+                                  roles=[Role.PROMPT] * n, turns=[0] * n, logprobs=[0.0] * n, length=n,
+                                  stream=self.tok.decode_stream())
+            toks, lps = self._sample([rows[s] for s in slots], logits.expand(len(slots), -1), requests)
+            for slot, t, lp in zip(slots, toks, lps):
+                done = self._append_sampled(rows[slot], t, lp, requests)
+                if done:
+                    yield self._finish(rows, slot, done, requests)
+
+    def _collect_tools(self, rows):
+        for i, row in enumerate(rows):
+            if row is None or row.future is None or not row.future.done():
+                continue
+            fut, row.future = row.future, None
+            try:
+                observation = fut.result().observation
+            except Exception as e:  # the executor itself failed: report it as the observation, keep going
+                observation = f"{type(e).__name__}: {e}"
+            done = self._inject(row, observation)
+            if done:
+                yield self._finish(rows, i, done, self._requests)
+
+    def _extend(self, rows):
+        for i, row in enumerate(rows):
+            if row is None or row.future is not None or len(row.tokens) - row.length <= 1:
+                continue
+            new = row.tokens[row.length:]
+            logits = self._forward_row(i, new, row.length)
+            self.stats["extend_tokens"] += len(new)
+            row.length = len(row.tokens)
+            (t,), (lp,) = self._sample([row], logits, self._requests)
+            done = self._append_sampled(row, t, lp, self._requests)
+            if done:
+                yield self._finish(rows, i, done, self._requests)
+
+    def _decode(self, rows):
+        """One (B, 1) step for every row with exactly one queued token; returns whether any row stepped."""
+        active = [i for i, r in enumerate(rows) if r is not None and r.future is None
+                  and len(r.tokens) - r.length == 1]
+        if not active:
+            return False
+        # Rows that are not stepping get a dummy token at their next free slot (or slot 0 if empty): the
+        # write lands where that row's next real token will overwrite it, and keeps the step's shape static.
+        tokens = torch.zeros(self.B, 1, dtype=torch.long)
+        positions = torch.zeros(self.B, 1, dtype=torch.long)
+        for i, r in enumerate(rows):
+            if r is not None:
+                positions[i, 0] = min(r.length, self.max_length - 1)
+        for i in active:
+            tokens[i, 0] = rows[i].tokens[-1]
+        hidden = self.model(tokens.to(self.device), positions=positions.to(self.device), cache=self.cache,
+                            return_hidden=True)
+        self.stats["forward_calls"] += 1
+        self.stats["decode_steps"] += 1
+        idx = torch.tensor(active, device=self.device)
+        logits = self.model.head(hidden[idx, 0]).float()  # (R, V): the head only for stepping rows
+        for i in active:
+            rows[i].length += 1
+        toks, lps = self._sample([rows[i] for i in active], logits, self._requests)
+        for i, t, lp in zip(active, toks, lps):
+            done = self._append_sampled(rows[i], t, lp, self._requests)
+            if done:
+                yield self._finish(rows, i, done, self._requests)
+        return True
+
+    # --- pieces ---
+
+    def _forward_row(self, slot: int, tokens: list[int], start: int) -> torch.Tensor:
+        """Feed `tokens` at positions start.. into one row's cache; fp32 logits (1, V) of the last one."""
+        x = torch.tensor([tokens], device=self.device)
+        pos = torch.arange(start, start + len(tokens), device=self.device)[None]
+        view = self.cache.select(torch.tensor([slot], device=self.device))
+        hidden = self.model(x, positions=pos, cache=view, return_hidden=True)
+        self.stats["forward_calls"] += 1
+        return self.model.head(hidden[:, -1]).float()
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor, requests):
+        """Draw one token per row from fp32 logits (R, V); returns (ids, model log-probs of those ids)."""
+        logp = torch.log_softmax(logits, dim=-1)
+        temp = torch.tensor([r.params.temperature for r in rows], device=logits.device)
+        x = logits / temp.clamp(min=1e-6)[:, None]
+        top_k = [r.params.top_k for r in rows]
+        if any(k > 0 for k in top_k):
+            k_max = max(top_k)
+            kth = x.topk(k_max, dim=-1).values  # (R, k_max)
+            for j, k in enumerate(top_k):
+                if k > 0:
+                    x[j] = x[j].masked_fill(x[j] < kth[j, k - 1], float("-inf"))
+        top_p = torch.tensor([r.params.top_p for r in rows], device=logits.device)
+        if (top_p < 1).any():
+            sorted_x, order = x.sort(dim=-1, descending=True)
+            probs = torch.softmax(sorted_x, dim=-1)
+            # Drop a token when the tokens before it already reach top_p (so the top one always stays).
+            drop = (probs.cumsum(-1) - probs) >= top_p[:, None]
+            sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+            x = torch.full_like(x, float("-inf")).scatter(1, order, sorted_x)
+        ids = logits.argmax(-1)
+        if (temp > 0).any():
+            drawn = torch.multinomial(torch.softmax(x, dim=-1), 1, generator=self.gen)[:, 0]
+            ids = torch.where(temp == 0, ids, drawn)
+        if self.choose is not None:
+            for j, r in enumerate(rows):
+                forced = self.choose(requests[r.req].prompt_id, r.sample_id, r.tokens[len(requests[r.req].tokens):])
+                if forced is not None:
+                    ids[j] = forced
+        chosen = logp.gather(1, ids[:, None])[:, 0]
+        self.stats["sampled_tokens"] += len(rows)
+        return ids.tolist(), chosen.tolist()
+
+    def _append_sampled(self, row: _Row, token: int, logprob: float, requests) -> str | None:
+        """Record a sampled token and advance the row's turn state; returns a finish reason or None."""
+        row.tokens.append(token)
+        row.roles.append(Role.MODEL)
+        row.turns.append(row.turn)
+        row.logprobs.append(logprob)
+        row.turn_tokens += 1
+        if token in self.stop_ids:
+            if token == self.eot_id and row.code_start >= 0 and self.executor is not None:
+                # <end_of_turn> inside an open ```python block ends the block too: run what was written.
+                row.closed_by_eot = True
+                return self._start_tool(row, row.turn_text[row.code_start:], requests)
+            return "eos" if token != self.eot_id else "end_of_turn"
+        row.turn_text += row.stream.step(token)
+        if self.executor is not None:
+            code = self._closed_block(row)
+            if code is not None:
+                return self._start_tool(row, code, requests)
+        if len(row.tokens) >= self.max_length or len(row.tokens) >= row.params.max_length:
+            return "max_length"
+        if row.turn_tokens >= row.params.max_new_tokens_per_turn:
+            return "max_new_tokens"
+        return None
+
+    def _closed_block(self, row: _Row) -> str | None:
+        """The code of a ```python block the current turn has just closed, else None (tracks open blocks)."""
+        text = row.turn_text
+        if row.code_start < 0:
+            i = text.find(CODE_OPEN, row.scan_from)
+            if i < 0:
+                row.scan_from = max(0, len(text) - len(CODE_OPEN))  # a fence may straddle tokens
+                return None
+            row.code_start = i + len(CODE_OPEN)
+            row.scan_from = row.code_start
+        j = text.find(CODE_CLOSE, row.scan_from)
+        if j < 0:
+            row.scan_from = max(row.code_start, len(text) - len(CODE_CLOSE))
+            return None
+        return text[row.code_start:j]
+
+    def _start_tool(self, row: _Row, code: str, requests) -> str | None:
+        if len(row.tokens) >= self.max_length:
+            return "max_length"
+        key = (requests[row.req].prompt_id, row.sample_id)
+        row.future = self.executor.submit(key, code.strip("\n"))
+        self.stats["tool_calls"] += 1
+        return None
+
+    def _inject(self, row: _Row, observation: str) -> str | None:
+        """Queue the tool turn after a paused row's code; returns a finish reason if the row ends here."""
+        close = self._newline if row.closed_by_eot else self._close_turn
+        pieces = [(close, Role.TEMPLATE, row.turn),
+                  (self.tok.encode(format_observation(observation)), Role.TOOL, row.turn)]
+        last_call = row.turn >= row.params.max_turns
+        if last_call:
+            pieces.append((self._open_model + self._max_calls, Role.TEMPLATE, row.turn + 1))
+        else:
+            pieces.append((self._open_model, Role.TEMPLATE, row.turn + 1))
+        limit = min(self.max_length, row.params.max_length)
+        for ids, role, turn in pieces:
+            ids = ids[: max(0, limit - len(row.tokens))]
+            row.tokens += ids
+            row.roles += [role] * len(ids)
+            row.turns += [turn] * len(ids)
+            row.logprobs += [0.0] * len(ids)
+        if last_call:
+            return "max_turns"
+        if len(row.tokens) >= limit:
+            return "max_length"
+        row.turn += 1
+        row.turn_tokens = 0
+        row.turn_text = ""
+        row.code_start = -1
+        row.scan_from = 0
+        row.closed_by_eot = False
+        row.stream = self.tok.decode_stream()
+        return None
+
+    def _finish(self, rows, slot: int, reason: str, requests) -> Trajectory:
+        row = rows[slot]
+        rows[slot] = None
+        req = requests[row.req]
+        if self.executor is not None:
+            self.executor.release((req.prompt_id, row.sample_id))
+        return Trajectory(prompt_id=req.prompt_id, sample_id=row.sample_id, tokens=row.tokens,
+                          roles=[int(r) for r in row.roles], turns=row.turns, logprobs=row.logprobs,
+                          finish_reason=reason, model=self.model_name, tokenizer=self.tokenizer_id,
+                          meta=dict(req.meta))

@@ -1,0 +1,205 @@
+"""Sampler: cached batched decoding against naive loops, tool pauses and injection, roles, log-probs."""
+
+import concurrent.futures as cf
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from mdpo.model import GemmaConfig, build_model
+from mdpo.sampler import MAX_CALLS_TEXT, Request, Sampler, SamplingParams, format_observation
+from mdpo.tokenizer import Tokenizer
+from mdpo.trajectory import Role
+
+
+@pytest.fixture(scope="module")
+def tok(gemma3_dir):
+    return Tokenizer.from_pretrained(gemma3_dir)
+
+
+def tiny(name="tiny-gemma3", seed=0, **kw):
+    model = build_model(GemmaConfig.from_name(name, **kw), seed=seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)  # peaked distributions, so greedy paths are not near-ties
+    return model.eval()
+
+
+def naive_greedy(model, prompt, max_new, stop_ids):
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(max_new):
+            nxt = int(model(torch.tensor([seq]))[0, -1].argmax())
+            seq.append(nxt)
+            if nxt in stop_ids:
+                break
+    return seq[len(prompt):]
+
+
+def teacher_forced_logprobs(model, tokens):
+    with torch.no_grad():
+        logits = model(torch.tensor([tokens]))[0].float()
+    lp = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(tokens[1:])[:, None])[:, 0]
+    return [0.0] + lp.tolist()
+
+
+def prompts(n, lengths, vocab=512, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [Request(f"p{i}", [2] + torch.randint(300, vocab, (L - 1,), generator=g).tolist())
+            for i, L in zip(range(n), lengths)]
+
+
+@pytest.mark.parametrize("name", ["tiny-gemma", "tiny-gemma2", "tiny-gemma3"])
+def test_greedy_batched_cached_equals_uncached_loop(tok, name):
+    model = tiny(name)
+    reqs = prompts(5, [5, 17, 9, 30, 12])
+    params = SamplingParams(temperature=0.0, max_new_tokens_per_turn=14)
+    sampler = Sampler(model, tok, batch_size=2, max_length=64)  # 2 slots for 5 prompts: refills
+    out = {t.prompt_id: t for t in sampler.generate(reqs, params)}
+    assert len(out) == 5
+    for r in reqs:
+        t = out[r.prompt_id]
+        expected = naive_greedy(model, r.tokens, 14, set(tok.stop_ids))
+        assert t.tokens == r.tokens + expected, r.prompt_id
+        assert t.roles == [Role.PROMPT] * len(r.tokens) + [Role.MODEL] * len(expected)
+        assert t.finish_reason in ("max_new_tokens", "eos", "end_of_turn")
+
+
+def test_sampled_logprobs_equal_teacher_forced(tok):
+    model = tiny("tiny-gemma2", seed=1)  # soft-caps on: the sampler must apply them as the model does
+    reqs = prompts(3, [6, 20, 11], seed=1)
+    sampler = Sampler(model, tok, batch_size=3, max_length=64, seed=7)
+    for t in sampler.generate(reqs, SamplingParams(temperature=1.0, max_new_tokens_per_turn=20)):
+        ref = teacher_forced_logprobs(model, t.tokens)
+        for i, role in enumerate(t.roles):
+            if role == Role.MODEL:
+                assert abs(t.logprobs[i] - ref[i]) < 1e-4
+
+
+def test_seeded_sampling_is_reproducible_and_top_k_one_is_greedy(tok):
+    model = tiny(seed=2)
+    reqs = prompts(2, [7, 9], seed=2)
+    run = lambda seed, p: [t.tokens for t in sorted(  # noqa: E731
+        Sampler(model, tok, batch_size=2, max_length=48, seed=seed).generate(reqs, p),
+        key=lambda t: t.prompt_id)]
+    p = SamplingParams(temperature=1.0, max_new_tokens_per_turn=16)
+    assert run(3, p) == run(3, p)
+    assert run(3, p) != run(4, p)
+    assert run(5, SamplingParams(temperature=1.0, top_k=1, max_new_tokens_per_turn=16)) == \
+        run(5, SamplingParams(temperature=0.0, max_new_tokens_per_turn=16))
+    # top_p tiny keeps only the most likely token, so it is greedy as well.
+    assert run(6, SamplingParams(temperature=1.0, top_p=1e-6, max_new_tokens_per_turn=16)) == \
+        run(5, SamplingParams(temperature=0.0, max_new_tokens_per_turn=16))
+
+
+def test_n_samples_share_one_prefill(tok):
+    model = tiny(seed=3)
+    req = prompts(1, [25], seed=3)[0]
+    req.n = 3
+    sampler = Sampler(model, tok, batch_size=2, max_length=64)  # 3 samples, 2 slots: one waits
+    outs = list(sampler.generate([req], SamplingParams(temperature=0.0, max_new_tokens_per_turn=10)))
+    assert sorted(t.sample_id for t in outs) == [0, 1, 2]
+    assert sampler.stats["prefill_tokens"] == 25  # the prompt ran once for all three samples
+    expected = req.tokens + naive_greedy(model, req.tokens, 10, set(tok.stop_ids))
+    assert all(t.tokens == expected for t in outs)
+
+
+class FakeExecutor:
+    """Runs nothing: answers 'ran:<code>' after `delay` seconds; records submits and releases."""
+
+    def __init__(self, delay=0.0):
+        self.pool = cf.ThreadPoolExecutor(4)
+        self.delay, self.submitted, self.released = delay, [], []
+
+    def submit(self, key, code):
+        self.submitted.append((key, code))
+
+        def work():
+            time.sleep(self.delay)
+            return SimpleNamespace(observation=f"ran:{code}")
+        return self.pool.submit(work)
+
+    def release(self, key):
+        self.released.append(key)
+
+
+def scripted(scripts):
+    """choose() hook replaying a fixed token list per prompt (the policy 'decides' these tokens)."""
+    pos = {}
+
+    def choose(prompt_id, sample_id, generated):
+        i = pos.get(prompt_id, 0)
+        pos[prompt_id] = i + 1
+        return scripts[prompt_id][i]
+    return choose
+
+
+def test_pause_inject_resume_finish(tok):
+    model = tiny("tiny-gemma3", seed=4, vocab_size=262144)  # real Gemma 3 vocabulary, tiny body
+    turn1 = tok.encode("Let me compute.\n```python\nprint(2+3)\n```")
+    turn2 = tok.encode("So the answer is \\boxed{5}.") + [tok.end_of_turn_id]
+    plain = tok.encode("It is 7.") + [tok.end_of_turn_id]
+    prompt_a = tok.encode(tok.render_chat([{"role": "user", "content": "What is 2+3?"}]))
+    prompt_b = tok.encode(tok.render_chat([{"role": "user", "content": "What is 3+4? No code."}]))
+    ex = FakeExecutor(delay=0.3)
+    sampler = Sampler(model, tok, batch_size=2, max_length=256, executor=ex,
+                      choose=scripted({"a": turn1 + turn2, "b": plain}))
+    out = list(sampler.generate([Request("a", prompt_a), Request("b", prompt_b)], SamplingParams(temperature=1.0)))
+    order = [t.prompt_id for t in out]
+    assert order == ["b", "a"]  # b kept decoding while a waited for its tool
+    a = out[1]
+    injected_tool = tok.encode(format_observation("ran:print(2+3)"))
+    expected = (prompt_a + turn1 + tok.encode("<end_of_turn>\n") + injected_tool
+                + tok.encode("<start_of_turn>model\n") + turn2)
+    assert a.tokens == expected
+    n_close, n_open = len(tok.encode("<end_of_turn>\n")), len(tok.encode("<start_of_turn>model\n"))
+    roles = ([Role.PROMPT] * len(prompt_a) + [Role.MODEL] * len(turn1) + [Role.TEMPLATE] * n_close
+             + [Role.TOOL] * len(injected_tool) + [Role.TEMPLATE] * n_open + [Role.MODEL] * len(turn2))
+    assert a.roles == roles
+    assert a.turns[len(prompt_a)] == 1 and a.turns[-1] == 2 and a.num_turns == 2
+    assert a.finish_reason == "end_of_turn" and ex.submitted == [(("a", 0), "print(2+3)")]
+    assert sorted(ex.released) == [("a", 0), ("b", 0)]
+    # After the pause and the injected tokens, the cached logits equal a fresh prefill of the same tokens.
+    ref = teacher_forced_logprobs(model, a.tokens)
+    model_positions = [i for i, r in enumerate(a.roles) if r == Role.MODEL]
+    assert max(abs(a.logprobs[i] - ref[i]) for i in model_positions) < 1e-4
+    # One extend pass fed the closing fence token (sampled just before the pause) plus the injected turn.
+    assert sampler.stats["extend_tokens"] == 1 + n_close + len(injected_tool) + n_open
+    # The paper's mask trains the template tokens around model turns; the default mask does not.
+    assert sum(a.loss_mask("model")) == len(turn1) + len(turn2)
+    assert sum(a.loss_mask("paper")) == len(turn1) + len(turn2) + n_close + n_open
+
+
+def test_turn_limit_appends_the_paper_text(tok):
+    model = tiny("tiny-gemma3", seed=5, vocab_size=262144)
+    code = tok.encode("```python\nx = 1\n```")
+    ex = FakeExecutor()
+    sampler = Sampler(model, tok, batch_size=1, max_length=512, executor=ex,
+                      choose=scripted({"a": code * 5}))
+    (t,) = sampler.generate([Request("a", tok.encode("<bos>Q:"))], SamplingParams(max_turns=2))
+    assert t.finish_reason == "max_turns" and len(ex.submitted) == 2
+    assert tok.decode(t.tokens).endswith("<start_of_turn>model\n" + MAX_CALLS_TEXT)
+    assert t.roles[-1] == Role.TEMPLATE
+
+
+def test_end_of_turn_inside_open_block_runs_the_code(tok):
+    model = tiny("tiny-gemma3", seed=6, vocab_size=262144)
+    turn1 = tok.encode("```python\nprint(1)\n") + [tok.end_of_turn_id]
+    ex = FakeExecutor()
+    sampler = Sampler(model, tok, batch_size=1, max_length=512, executor=ex,
+                      choose=scripted({"a": turn1 + tok.encode("done") + [tok.end_of_turn_id]}))
+    (t,) = sampler.generate([Request("a", tok.encode("<bos>Q:"))], SamplingParams())
+    assert ex.submitted == [(("a", 0), "print(1)")]
+    text = tok.decode(t.tokens)
+    # The model's own <end_of_turn> closes its turn, so only "\n" is injected before the user turn.
+    assert "print(1)\n<end_of_turn>\n<start_of_turn>user\n```output\nran:print(1)\n```<end_of_turn>\n" in text
+
+
+def test_length_limits(tok):
+    model = tiny(seed=7)
+    (t,) = Sampler(model, tok, batch_size=1, max_length=20).generate(
+        prompts(1, [15]), SamplingParams(temperature=1.0, max_new_tokens_per_turn=100))
+    assert len(t.tokens) <= 20 and t.finish_reason in ("max_length", "eos", "end_of_turn")
+    with pytest.raises(ValueError, match="does not fit max_length"):
+        list(Sampler(model, tok, batch_size=1, max_length=10).generate(prompts(1, [12])))

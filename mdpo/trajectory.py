@@ -113,11 +113,17 @@ class Trajectory:
             raise TrajectoryError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(d, dict):
             raise TrajectoryError(f"{where}: expected a JSON object")
+        missing = [k for k in ("prompt_id", "sample_id", "tokens", "roles", "turns") if k not in d]
+        if missing:
+            raise TrajectoryError(f"{where}: missing field {missing[0]!r}")
         try:
+            bad = set(d["roles"]) - set(ROLE_CHARS)
+            if bad:
+                raise TrajectoryError(f"{where}: unknown role characters {sorted(bad)} (expected {ROLE_CHARS})")
             d["roles"] = [ROLE_CHARS.index(c) for c in d["roles"]]
             return cls(**d)
-        except KeyError as e:
-            raise TrajectoryError(f"{where}: missing field {e}") from None
+        except TrajectoryError as e:
+            raise TrajectoryError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
         except (ValueError, TypeError) as e:
             raise TrajectoryError(f"{where}: {e}") from None
 

@@ -9,8 +9,9 @@ any sandbox (it "destroyed the conda env"); see shared/reference/grading-executo
 Observation text (``CellResult.observation``), paper defaults
 -------------------------------------------------------------
 * ``ok``: the cell's output (stdout and stderr, interleaved, then the final expression's value),
-  stripped; ``""`` when there is none. Longer than ``Limits.max_output_chars``: head and tail
-  are kept around a ``... [N characters cut] ...`` line.
+  stripped; ``""`` when there is none (the paper's driver substituted a placeholder string:
+  that is the caller's choice). Longer than ``Limits.max_output_chars``: head and tail are kept
+  around a ``... [N characters cut] ...`` line (cut while written, so huge prints cost no memory).
 * ``error`` / ``memory`` (an exception; ``memory`` is a ``MemoryError``): only the last traceback
   line, e.g. ``NameError: name 'x' is not defined``. ``Limits(full_traceback=True)`` shows the
   output followed by the whole traceback (executor frames removed).
@@ -22,47 +23,57 @@ session starts in a fresh one (``CellResult.restarted`` is then true).
 
 What is isolated
 ----------------
-Two modes, picked by ``Limits.sandbox`` ("auto" takes the first that works on the machine).
+Processes: host -> *zygote* (started once per host process; math, cmath, fractions, decimal,
+itertools, numpy, sympy ... imported and exercised, so ``import sympy`` in a cell is free) ->
+per worker a root *monitor* -> *init* -> the *worker*. Two modes, picked by ``Limits.sandbox``
+("auto" uses ``namespaces`` when it works here, else ``rlimits``).
 
-``namespaces`` (needs root; measured to work on this project's machines, ~30 ms per worker):
-the worker is forked from a pre-warmed *zygote* (math, sympy, numpy, fractions, itertools ...
-already imported and exercised) and then
+``namespaces`` (needs root; measured on this project's 2-core VM: ~25 ms to start a worker from
+the warm zygote, ~0.25 ms per trivial cell):
 
-* enters new network, PID, mount, IPC and UTS namespaces (``unshare`` via ctypes). Network: only
-  an unconfigured loopback exists, so ``connect`` fails at once (``Network is unreachable``), and
-  abstract Unix sockets of the host are out of reach. PID: the worker is PID 1 of its namespace,
-  sees only its own processes, cannot signal the host, the zygote or other trajectories (also
-  by uid), and killing it kills every descendant (fork bombs, ``setsid`` orphans) at once;
-* sees every mount re-mounted read-only (its own view only), ``/root``, ``/home``, ``/work``,
+* new network, PID, mount, IPC and UTS namespaces (``unshare`` through ctypes). Network: only an
+  unconfigured loopback, so ``connect`` fails at once with ``Network is unreachable`` (host
+  services on 127.0.0.1 and abstract Unix sockets are out of reach). PID: init is PID 1 and root;
+  the worker sees only its own namespace, so it cannot signal the host, the zygote or another
+  trajectory (``getppid()`` is init, which it may not signal), and when init dies the kernel
+  kills every process left in the namespace (fork bombs, ``setsid`` orphans). The worker is not
+  PID 1 itself because PID 1 ignores SIGXCPU and signals it has no handler for (measured);
+* a mount view of its own: every mount re-mounted read-only, ``/root``, ``/home``, ``/work``,
   ``/mnt`` and ``/srv`` hidden behind empty tmpfs (the interpreter and site-packages are bound
-  back read-only), and a private size-capped tmpfs (``Limits.disk_bytes``) on ``/tmp`` that
-  holds its working directory: no write can reach the real disk;
-* drops to a private unprivileged uid (one per worker; no capabilities, ``no_new_privs`` so
-  setuid binaries do not help), which makes ``RLIMIT_NPROC`` effective: it bounds the worker's
-  processes *and threads* (``Limits.max_processes``). As root it does nothing (measured).
+  back read-only: pyenv lives in ``/root``, mode 0700), a fresh ``/proc``, and a private tmpfs of
+  ``Limits.disk_bytes`` on ``/tmp`` holding the working directory. Writes outside it fail with
+  ``Read-only file system``; nothing the worker writes reaches the real disk;
+* a private unprivileged uid per worker (no capabilities, ``no_new_privs`` so setuid binaries do
+  not help). That makes ``RLIMIT_NPROC`` effective; it bounds the worker's processes *and
+  threads* (``Limits.max_processes``). As root it does nothing (measured: 5 forks under NPROC=2).
 
-``rlimits`` (fallback without root or namespaces): same process structure, same uid as the
-host, and Python-level guards in the worker: ``socket``, ``fork``/``exec``/``subprocess``/
-``os.system``, new threads, ``os.kill`` of other processes and writes or deletions outside the
-working directory raise ``PermissionError``. These guards are bypassable (``ctypes``, ``posix``
-internals): that mode is a seat belt, not a sandbox.
+``rlimits`` (fallback without root or namespaces): same process structure and uid as the host,
+plus Python-level guards: sockets, ``fork``/``exec``/``subprocess``/``os.system``, new threads,
+``os.kill`` of other processes and writes/deletions outside the working directory raise
+``PermissionError``. They are bypassable (ctypes, ``posix`` internals): a seat belt, not a sandbox.
 
-Both modes: ``RLIMIT_AS`` (``memory_bytes``), ``RLIMIT_CPU`` reset before every cell, ``RLIMIT_FSIZE``,
-``RLIMIT_NOFILE``, ``RLIMIT_CORE`` = 0, a 256 MiB stack with a capped ``sys.setrecursionlimit``, an
-allow-listed environment (no tokens; ``OMP_NUM_THREADS=1``; ``CUDA_VISIBLE_DEVICES=""``), stdin on
-``/dev/null``, ``oom_score_adj`` 1000 (the kernel kills a worker before the host), its own session,
-a fresh working directory per worker (removed by ``close``), and a parent-side wall-clock timeout
-that SIGKILLs the worker (signal tampering inside cannot stop it). Code and results travel over
-pipes of their own, so user code closing or redirecting stdout/stderr cannot break the protocol;
-output written at the fd level (``os.write(1, ...)``, subprocesses) goes to an unlinked host-owned
-file capped by ``RLIMIT_FSIZE`` and is shown after the Python-level output.
-Threads and child processes do not outlive a cell: the worker waits for its threads (a thread that
-never ends turns into a timeout) and kills leftover processes.
+Both modes: ``RLIMIT_AS`` (``memory_bytes``), ``RLIMIT_FSIZE`` (also caps fd-level output),
+``RLIMIT_NOFILE``, ``RLIMIT_CORE`` = 0, a 256 MiB stack with a capped ``sys.setrecursionlimit``
+(Python 3.11 frames live on the heap: an uncapped infinite recursion crawls through the address
+space for ~20 s), an allow-listed environment (no tokens, ``OMP_NUM_THREADS=1``,
+``CUDA_VISIBLE_DEVICES=""``), stdin on ``/dev/null``, ``oom_score_adj`` 1000 (the kernel's OOM
+killer picks a worker before the host), a fresh working directory per worker (removed by
+``close``), and a host-side wall-clock timeout that SIGKILLs init (signal tampering inside cannot
+stop it). ``RLIMIT_CPU``: before each cell the worker moves its soft limit to "CPU used + budget"
+(SIGXCPU -> ``timeout``). This container lacks CAP_SYS_RESOURCE, so even root cannot raise a hard
+limit again: the hard limit stays unlimited and a cell could raise its own soft limit; the wall
+clock is the real bound. Code and results travel over pipes of their own, so closing or
+redirecting stdout/stderr cannot break the protocol; fd-level output (``os.write(1, ...)``,
+subprocesses) goes to an unlinked host-owned file and is shown after the Python-level output.
+Threads and child processes do not outlive a cell: the worker waits for its threads (one that
+never ends turns the cell into a timeout) and SIGKILLs its leftover processes.
 
-Not isolated: CPU (no cgroup; two cores are shared with the host), the total memory of many
-workers (``RLIMIT_AS`` is per process: ``max_processes`` x ``memory_bytes`` per worker, and cgroup
-v2 is not mounted here), reading world-readable files outside the hidden directories (``/etc``,
-``/usr``, ``/sys``), and kernel exploits.
+Not isolated: CPU share (no cgroup; the cores are shared with the host), the total memory of
+many workers (``RLIMIT_AS`` is per process, so up to ``max_processes`` x ``memory_bytes`` per
+worker; only cgroup v1 is mounted here and is not used), reading world-readable files outside
+the hidden directories (``/etc``, ``/usr``, ``/sys``), user namespaces the worker may create
+itself (no seccomp filter), and kernel exploits. A cell can break its own worker (e.g.
+``json.dumps = None``): that is reported as ``crashed`` for that trajectory only.
 """
 
 from __future__ import annotations
@@ -71,7 +82,6 @@ import ast
 import collections
 import concurrent.futures
 import ctypes
-import errno
 import fcntl
 import io
 import itertools
@@ -89,7 +99,7 @@ import tempfile
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, replace
 
 __all__ = ["Limits", "CellResult", "Session", "ExecutorPool", "run_cells", "sandbox_mode"]
 
@@ -103,7 +113,7 @@ class Limits:
     """Per-cell limits and observation options (the defaults follow the paper where it has one)."""
 
     timeout: float = 20.0  # wall-clock seconds per cell (paper: 20 s)
-    cpu_time: float | None = None  # CPU seconds per cell (RLIMIT_CPU); None: timeout + 1
+    cpu_time: float | None = None  # CPU seconds per cell (RLIMIT_CPU soft limit); None: timeout + 1
     memory_bytes: int = 2 * 1024**3  # address space per process (RLIMIT_AS)
     file_size_bytes: int = 16 * 1024**2  # largest file the worker may write (RLIMIT_FSIZE)
     disk_bytes: int = 64 * 1024**2  # private tmpfs for the working dir and /tmp (namespaces mode)
@@ -136,6 +146,16 @@ _HDR = struct.Struct(">I")
 _MAX_FRAME = 16 * 1024**2
 
 
+def _ready(fds: list[int], timeout: float, write: bool = False) -> list[int]:
+    """The fds of ``fds`` ready within ``timeout`` s (poll: select breaks above fd 1023)."""
+    if timeout <= 0:
+        return []
+    p = select.poll()
+    for fd in fds:
+        p.register(fd, select.POLLOUT if write else select.POLLIN)
+    return [fd for fd, _ in p.poll(timeout * 1000)]
+
+
 def _send_frame(fd: int, obj, deadline: float | None = None) -> None:
     data = json.dumps(obj).encode()
     data = _HDR.pack(len(data)) + data
@@ -143,7 +163,7 @@ def _send_frame(fd: int, obj, deadline: float | None = None) -> None:
     while view:
         if deadline is not None:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([], [fd], [], left)[1]:
+            if not _ready([fd], left, write=True):
                 raise TimeoutError("worker did not read its request")
         view = view[os.write(fd, view):]
 
@@ -153,7 +173,7 @@ def _read_exact(fd: int, n: int, deadline: float | None) -> bytes | None:
     while len(buf) < n:
         if deadline is not None:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
+            if not _ready([fd], left):
                 raise TimeoutError
         chunk = os.read(fd, n - len(buf))
         if not chunk:
@@ -252,7 +272,7 @@ class _Capture(io.TextIOBase):
 
     def pieces(self) -> list:
         if self.cut:
-            return ["".join(self.head), self.cut, self.tail[-self.keep:]]
+            return ["".join(self.head), self.cut, self.tail]
         return ["".join(self.head), self.tail]
 
     def writable(self):
@@ -317,10 +337,7 @@ def _setup_namespaces(req: dict) -> None:
         _mount(libc, None, hidden, None, 32 | 1 | 2 | 4 | 8)
     work = req["workdir"]
     size = f"size={int(req['limits']['disk_bytes'])},mode=1777"
-    _mount(libc, "tmpfs", "/tmp", "tmpfs", 2 | 4, size)
-    if not work.startswith("/tmp/"):
-        os.makedirs(work, exist_ok=True)
-        _mount(libc, "tmpfs", work, "tmpfs", 2 | 4, size)
+    _mount(libc, "tmpfs", "/tmp", "tmpfs", 2 | 4, size)  # the host put ``work`` under /tmp
     os.makedirs(work, exist_ok=True)
     os.chown(work, req["uid"], req["uid"])
     os.chmod(work, 0o700)
@@ -352,8 +369,10 @@ def _install_guards(workdir: str) -> None:
     root = os.path.realpath(workdir)
 
     def inside(path) -> bool:
+        if isinstance(path, int):  # an fd that is already open
+            return True
         try:
-            p = os.path.realpath(os.fsdecode(path) if not isinstance(path, int) else "/")
+            p = os.path.realpath(os.fsdecode(path))
         except (TypeError, ValueError):
             return False
         return p == root or p.startswith(root + "/") or p == "/dev/null"
@@ -381,9 +400,7 @@ def _install_guards(workdir: str) -> None:
 def _setup_worker(req: dict, fds: list[int], ns: bool) -> tuple[int, int]:
     """Turn this forked process into a worker; return the (request, response) fds."""
     lim = req["limits"]
-    if ns:  # PID 1 of the new namespace: its own /proc, then drop root
-        libc = _libc()
-        _mount(libc, "proc", "/proc", "proc", 2 | 4 | 8)
+    libc = _libc()
     os.setsid()
     try:
         with open("/proc/self/oom_score_adj", "w") as f:
@@ -405,11 +422,10 @@ def _setup_worker(req: dict, fds: list[int], ns: bool) -> tuple[int, int]:
         os.setgid(uid)
         os.setuid(uid)
         _check(libc.prctl(38, 1, 0, 0, 0), "no_new_privs")
-        _check(libc.prctl(1, signal.SIGKILL, 0, 0, 0), "pdeathsig")  # cleared by setuid: set now
+    _check(libc.prctl(1, signal.SIGKILL, 0, 0, 0), "pdeathsig")  # after setuid, which clears it
     import resource as R
-    cpu = int(lim["cpu_time"] or lim["timeout"] + 1) + 1
     for res, val in ((R.RLIMIT_CORE, 0), (R.RLIMIT_FSIZE, lim["file_size_bytes"]),
-                     (R.RLIMIT_NOFILE, lim["max_open_files"]), (R.RLIMIT_CPU, cpu),
+                     (R.RLIMIT_NOFILE, lim["max_open_files"]),
                      (R.RLIMIT_STACK, 256 * 1024**2), (R.RLIMIT_AS, lim["memory_bytes"])):
         try:
             R.setrlimit(res, (val, val))
@@ -417,18 +433,17 @@ def _setup_worker(req: dict, fds: list[int], ns: bool) -> tuple[int, int]:
             R.setrlimit(res, (min(val, R.getrlimit(res)[1]),) * 2)
     if ns or os.geteuid() != 0:
         R.setrlimit(R.RLIMIT_NPROC, (lim["max_processes"], lim["max_processes"]))
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a too-large write raises OSError instead
     os.chdir(req["workdir"])
     os.environ.clear()
-    os.environ.update(_worker_env(req["workdir"]))
+    os.environ.update(_worker_env(req["workdir"], "/tmp" if ns else req["workdir"]))
     tempfile.tempdir = None
     if not ns:
         _install_guards(req["workdir"])
     return 3, 4
 
 
-def _worker_env(workdir: str) -> dict:
-    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": "/tmp",
+def _worker_env(workdir: str, tmp: str = "/tmp") -> dict:
+    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": tmp,
             "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONDONTWRITEBYTECODE": "1"}
 
@@ -454,11 +469,25 @@ def _run_cell(code: str, n: int, g: dict, lim: dict, me: int, ns: bool) -> dict:
     import linecache
     import warnings
 
+    import resource as R
+
     for fd in (1, 2):  # user code may have closed or redirected them in an earlier cell
         try:
             os.dup2(5, fd)
         except OSError:
             pass
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a too-large write raises OSError instead
+    signal.signal(signal.SIGXCPU, signal.SIG_DFL)
+    # RLIMIT_CPU counts the process's whole life: move the soft limit to "used + budget". The
+    # container lacks CAP_SYS_RESOURCE, so nobody can raise a hard limit again: it stays
+    # unlimited and a cell could raise its soft limit; the host's wall clock is the real bound.
+    used = sum(R.getrusage(R.RUSAGE_SELF)[:2])
+    hard = R.getrlimit(R.RLIMIT_CPU)[1]
+    soft = int(used + (lim["cpu_time"] or lim["timeout"] + 1)) + 1
+    try:
+        R.setrlimit(R.RLIMIT_CPU, (soft if hard == R.RLIM_INFINITY else min(soft, hard), hard))
+    except (ValueError, OSError):
+        pass
     cap = _Capture(int(lim["max_output_chars"]))
     sys.stdout = sys.stderr = cap
     sys.stdin = open(os.devnull)
@@ -490,7 +519,9 @@ def _run_cell(code: str, n: int, g: dict, lim: dict, me: int, ns: bool) -> dict:
     for t in threading.enumerate():  # threads do not outlive their cell (see docstring)
         if t is not threading.main_thread():
             t.join()
-    if ns:  # kill(-1) from PID 1 of the namespace: every other process in it
+    while len(os.listdir("/proc/self/task")) > 1:  # raw _thread threads too
+        time.sleep(0.01)
+    if ns:  # kill(-1) as the worker's private uid: every other process it started
         try:
             os.kill(-1, signal.SIGKILL)
         except OSError:
@@ -524,14 +555,19 @@ def _worker_loop(req: dict, cmd: int, resp: int, ns: bool) -> None:
         msg = _recv_frame(cmd)
         if msg is None:
             os._exit(0)
-        lim = dict(req["limits"], **msg.get("limits", {}))
+        lim = dict(req["limits"], **msg.get("limits", {}))  # per-cell timeout / output size
         res = _run_cell(msg["code"], n, g, lim, me, ns)
         res["cpu"] = sum(R.getrusage(R.RUSAGE_SELF)[:2])
         _send_frame(resp, res)
 
 
 def _monitor(req: dict, fds: list[int], zygote_sock: socket.socket) -> None:
-    """Forked from the zygote (root): set up the sandbox, fork the worker, report how it ended."""
+    """Forked from the zygote (root): set up the sandbox and fork its init, which forks the worker.
+
+    The worker is not PID 1 of its namespace (PID 1 ignores SIGXCPU and signals without a
+    handler); init is root, reaps orphans, reports how the worker ended, and when it dies
+    (host kill, worker exit) the kernel kills everything left in the namespace.
+    """
     libc = _libc()
     _check(libc.prctl(1, signal.SIGKILL, 0, 0, 0), "pdeathsig")  # the zygote died: so do we
     zygote_sock.close()
@@ -542,25 +578,41 @@ def _monitor(req: dict, fds: list[int], zygote_sock: socket.socket) -> None:
     try:
         if ns:
             _setup_namespaces(req)
-        pid = os.fork()
+        init = os.fork()
     except BaseException as e:  # noqa: BLE001
         os.write(status, f"fail {type(e).__name__}: {e}\n".encode())
         os._exit(1)
-    if pid == 0:
+    if init == 0:
         try:
-            os.close(status)
-            _worker_loop(req, *_setup_worker(req, [cmd, resp, out], ns), ns)
-        except BaseException as e:  # noqa: BLE001
-            try:
-                _send_frame(4, {"ready": False, "error": f"{type(e).__name__}: {e}"})
-            except BaseException:  # noqa: BLE001
-                pass
-        os._exit(1)
+            _check(libc.prctl(1, signal.SIGKILL, 0, 0, 0), "pdeathsig")
+            if ns:  # PID 1 of the new namespace: a /proc that shows only this namespace
+                _mount(libc, "proc", "/proc", "proc", 2 | 4 | 8)
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    os.close(status)
+                    _worker_loop(req, *_setup_worker(req, [cmd, resp, out], ns), ns)
+                except BaseException as e:  # noqa: BLE001
+                    try:
+                        _send_frame(4, {"ready": False, "error": f"{type(e).__name__}: {e}"})
+                    except BaseException:  # noqa: BLE001
+                        pass
+                os._exit(1)
+            for fd in (cmd, resp, out):
+                os.close(fd)
+            os.write(status, f"worker {pid}\n".encode())
+            while True:  # reap orphans until the worker itself ends
+                done, st, ru = os.wait4(-1, 0)
+                if done == pid:
+                    break
+            os.write(status, f"exit {st} {ru.ru_utime + ru.ru_stime:.3f}\n".encode())
+        finally:
+            os._exit(0)
     for fd in (cmd, resp, out):
         os.close(fd)
-    os.write(status, f"pid {pid}\n".encode())
-    _, st, ru = os.wait4(pid, 0)
-    os.write(status, f"exit {st} {ru.ru_utime + ru.ru_stime:.3f}\n".encode())
+    os.write(status, f"pid {init}\n".encode())
+    os.close(status)
+    os.waitpid(init, 0)
     os._exit(0)
 
 
@@ -636,19 +688,29 @@ class _Zygote:
         child.close()
         self.sock = parent
         self.sock.settimeout(60)
-        if self.sock.recv(16) != b"ready":
+        try:
+            ok = self.sock.recv(16) == b"ready"
+        except OSError:
+            ok = False
+        if not ok:
+            self.proc.kill()
             raise RuntimeError("executor zygote failed to start")
         self.sock.settimeout(10)
 
     @classmethod
     def spawn(cls, req: dict, fds: list[int]) -> int:
         with cls._lock:
-            z = cls._inst
-            if z is None or z.owner != os.getpid() or z.proc.poll() is not None:
-                cls._inst = z = cls()
-            socket.send_fds(z.sock, [json.dumps(req).encode()], fds)
-            reply = json.loads(z.sock.recv(1 << 16))
-        return reply["pid"]
+            for attempt in range(2):
+                z = cls._inst
+                if z is None or z.owner != os.getpid() or z.proc.poll() is not None:
+                    cls._inst = z = cls()
+                try:
+                    socket.send_fds(z.sock, [json.dumps(req).encode()], fds)
+                    return json.loads(z.sock.recv(1 << 16))["pid"]
+                except (OSError, ValueError, KeyError):
+                    z.proc.kill()  # broken or confused: start a new one
+                    cls._inst = None
+            raise RuntimeError("executor zygote does not answer")
 
     @classmethod
     def shutdown(cls) -> None:
@@ -685,7 +747,9 @@ class _Worker:
 
     def __init__(self, limits: Limits, mode: str):
         self.mode = mode
-        self.workdir = tempfile.mkdtemp(prefix="mdpo-exec-")
+        # namespaces: always under /tmp, which becomes the worker's private tmpfs
+        tmp = "/tmp" if mode == "namespaces" and os.path.isdir("/tmp") else None
+        self.workdir = tempfile.mkdtemp(prefix="mdpo-exec-", dir=tmp)
         uid = 200_000_000 + (os.getpid() % 1000) * 100_000 + next(_uids) % 100_000
         cmd_r, self.cmd = os.pipe()
         self.resp, resp_w = os.pipe()
@@ -694,21 +758,29 @@ class _Worker:
         fcntl.fcntl(self.out, fcntl.F_SETFL, os.O_APPEND)  # shared description: writers append
         for fd in (self.cmd, self.resp, self.status, self.out):
             os.set_inheritable(fd, False)
-        self.pid = self.monitor = None
+        self.pid = self.monitor = self.worker_pid = None
         self.exit: tuple[int, float] | None = None
         self._status_buf = b""
+        self.gone = False  # EOF on the status pipe: init has exited (its pid may be reused)
+        out_w = os.dup(self.out)
         try:
             req = {"mode": mode, "uid": uid, "workdir": self.workdir, "limits": asdict(limits)}
-            self.monitor = _Zygote.spawn(req, [cmd_r, resp_w, os.dup(self.out), status_w])
+            self.monitor = _Zygote.spawn(req, [cmd_r, resp_w, out_w, status_w])
         finally:
-            for fd in (cmd_r, resp_w, status_w):
+            for fd in (cmd_r, resp_w, out_w, status_w):
                 os.close(fd)
         deadline = time.monotonic() + 30
-        line = self._status_line(deadline)
-        if not line or not line.startswith("pid "):
-            self.close()
-            raise RuntimeError(f"sandbox setup failed ({mode}): {line or 'no answer'}")
-        self.pid = int(line.split()[1])
+        # The monitor writes "pid <init>", init writes "worker <pid>": in either order.
+        while self.pid is None or self.worker_pid is None:
+            line = self._status_line(deadline) or "no answer"
+            key, _, val = line.partition(" ")
+            if key not in ("pid", "worker"):
+                self.close()
+                raise RuntimeError(f"sandbox setup failed ({mode}): {line}")
+            if key == "pid":
+                self.pid = int(val)  # init: killing it ends the worker (namespace / pdeathsig)
+            else:
+                self.worker_pid = int(val)
         try:
             hello = _recv_frame(self.resp, deadline)
         except TimeoutError:
@@ -720,10 +792,11 @@ class _Worker:
     def _status_line(self, deadline: float) -> str | None:
         while b"\n" not in self._status_buf:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.status], [], [], left)[0]:
+            if not _ready([self.status], left):
                 return None
             chunk = os.read(self.status, 4096)
             if not chunk:
+                self.gone = True
                 return None
             self._status_buf += chunk
         line, self._status_buf = self._status_buf.split(b"\n", 1)
@@ -740,11 +813,15 @@ class _Worker:
 
     def kill(self) -> None:
         # SIGKILL cannot be caught or ignored; in namespaces mode it takes the whole PID namespace.
-        for pid in (self.pid,) if self.pid else ():
-            try:
-                (os.killpg if self.mode == "rlimits" else os.kill)(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        targets = [(os.kill, self.pid)]
+        if self.mode == "rlimits" and self.worker_pid:  # no PID namespace: its process group too
+            targets.append((os.killpg, self.worker_pid))
+        for kill, pid in targets:
+            if pid and self.exit is None and not self.gone:
+                try:
+                    kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
 
     def output(self, keep: int) -> list:
         """The fd-level output of the current cell (head and tail only)."""
@@ -760,8 +837,8 @@ class _Worker:
 
     def close(self) -> None:
         self.kill()
-        if self.pid is not None and self.wait_exit(3.0) is None and self.monitor and self.monitor > 0:
-            try:  # the monitor's pdeathsig takes the worker along
+        if self.pid is not None and self.wait_exit(3.0) is None and not self.gone and (self.monitor or 0) > 0:
+            try:  # init did not end: the monitor's death takes it along (pdeathsig)
                 os.kill(self.monitor, signal.SIGKILL)
             except OSError:
                 pass
@@ -843,9 +920,9 @@ class Session:
             keep = self.limits.max_output_chars
             try:
                 os.ftruncate(w.out, 0)
-                self._set_cpu_limit(w, timeout)
                 deadline = time.monotonic() + timeout
-                _send_frame(w.cmd, {"code": code, "limits": {"max_output_chars": keep}}, deadline)
+                per_cell = {"max_output_chars": keep, "timeout": timeout}
+                _send_frame(w.cmd, {"code": code, "limits": per_cell}, deadline)
                 res = self._wait(w, deadline)
             except (OSError, TimeoutError):
                 res = None
@@ -854,27 +931,12 @@ class Session:
                 return self._finish(res, w, elapsed, restarted)
             return self._dead(w, res == "timeout", elapsed, restarted)
 
-    def _set_cpu_limit(self, w: _Worker, timeout: float) -> None:
-        # RLIMIT_CPU counts the whole life of the process: move it to "used + budget" per cell.
-        try:
-            f = open(f"/proc/{w.pid}/stat").read().rsplit(")", 1)[1].split()
-            used = (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError, ValueError):
-            return
-        soft = int(used + (self.limits.cpu_time or timeout + 1)) + 1
-        hard = soft + 1 if os.geteuid() == 0 else -1  # only root may raise a hard limit again
-        try:
-            import resource
-            resource.prlimit(w.pid, resource.RLIMIT_CPU, (soft, hard))
-        except (OSError, ValueError):
-            pass
-
     def _wait(self, w: _Worker, deadline: float):
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 return "timeout"
-            ready = select.select([w.resp, w.status], [], [], left)[0]
+            ready = _ready([w.resp, w.status], left)
             if w.resp in ready:
                 try:
                     return _recv_frame(w.resp, deadline + 1.0)
@@ -902,9 +964,11 @@ class Session:
 
     def _dead(self, w: _Worker, timed_out: bool, elapsed: float, restarted: bool) -> CellResult:
         keep = self.limits.max_output_chars
-        if timed_out:
-            w.kill()
-        ex = w.wait_exit(2.0)
+        # A worker that died on its own: init reports how within milliseconds. One that sent
+        # garbage is still alive: the kill below ends it and there is no exit status.
+        ex = None if timed_out else w.wait_exit(1.0)
+        w.kill()
+        ex = ex or w.wait_exit(2.0)
         output = _clean(_render(w.output(keep), keep))
         if timed_out or (ex and os.WIFSIGNALED(ex[0]) and os.WTERMSIG(ex[0]) == signal.SIGXCPU):
             self._drop()
@@ -944,7 +1008,11 @@ def run_cells(cells: list[str], timeout: float = 20.0, **limits) -> list[CellRes
 
 
 class ExecutorPool:
-    """Sessions for many trajectories, run concurrently; a trajectory's cells run in order."""
+    """Sessions for many trajectories, run concurrently; a trajectory's cells run in order.
+
+    A stuck cell holds one of ``max_workers`` threads for at most its timeout: with at least as
+    many threads as concurrently active trajectories it never delays another trajectory.
+    """
 
     def __init__(self, max_workers: int = 8, limits: Limits | None = None, **overrides):
         self.limits = replace(limits or Limits(), **overrides)

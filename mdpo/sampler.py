@@ -78,6 +78,7 @@ class _Row:
     scan_from: int = 0
     future: cf.Future | None = None
     closed_by_eot: bool = False
+    tool_status: list = field(default_factory=list)  # executor status of each call (ok, error, timeout, ...)
 
 
 class Sampler:
@@ -189,9 +190,12 @@ class Sampler:
                 continue
             fut, row.future = row.future, None
             try:
-                observation = fut.result().observation
+                result = fut.result()
+                observation = result.observation
+                row.tool_status.append(getattr(result, "status", "ok"))
             except Exception as e:  # the executor itself failed: report it as the observation, keep going
                 observation = f"{type(e).__name__}: {e}"
+                row.tool_status.append("crashed")
             done = self._inject(row, observation)
             if done:
                 yield self._finish(rows, i, done, self._requests)
@@ -370,4 +374,4 @@ class Sampler:
         return Trajectory(prompt_id=req.prompt_id, sample_id=row.sample_id, tokens=row.tokens,
                           roles=[int(r) for r in row.roles], turns=row.turns, logprobs=row.logprobs,
                           finish_reason=reason, model=self.model_name, tokenizer=self.tokenizer_id,
-                          meta=dict(req.meta))
+                          meta=dict(req.meta, tool_status=row.tool_status))

@@ -1,0 +1,261 @@
+"""Evaluate a model as a tool-using math agent on GSM8K / MATH / MATH-500 or a JSONL file.
+
+    python -m mdpo.eval --model DIR --data gsm8k --limit 100 --out runs/eval/gsm8k [--n 4 --temperature 0.7]
+
+Each problem is rendered with the model's chat template (no system prompt, as in the paper), sampled with
+the interpreter in the loop, graded (mdpo.grader), and written as one trajectory per line to
+OUT/trajectories.jsonl as soon as it finishes; rerunning with the same --out skips what is already there.
+OUT/metrics.json holds pass@1 (and pass@k / maj@k when n > 1), MATH accuracy per level and subject, and
+tool-use statistics. Bad flags or files exit with status 2 and one line naming the problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mdpo.grader import extract_answer, gold_gsm8k, gold_math, is_equiv
+from mdpo.trajectory import Role, Trajectory, TrajectoryError
+from mdpo.weights import CheckpointError, parse_dtype, write_json_atomic
+
+DATASETS = {
+    "gsm8k": "gsm8k/test.jsonl",
+    "math": "math/hendrycks_math/test.jsonl",
+    "math500": "math/prm800k_math_splits/test.jsonl",
+}
+
+
+class EvalError(ValueError):
+    """Bad input to the evaluation: the message names the flag, file or line."""
+
+
+def load_problems(data: str, data_dir: str) -> list[dict]:
+    """Problems as dicts with id, question, gold (and level / subject where the data has them)."""
+    path = Path(data_dir) / DATASETS[data] if data in DATASETS else Path(data)
+    if not path.is_file():
+        raise EvalError(f"{path}: data file not found (--data {data!r}, --data-dir {data_dir!r})")
+    problems = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise EvalError(f"{path}:{i}: invalid JSON ({e.msg})") from None
+            question = row.get("question", row.get("problem"))
+            if not isinstance(question, str):
+                raise EvalError(f"{path}:{i}: no 'question' or 'problem' field")
+            if "####" in str(row.get("answer", "")):
+                gold = gold_gsm8k(row["answer"])  # GSM8K: the number after ####
+            elif row.get("answer") is not None:
+                gold = str(row["answer"])  # MATH-500 and prepared files carry the answer itself
+            elif "solution" in row:
+                gold = gold_math(row["solution"])  # MATH: the last \boxed{} of the solution
+            else:
+                raise EvalError(f"{path}:{i}: no 'answer' or 'solution' field")
+            if gold is None:
+                raise EvalError(f"{path}:{i}: no gold answer (no \\boxed{{}} in the solution)")
+            level = row.get("level")
+            if isinstance(level, int):
+                level = f"Level {level}"
+            problems.append({"id": str(row.get("unique_id", row.get("idx", i - 1))), "question": question,
+                             "gold": gold, "level": level, "subject": row.get("type", row.get("subject"))})
+    return problems
+
+
+def final_turn_text(t: Trajectory, tokenizer) -> str:
+    """Text of the last model turn (the part the answer is extracted from)."""
+    last = max((turn for turn, r in zip(t.turns, t.roles) if r == Role.MODEL), default=0)
+    ids = [tok for tok, turn, r in zip(t.tokens, t.turns, t.roles)
+           if turn == last and r in (Role.MODEL, Role.TEMPLATE) and tok not in tokenizer.stop_ids]
+    return tokenizer.decode(ids)
+
+
+def majority(answers: list[str | None]) -> str | None:
+    """The most common answer, clustering equivalent answers (first one of a cluster represents it)."""
+    reps: list[str] = []
+    counts: Counter = Counter()
+    for a in answers:
+        if a is None:
+            continue
+        for r in reps:
+            if a == r or is_equiv(a, r):
+                counts[r] += 1
+                break
+        else:
+            reps.append(a)
+            counts[a] += 1
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def compute_metrics(trajectories: list[Trajectory], problems: list[dict], n: int) -> dict:
+    """pass@1, pass@n, maj@n, per level and subject, tool statistics."""
+    by_id = defaultdict(list)
+    for t in trajectories:
+        by_id[t.prompt_id].append(t)
+    info = {p["id"]: p for p in problems}
+    per_problem = []
+    for pid, ts in by_id.items():
+        p = info[pid]
+        maj = majority([t.answer for t in ts])
+        per_problem.append({"level": p["level"], "subject": p["subject"],
+                            "pass1": sum(bool(t.correct) for t in ts) / len(ts),
+                            "passn": any(t.correct for t in ts),
+                            "majn": maj is not None and is_equiv(maj, p["gold"])})
+    m = {"problems": len(per_problem), "samples": len(trajectories), "n": n}
+    if not per_problem:
+        return m
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    m["pass@1"] = mean([x["pass1"] for x in per_problem])
+    if n > 1:
+        m[f"pass@{n}"] = mean([float(x["passn"]) for x in per_problem])
+        m[f"maj@{n}"] = mean([float(x["majn"]) for x in per_problem])
+    for key in ("level", "subject"):
+        groups = defaultdict(list)
+        for x in per_problem:
+            if x[key] is not None:
+                groups[x[key]].append(x["pass1"])
+        if groups:
+            m[f"by_{key}"] = {k: {"pass@1": mean(v), "problems": len(v)} for k, v in sorted(groups.items())}
+    status = Counter(s for t in trajectories for s in t.meta.get("tool_status", []))
+    calls = sum(status.values())
+    m["tools"] = {
+        "mean_turns": mean([t.num_turns for t in trajectories]),
+        "calls_per_trajectory": calls / len(trajectories),
+        "trajectories_with_code": mean([float(bool(t.meta.get("tool_status"))) for t in trajectories]),
+        "error_rate": status["error"] / calls if calls else 0.0,
+        "timeout_rate": status["timeout"] / calls if calls else 0.0,
+        "status_counts": dict(status),
+    }
+    m["finish_reasons"] = dict(Counter(t.finish_reason for t in trajectories))
+    return m
+
+
+def read_done(path: Path) -> list[Trajectory]:
+    """Trajectories already written by an earlier run; a torn last line (a killed run) is dropped."""
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    done = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if i == len(lines) and not line.endswith("\n"):
+            break  # torn by a kill mid-write: that sample is simply redone
+        try:
+            done.append(Trajectory.from_json(line, f"{path}:{i}"))
+        except TrajectoryError as e:
+            raise EvalError(str(e)) from None
+    if lines and not lines[-1].endswith("\n"):
+        with open(path, "w", encoding="utf-8") as f:  # drop the torn line so appends stay line-aligned
+            f.writelines(lines[:-1])
+    return done
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m mdpo.eval", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="HF-layout folder with tokenizer.model")
+    ap.add_argument("--data", default="gsm8k", help="gsm8k, math, math500, or a JSONL path")
+    ap.add_argument("--data-dir", default="../shared/data", help="where gsm8k/ and math/ live")
+    ap.add_argument("--limit", type=int, default=None, help="first N problems only")
+    ap.add_argument("--n", type=int, default=1, help="samples per problem")
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--max-turns", type=int, default=6)
+    ap.add_argument("--max-new-tokens", type=int, default=512, help="per model turn")
+    ap.add_argument("--max-length", type=int, default=2048, help="per trajectory")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--timeout", type=float, default=20.0, help="interpreter wall-clock limit per cell (s)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--out", required=True, help="output folder (resumable)")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        for flag in ("limit", "n", "max_turns", "max_new_tokens", "max_length", "batch_size"):
+            v = getattr(args, flag)
+            if v is not None and v < 1:
+                raise EvalError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
+        if args.temperature < 0 or not 0 < args.top_p <= 1:
+            raise EvalError("--temperature must be >= 0 and --top-p in (0, 1]")
+        return run(args)
+    except (EvalError, CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
+    from mdpo.executor import ExecutorPool
+    from mdpo.model import Gemma
+    from mdpo.sampler import Request, Sampler, SamplingParams
+    from mdpo.tokenizer import Tokenizer
+
+    problems = load_problems(args.data, args.data_dir)[: args.limit]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    traj_path = out / "trajectories.jsonl"
+    done = read_done(traj_path)
+    finished = {(t.prompt_id, t.sample_id) for t in done}
+
+    model = Gemma.from_pretrained(args.model, dtype=parse_dtype(args.dtype)).eval()
+    tok = Tokenizer.from_pretrained(args.model)
+    torch.manual_seed(args.seed)
+    requests = []
+    for p in problems:
+        missing = [s for s in range(args.n) if (p["id"], s) not in finished]
+        if missing:
+            ids = tok.encode(tok.render_chat([{"role": "user", "content": p["question"]}]))
+            # Only the missing samples are drawn again; a resumed run keeps their original sample ids.
+            requests.append((Request(p["id"], ids, n=len(missing)), missing))
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
+                            max_new_tokens_per_turn=args.max_new_tokens, max_turns=args.max_turns,
+                            max_length=args.max_length)
+    gold = {p["id"]: p["gold"] for p in problems}
+    results = list(done)
+    todo = sum(len(m) for _, m in requests)
+    with ExecutorPool(max_workers=args.batch_size, timeout=args.timeout) as pool, \
+            open(traj_path, "a", encoding="utf-8") as f, \
+            tqdm(total=todo, desc=f"eval {args.data}", unit="traj", disable=todo == 0) as bar:
+        sampler = Sampler(model, tok, batch_size=args.batch_size, max_length=args.max_length, executor=pool,
+                          seed=args.seed, model_name=str(args.model))
+        sample_ids = {r.prompt_id: m for r, m in requests}
+        for t in sampler.generate([r for r, _ in requests], params):
+            t.sample_id = sample_ids[t.prompt_id][t.sample_id]
+            t.answer = extract_answer(final_turn_text(t, tok))
+            t.correct = t.answer is not None and is_equiv(t.answer, gold[t.prompt_id])
+            f.write(t.to_json() + "\n")
+            f.flush()
+            os.fsync(f.fileno())  # a finished trajectory survives a kill
+            results.append(t)
+            bar.update(1)
+            bar.set_postfix(acc=f"{sum(bool(x.correct) for x in results) / len(results):.3f}")
+    metrics = compute_metrics(results, problems, args.n)
+    metrics.update(model=str(args.model), data=args.data, temperature=args.temperature, max_turns=args.max_turns)
+    write_json_atomic(out / "metrics.json", metrics)
+    print(f"{args.data}: {metrics['problems']} problems, {metrics['samples']} samples")
+    for k in ("pass@1", f"pass@{args.n}", f"maj@{args.n}"):
+        if k in metrics:
+            print(f"  {k:8s} {100 * metrics[k]:.1f}%")
+    for key in ("by_level", "by_subject"):
+        for name, v in metrics.get(key, {}).items():
+            print(f"  {name:28s} {100 * v['pass@1']:.1f}% ({v['problems']})")
+    if "tools" in metrics:
+        tl = metrics["tools"]
+        print(f"  tools: {tl['calls_per_trajectory']:.2f} calls/trajectory, mean turns {tl['mean_turns']:.2f}, "
+              f"errors {100 * tl['error_rate']:.1f}%, timeouts {100 * tl['timeout_rate']:.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""python -m mdpo.eval: data loading, metrics against hand counts, resume, and clear errors."""
+
+import json
+
+import pytest
+import torch
+
+from mdpo import eval as ev
+from mdpo.model import GemmaConfig, build_model
+from mdpo.tokenizer import Tokenizer
+from mdpo.trajectory import Role, Trajectory, read_trajectories
+
+DATA = [
+    {"question": "What is 2+3?", "answer": "2+3=<<2+3=5>>5\n#### 5"},
+    {"question": "What is 1,000 + 234?", "answer": "#### 1,234"},
+    {"problem": "Compute $\\frac{1}{2}+\\frac{1}{4}$.", "solution": "It is $\\boxed{\\frac34}$.", "level": "Level 2",
+     "type": "Algebra"},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(gemma3_dir, tmp_path_factory):
+    tok = Tokenizer.from_pretrained(gemma3_dir)
+    model = build_model(GemmaConfig.from_name("tiny-gemma3", vocab_size=262144), seed=0)
+    d = tmp_path_factory.mktemp("tiny") / "model"
+    model.save_pretrained(d, tokenizer=tok)
+    return d
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_load_problems_formats(tmp_path):
+    probs = ev.load_problems(str(write_jsonl(tmp_path / "d.jsonl", DATA)), "unused")
+    assert [p["gold"] for p in probs] == ["5", "1234", "\\frac34"]
+    assert probs[2]["level"] == "Level 2" and probs[2]["subject"] == "Algebra"
+    with pytest.raises(ev.EvalError, match=r"d2.jsonl:2: no 'question' or 'problem' field"):
+        ev.load_problems(str(write_jsonl(tmp_path / "d2.jsonl", [DATA[0], {"q": 1}])), "x")
+    with pytest.raises(ev.EvalError, match="data file not found"):
+        ev.load_problems("gsm8k", str(tmp_path / "nowhere"))
+
+
+def test_real_datasets_load_when_present():
+    from pathlib import Path
+    data_dir = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    if not data_dir.is_dir():
+        pytest.skip("shared/data not present")
+    assert len(ev.load_problems("gsm8k", str(data_dir))) == 1319
+    m500 = ev.load_problems("math500", str(data_dir))
+    assert len(m500) == 500 and m500[0]["level"].startswith("Level ")
+    assert len(ev.load_problems("math", str(data_dir))) == 5000
+
+
+def traj(pid, sid, correct, answer, statuses=(), turns=1):
+    n = 4 + turns
+    return Trajectory(pid, sid, list(range(n)), [0] * 4 + [Role.MODEL] * turns, [0] * 4 + list(range(1, turns + 1)),
+                      answer=answer, correct=correct, meta={"tool_status": list(statuses)})
+
+
+def test_metrics_against_hand_counts():
+    probs = [{"id": "a", "gold": "5", "level": "Level 1", "subject": "Algebra"},
+             {"id": "b", "gold": "7", "level": "Level 3", "subject": "Algebra"}]
+    ts = [traj("a", 0, True, "5", ["ok"], 2), traj("a", 1, False, "4", ["error", "ok"], 3),
+          traj("a", 2, True, "5.0", [], 1),
+          traj("b", 0, False, "6", ["timeout"], 2), traj("b", 1, False, "6", [], 1), traj("b", 2, True, "7", [], 1)]
+    m = ev.compute_metrics(ts, probs, 3)
+    assert m["pass@1"] == pytest.approx((2 / 3 + 1 / 3) / 2)
+    assert m["pass@3"] == 1.0
+    assert m["maj@3"] == pytest.approx(0.5)  # a: 5 (and 5.0) wins; b: 6 wins, which is wrong
+    assert m["by_level"]["Level 1"]["pass@1"] == pytest.approx(2 / 3)
+    assert m["by_subject"]["Algebra"]["problems"] == 2
+    assert m["tools"]["calls_per_trajectory"] == pytest.approx(4 / 6)
+    assert m["tools"]["error_rate"] == pytest.approx(1 / 4) and m["tools"]["timeout_rate"] == pytest.approx(1 / 4)
+    assert m["tools"]["mean_turns"] == pytest.approx(10 / 6)
+
+
+def test_end_to_end_and_resume(tiny_dir, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", DATA)
+    out = tmp_path / "out"
+    args = ["--model", str(tiny_dir), "--data", str(data), "--out", str(out), "--n", "2", "--max-new-tokens", "6",
+            "--batch-size", "3", "--temperature", "1.0"]
+    assert ev.main(args) == 0
+    ts = list(read_trajectories(out / "trajectories.jsonl"))
+    assert sorted((t.prompt_id, t.sample_id) for t in ts) == [(i, s) for i in ("0", "1", "2") for s in (0, 1)]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["samples"] == 6 and m["pass@1"] == sum(bool(t.correct) for t in ts) / 6
+    # Simulate a kill: drop two finished samples and tear the last line; the rerun redoes exactly those.
+    lines = (out / "trajectories.jsonl").read_text().splitlines(keepends=True)
+    kept = lines[:3] + [lines[3][:40]]
+    (out / "trajectories.jsonl").write_text("".join(kept))
+    assert ev.main(args) == 0
+    again = list(read_trajectories(out / "trajectories.jsonl"))
+    assert sorted((t.prompt_id, t.sample_id) for t in again) == sorted((t.prompt_id, t.sample_id) for t in ts)
+    assert [t.to_json() for t in again[:3]] == [line.rstrip("\n") for line in lines[:3]]
+    # A finished run reruns as a no-op.
+    assert ev.main(args) == 0
+    assert len(list(read_trajectories(out / "trajectories.jsonl"))) == 6
+
+
+def test_bad_flags_exit_2(tiny_dir, tmp_path, capsys):
+    assert ev.main(["--model", str(tiny_dir), "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path)]) == 2
+    assert "none.jsonl: data file not found" in capsys.readouterr().err
+    assert ev.main(["--model", str(tmp_path / "nomodel"), "--data", "gsm8k", "--data-dir", "/nonexistent",
+                    "--out", str(tmp_path / "o")]) == 2
+    assert ev.main(["--model", str(tiny_dir), "--n", "0", "--out", str(tmp_path / "o")]) == 2
+    assert "--n must be >= 1" in capsys.readouterr().err

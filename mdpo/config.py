@@ -39,7 +39,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.attn_impl": ("sdpa", "eager"),
     "loss.type": ("mdpo", "mkto", "sft"),
     "loss.dpo_variant": ("sigmoid", "ipo", "hinge"),
-    "loss.mask": ("model", "completion"),
+    "loss.mask": ("model", "paper", "completion"),  # see mdpo/trajectory.py
     "reference.mode": ("previous", "sft"),
     "training.schedule": ("cosine", "linear", "constant"),
 }

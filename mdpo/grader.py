@@ -24,29 +24,24 @@ Policies (they decide DPO labels, so they are written down):
 * `4210` equals `4210_5` (the base only restated); words compare case-insensitively;
 * a percent sign is dropped ("50\\%" is 50), not read as a factor 1/100.
 
-LaTeX is translated to sympy by a small recursive-descent parser in this file (no antlr / latex2sympy).
+LaTeX is translated to sympy by the small recursive-descent parser in `mdpo.latex` (no antlr / latex2sympy).
 Every sympy comparison runs under a wall-clock limit and a timeout counts as "not equal"; no public
 function raises on junk input.
 """
 
 from __future__ import annotations
 
-import random
 import re
-import signal
-import threading
 import time
 from fractions import Fraction
+
+from mdpo.latex import (GREEK, MAX_EXP10, MAX_LEN, ParseError, Timeout, equations_equivalent, load_sympy,
+                        parse_latex, run_with_timeout, sympy_equal)
 
 __all__ = ["extract_answer", "gold_gsm8k", "gold_math", "strip_answer", "is_equiv", "grade"]
 
 # The paper's rollout appends this to a trajectory that used up its tool calls without answering.
 LIMIT_MESSAGE = "Reach max function call limit."
-
-_MAX_LEN = 3000  # answers longer than this are compared as strings only (no parsing / sympy)
-_MAX_POW_BITS = 200_000  # refuse to build exact integer powers larger than this (9^{9^{9^9}})
-_MAX_FACTORIAL = 5000
-_MAX_EXP10 = 1000  # largest |n| accepted in 1e<n> / \times 10^{n}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -220,12 +215,9 @@ _MATH_WORDS = {"sin", "cos", "tan", "cot", "sec", "csc", "log", "ln", "exp", "sq
 _UNIT_TAIL_RE = re.compile(r"^(?P<pre>.*?[\d})])(?P<words>\s*[A-Za-z][A-Za-z.\-]*(?:\s+[A-Za-z][A-Za-z.\-]*)*)"
                            r"\s*(?:\^\s*\{?\s*[23]\s*\}?)?$")
 
-_GREEK = ("alpha", "beta", "gamma", "delta", "epsilon", "varepsilon", "zeta", "eta", "theta", "vartheta",
-          "iota", "kappa", "lambda", "mu", "nu", "xi", "rho", "sigma", "tau", "upsilon", "phi", "varphi",
-          "chi", "psi", "omega", "Gamma", "Delta", "Theta", "Lambda", "Xi", "Sigma", "Phi", "Psi", "Omega")
 # "x =", "y=", "f(x) =", "\theta =", "x \in": dropped. Only a *variable* on the left: hendrycks/ToRA/Qwen drop
 # any left side of <= 2 characters, which turned gold "7 = 11a+c" into "11a+c".
-_VAR = r"(?:[A-Za-z](?:_\{?\w+\}?)?'*(?:\([A-Za-z]\))?|\\(?:%s))" % "|".join(_GREEK)
+_VAR = r"(?:[A-Za-z](?:_\{?\w+\}?)?'*(?:\([A-Za-z]\))?|\\(?:%s))" % "|".join(GREEK)
 _VAR_PREFIX_RE = re.compile(r"^\s*%s\s*(?:=|\\in(?![a-zA-Z]))\s*(?=\S)" % _VAR)
 _IN_PREFIX_RE = re.compile(r"^\s*%s\s*\\in(?![a-zA-Z])\s*(?=\S)" % _VAR)
 
@@ -364,7 +356,7 @@ def _normalize(s, drop_eq: bool = True) -> str:
     drop_eq=False keeps a `y =` prefix so that is_equiv can compare `y = 2x+3` with `y - 2x = 3`."""
     if not isinstance(s, str):
         return ""
-    if len(s) > _MAX_LEN:
+    if len(s) > MAX_LEN:
         return s.strip()
     if "boxed" in s or "fbox" in s:
         content, found = _last_box(s)
@@ -470,14 +462,14 @@ def _to_number(c: str) -> Fraction | None:
     m = _NUM_RE.match(c)
     if m:
         sign, mant, exp = m.groups()
-        if exp is not None and abs(int(exp)) > _MAX_EXP10:
+        if exp is not None and abs(int(exp)) > MAX_EXP10:
             return None
         v = Fraction(mant) * (Fraction(10) ** int(exp) if exp else 1)
         return -v if sign else v
     m = _SCI_RE.match(c)
     if m:
         sign, mant, exp = m.groups()
-        if abs(int(exp)) > _MAX_EXP10:
+        if abs(int(exp)) > MAX_EXP10:
             return None
         v = Fraction(mant) * Fraction(10) ** int(exp)
         return -v if sign else v
@@ -519,467 +511,6 @@ def _num_equal(a: Fraction, b: Fraction, ctx) -> bool:
     # ToRA's math_equal also accepts ref*100 and ref/100; off by default because 0.18 and 1800 then
     # "equal" a gold of 18 (a reward-hackable false positive)
     return lenient and (_close(a, b * 100, rel_tol) or _close(a, b / 100, rel_tol))
-
-
-# ----------------------------------------------------------------------------------------------------
-# LaTeX -> sympy (a small recursive-descent parser for the answer subset of LaTeX and plain text)
-# ----------------------------------------------------------------------------------------------------
-
-class _ParseError(Exception):
-    pass
-
-
-class _Timeout(BaseException):
-    """Raised by the alarm; a BaseException so that sympy's `except Exception` blocks cannot swallow it."""
-
-
-_sp = None
-
-
-def _sympy():
-    global _sp
-    if _sp is None:
-        import sympy
-        _sp = sympy
-    return _sp
-
-
-_TOKEN_RE = re.compile(r"""
-  (?P<num>(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+(?![\d.]))?)
-| (?P<cmd>\\[a-zA-Z]+|\\[{}|])
-| (?P<word>[a-zA-Z]+)
-| (?P<op>\*\*|[-+*/^_()\[\]{}|!,=<>'&])
-| (?P<ws>\s+)
-""", re.VERBOSE)
-
-_FUNCS = {"sin", "cos", "tan", "cot", "sec", "csc", "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh",
-          "log", "ln", "exp", "sqrt", "asin", "acos", "atan", "abs"}
-_CONST_WORDS = {"pi"}
-
-
-def _tokenize(s: str) -> list[tuple[str, str]]:
-    toks, pos, n = [], 0, len(s)
-    while pos < n:
-        m = _TOKEN_RE.match(s, pos)
-        if not m:
-            raise _ParseError(f"bad char {s[pos]!r}")
-        pos = m.end()
-        kind = m.lastgroup
-        val = m.group(kind)
-        if kind == "ws":
-            continue
-        if kind == "word":
-            if val in _FUNCS:
-                toks.append(("cmd", "\\" + val))
-            elif val in _CONST_WORDS:
-                toks.append(("cmd", "\\" + val))
-            elif len(val) >= 3:
-                # a word ("Evelyn", "east") is not a product of letters: leave it to string comparison
-                raise _ParseError(f"word {val!r}")
-            else:
-                toks.extend(("var", ch) for ch in val)
-            continue
-        toks.append((kind, val))
-    toks.append(("end", ""))
-    return toks
-
-
-_TRIG = {"sin": "sin", "cos": "cos", "tan": "tan", "cot": "cot", "sec": "sec", "csc": "csc",
-         "arcsin": "asin", "arccos": "acos", "arctan": "atan", "asin": "asin", "acos": "acos", "atan": "atan",
-         "sinh": "sinh", "cosh": "cosh", "tanh": "tanh"}
-_INVERSE = {"sin": "asin", "cos": "acos", "tan": "atan", "cot": "acot", "sec": "asec", "csc": "acsc"}
-_ATOM_CMDS = {"frac", "sqrt", "binom", "pi", "infty", "lfloor", "lceil", "exp", "log", "ln", "abs",
-              "{", "|", "overline"} | set(_TRIG) | set(_GREEK)
-
-
-class _Parser:
-    def __init__(self, s: str, deadline: float):
-        self.sp = _sympy()
-        self.toks = _tokenize(s)
-        self.i = 0
-        self.abs_depth = 0
-        self.depth = 0
-        self.deadline = deadline
-
-    # -- token helpers
-    def peek(self):
-        return self.toks[self.i]
-
-    def next(self):
-        t = self.toks[self.i]
-        self.i += 1
-        return t
-
-    def accept(self, kind, val=None):
-        t = self.toks[self.i]
-        if t[0] == kind and (val is None or t[1] == val):
-            self.i += 1
-            return True
-        return False
-
-    def expect(self, kind, val=None):
-        if not self.accept(kind, val):
-            raise _ParseError(f"expected {val or kind}, got {self.peek()}")
-
-    def parse(self):
-        e = self.expr()
-        if self.peek()[0] != "end":
-            raise _ParseError(f"trailing {self.peek()}")
-        return e
-
-    # -- grammar
-    def expr(self):
-        self.depth += 1
-        if self.depth > 100:
-            raise _ParseError("too deep")
-        if time.monotonic() > self.deadline:
-            raise _Timeout()
-        node = self.term()
-        while True:
-            if self.accept("op", "+"):
-                node = node + self.term()
-            elif self.accept("op", "-"):
-                node = node - self.term()
-            else:
-                break
-        self.depth -= 1
-        return node
-
-    def starts_atom(self):
-        k, v = self.peek()
-        if k in ("num", "var"):
-            return True
-        if k == "op":
-            return v in ("(", "[", "{") or (v == "|" and self.abs_depth == 0)
-        if k == "cmd":
-            name = v[1:]
-            return name in _ATOM_CMDS and not (name == "|" and self.abs_depth > 0)
-        return False
-
-    def term(self):
-        node = self.factor()
-        while True:
-            k, v = self.peek()
-            if (k == "op" and v == "*") or (k == "cmd" and v in ("\\cdot", "\\times", "\\ast")):
-                self.next()
-                node = node * self.factor()
-            elif (k == "op" and v == "/") or (k == "cmd" and v == "\\div"):
-                self.next()
-                den = self.factor()
-                if den == 0:
-                    raise _ParseError("division by zero")
-                node = node / den
-            elif self.starts_atom():
-                node = node * self.power()
-            else:
-                return node
-
-    def factor(self):
-        if self.accept("op", "-"):
-            return -self.factor()
-        if self.accept("op", "+"):
-            return self.factor()
-        return self.power()
-
-    def power(self):
-        base = self.postfix()
-        if self.accept("op", "^") or self.accept("op", "**"):
-            exp = self.exponent()
-            base = self.pow(base, exp)
-        return base
-
-    def exponent(self):
-        if self.peek() == ("op", "{"):
-            return self.group()
-        if self.accept("op", "-"):
-            return -self.exponent()
-        return self.postfix()
-
-    def pow(self, base, exp):
-        sp = self.sp
-        if exp.is_Number and base.is_Number:
-            if base.is_Rational and exp.is_Rational:
-                bits = max(abs(int(base.p)).bit_length(), abs(int(base.q)).bit_length(), 1)
-                if abs(exp) * bits > _MAX_POW_BITS:
-                    raise _ParseError("power too large")  # 9^{9^{9^9}}: never materialise
-            elif abs(exp) > 10 ** 6:
-                raise _ParseError("power too large")
-        elif exp.is_Number and abs(exp) > 10 ** 4:
-            raise _ParseError("power too large")
-        if base == 0 and exp.is_Number and exp.is_negative:
-            raise _ParseError("division by zero")
-        return sp.Pow(base, exp)
-
-    def postfix(self):
-        node = self.atom()
-        while True:
-            if self.accept("op", "!"):
-                if node.is_Number and (not node.is_Integer or node > _MAX_FACTORIAL or node < 0):
-                    raise _ParseError("factorial")
-                node = self.sp.factorial(node)
-            elif self.peek() == ("op", "'"):
-                raise _ParseError("prime")
-            else:
-                return node
-
-    def group(self):
-        self.expect("op", "{")
-        e = self.expr()
-        self.expect("op", "}")
-        return e
-
-    def arg(self):
-        """A TeX macro argument: {group} or one token."""
-        if self.peek() == ("op", "{"):
-            return self.group()
-        k, v = self.peek()
-        if k == "num" and len(v) > 1:  # \frac12: the argument is the single digit 1
-            self.toks[self.i] = ("num", v[1:])
-            return self.number(v[0])
-        return self.atom()
-
-    def number(self, text):
-        m = re.match(r"^(.*?)(?:[eE]([+-]?\d+))?$", text)
-        mant, exp = m.group(1), m.group(2)
-        if exp is not None and abs(int(exp)) > _MAX_EXP10:
-            raise _ParseError("exponent")
-        f = Fraction(mant) * (Fraction(10) ** int(exp) if exp else 1)
-        return self.sp.Rational(f.numerator, f.denominator)
-
-    def func_arg(self):
-        """Argument of \\sin, \\log, ...: (...), {...}, or an implicit product of powers (\\sin 2x)."""
-        if self.peek() == ("op", "("):
-            return self.atom()
-        if self.peek() == ("op", "{"):
-            return self.group()
-        node = self.factor()
-        while self.starts_atom() and not (self.peek()[0] == "cmd" and self.peek()[1][1:] in _TRIG | {"log", "ln", "exp"}):
-            node = node * self.power()
-        return node
-
-    def atom(self):
-        sp = self.sp
-        k, v = self.next()
-        if k == "num":
-            node = self.number(v)
-            if self.peek() == ("op", "_"):
-                raise _ParseError("base subscript")  # 52_8: compared as strings
-            return node
-        if k == "var":
-            name = v
-            if self.accept("op", "_"):
-                name += "_" + self.subscript()
-            if name == "i":
-                return sp.I
-            if name == "e":
-                return sp.E
-            return sp.Symbol(name)
-        if k == "op":
-            if v in ("(", "["):
-                close = ")" if v == "(" else "]"
-                e = self.expr()
-                if not (self.accept("op", close) or self.accept("op", ")" if close == "]" else "]")):
-                    raise _ParseError("unclosed")
-                return e
-            if v == "{":
-                e = self.expr()
-                self.expect("op", "}")
-                return e
-            if v == "|":
-                self.abs_depth += 1
-                e = self.expr()
-                self.abs_depth -= 1
-                self.expect("op", "|")
-                return sp.Abs(e)
-            raise _ParseError(f"unexpected {v}")
-        if k == "cmd":
-            name = v[1:]
-            if name == "frac":
-                num = self.arg()
-                den = self.arg()
-                if den == 0:
-                    raise _ParseError("division by zero")
-                return num / den
-            if name == "binom":
-                a, b = self.arg(), self.arg()
-                if (a.is_Number and abs(a) > _MAX_FACTORIAL) or (b.is_Number and abs(b) > _MAX_FACTORIAL):
-                    raise _ParseError("binomial")
-                return sp.binomial(a, b)
-            if name == "sqrt":
-                if self.accept("op", "["):
-                    idx = self.expr()
-                    self.expect("op", "]")
-                    x = self.arg()
-                    if idx.is_Integer and idx % 2 == 1 and x.is_Number and x.is_negative:
-                        return -sp.Pow(-x, 1 / idx)  # real odd root: \sqrt[3]{-8} = -2
-                    return sp.Pow(x, 1 / idx)
-                return sp.sqrt(self.arg())
-            if name == "pi":
-                return sp.pi
-            if name == "infty":
-                return sp.oo
-            if name in _GREEK:
-                return sp.Symbol(name)
-            if name == "lfloor":
-                e = self.expr()
-                self.expect("cmd", "\\rfloor")
-                return sp.floor(e)
-            if name == "lceil":
-                e = self.expr()
-                self.expect("cmd", "\\rceil")
-                return sp.ceiling(e)
-            if name == "|":
-                e = self.expr()
-                self.expect("cmd", "\\|")
-                return sp.Abs(e)
-            if name == "overline":
-                raise _ParseError("overline")
-            if name in _TRIG or name in ("log", "ln", "exp", "abs"):
-                return self.function(name)
-        raise _ParseError(f"unsupported {v!r}")
-
-    def subscript(self):
-        if self.peek() == ("op", "{"):
-            j = self.i + 1
-            parts = []
-            while self.toks[j][0] in ("num", "var") and j < len(self.toks):
-                parts.append(self.toks[j][1])
-                j += 1
-            if self.toks[j] != ("op", "}") or not parts:
-                raise _ParseError("subscript")
-            self.i = j + 1
-            return "".join(parts)
-        k, v = self.next()
-        if k not in ("num", "var"):
-            raise _ParseError("subscript")
-        return v
-
-    def function(self, name):
-        sp = self.sp
-        base = None
-        power = None
-        if name == "log" and self.accept("op", "_"):
-            base = self.arg()
-        if self.accept("op", "^"):
-            power = self.exponent()
-        x = self.func_arg()
-        if name in _TRIG:
-            fname = _TRIG[name]
-            if power is not None and power == -1 and name in _INVERSE:
-                return getattr(sp, _INVERSE[name])(x)
-            val = getattr(sp, fname)(x)
-        elif name == "ln" or (name == "log" and base is None):
-            val = sp.log(x)  # MATH's \log is natural unless a base is given
-        elif name == "log":
-            val = sp.log(x, base)
-        elif name == "exp":
-            val = sp.exp(x)
-        else:
-            val = sp.Abs(x)
-        return self.pow(val, power) if power is not None else val
-
-
-_MIXED_SUB_RE = re.compile(r"(?<![\w.}\)^_])(\d+)\s*\\frac\{(\d+)\}\{(\d+)\}")
-
-
-def _mixed_to_sum(s: str) -> str:
-    """`1\\frac{4}{5}` -> `(1+\\frac{4}{5})` for proper fractions (ToRA/Qwen read it as 4/5)."""
-    def rep(m):
-        a, b = int(m.group(2)), int(m.group(3))
-        if 0 < a < b:
-            return "(%s+\\frac{%s}{%s})" % m.groups()
-        return m.group(0)
-    return _MIXED_SUB_RE.sub(rep, s)
-
-
-def _to_sympy(s: str, deadline: float):
-    if len(s) > _MAX_LEN:
-        return None
-    try:
-        return _Parser(_mixed_to_sum(s), deadline).parse()
-    except Exception:  # _ParseError, sympy errors, RecursionError; _Timeout (a BaseException) propagates
-        return None
-
-
-def _sym_close(va, vb, rel_tol) -> bool | None:
-    """Compare two evaluated sympy numbers (maybe complex); None when not comparable numbers."""
-    sp = _sympy()
-    if va == vb:
-        return True
-    if va.has(sp.nan, sp.zoo) or vb.has(sp.nan, sp.zoo) or not va.is_number or not vb.is_number:
-        return None
-    if va.has(sp.oo, -sp.oo) or vb.has(sp.oo, -sp.oo):
-        return False
-    diff = abs(sp.N(va - vb, 30))
-    scale = max(abs(sp.N(va, 30)), abs(sp.N(vb, 30)))
-    if not (diff.is_Number and scale.is_Number):
-        return None
-    return bool(diff <= rel_tol * scale)
-
-
-def _rand_points(symbols, k, seed=20240607):
-    sp = _sympy()
-    rng = random.Random(seed)
-    # positive, non-integer, distinct values: away from the poles and branch cuts of the usual answers
-    return [{s: sp.Float(0.3 + 2.2 * rng.random(), 30) for s in symbols} for _ in range(k)]
-
-
-def _sympy_equal(ea, eb, ctx, deadline) -> bool:
-    sp = _sympy()
-    rel_tol, lenient = ctx
-    if ea == eb:
-        return True
-    if ea.has(sp.nan, sp.zoo) or eb.has(sp.nan, sp.zoo):  # \frac{1}{0}-like junk is never an answer
-        return False
-    syms = sorted(ea.free_symbols | eb.free_symbols, key=str)
-    if not syms:
-        va, vb = sp.N(ea, 30), sp.N(eb, 30)
-        r = _sym_close(va, vb, rel_tol)
-        if r is None:
-            return bool(sp.simplify(ea - eb) == 0)
-        if not r and lenient and vb.is_real:
-            r = bool(_sym_close(va, vb * 100, rel_tol) or _sym_close(va, vb / 100, rel_tol))
-        return r
-    good = 0
-    for pt in _rand_points(syms, 6):
-        if time.monotonic() > deadline:
-            raise _Timeout()
-        va, vb = ea.evalf(30, subs=pt), eb.evalf(30, subs=pt)
-        r = _sym_close(va, vb, rel_tol)
-        if r is False:
-            return False
-        if r:
-            good += 1
-    if good >= 3:
-        return True
-    return bool(sp.simplify(ea - eb) == 0)
-
-
-def _equation_equal(a: tuple[str, str], b: tuple[str, str], ctx, deadline) -> bool:
-    """`l1 = r1` vs `l2 = r2`: equal when l1 - r1 is a constant nonzero multiple of l2 - r2."""
-    sp = _sympy()
-    parts = [_to_sympy(_canon(x), deadline) for x in (*a, *b)]
-    if any(p is None for p in parts):
-        return False
-    d1, d2 = parts[0] - parts[1], parts[2] - parts[3]
-    syms = sorted(d1.free_symbols | d2.free_symbols, key=str)
-    if d1.free_symbols != d2.free_symbols:
-        return False
-    ratio = None
-    for pt in _rand_points(syms, 5):
-        v1, v2 = sp.N(d1.subs(pt), 30), sp.N(d2.subs(pt), 30)
-        if not (v1.is_number and v2.is_number) or v1.has(sp.nan, sp.zoo) or v2.has(sp.nan, sp.zoo):
-            continue
-        if abs(v2) < 1e-20:
-            if abs(v1) > 1e-20:
-                return False
-            continue
-        q = v1 / v2
-        if ratio is None:
-            ratio = q
-        elif not _sym_close(q, ratio, ctx[0]):
-            return False
-    return ratio is not None and abs(ratio) > 1e-20
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1072,7 +603,7 @@ def _struct(s: str, depth: int = 0):
     | ("matrix", rows) | ("eq", lhs, rhs)."""
     s = _strip_outer_braces(s.strip())
     if depth > 20:
-        raise _ParseError("too deep")
+        raise ParseError("too deep")
     if not s:
         return ("scalar", "")
     parts = _split_top(s, "\\cup")
@@ -1136,6 +667,14 @@ def _ordered(xs, ys, cmp) -> bool:
     return len(xs) == len(ys) and all(cmp(x, y) for x, y in zip(xs, ys))
 
 
+def _equation_equal(a: tuple[str, str], b: tuple[str, str], rel_tol: float, deadline: float) -> bool:
+    """`l1 = r1` vs `l2 = r2`: equal when l1 - r1 is a constant nonzero multiple of l2 - r2."""
+    parts = [parse_latex(_canon(x), deadline) for x in (*a, *b)]
+    if any(p is None for p in parts):
+        return False
+    return equations_equivalent(*parts, rel_tol)
+
+
 _BASE_RE = re.compile(r"^(\d+)_(\d+)$")
 
 
@@ -1146,7 +685,7 @@ class _Comparer:
 
     def scalar(self, a: str, b: str) -> bool:
         if time.monotonic() > self.deadline:
-            raise _Timeout()
+            raise Timeout()
         a, b = _drop_var_prefix(a), _drop_var_prefix(b)
         ca, cb = _canon(a), _canon(b)
         if not ca or not cb:
@@ -1164,16 +703,14 @@ class _Comparer:
         na, nb = _to_number(ca), _to_number(cb)
         if na is not None and nb is not None:
             return _num_equal(na, nb, self.ctx)
-        ea = _to_sympy(ca, self.deadline)
+        ea = parse_latex(ca, self.deadline)
         if ea is None:
             return False
-        eb = _to_sympy(cb, self.deadline)
+        eb = parse_latex(cb, self.deadline)
         if eb is None:
             return False
-        try:
-            return _sympy_equal(ea, eb, self.ctx, self.deadline)
-        except Exception:
-            return False
+        rel_tol, lenient = self.ctx
+        return sympy_equal(ea, eb, rel_tol, lenient, self.deadline)
 
     def eq(self, A, B) -> bool:
         ka, kb = A[0], B[0]
@@ -1212,62 +749,8 @@ class _Comparer:
         if ka == "eq" and kb == "eq":
             if _canon(A[1]) == _canon(B[1]) and self.scalar(A[2], B[2]):
                 return True
-            return _equation_equal((A[1], A[2]), (B[1], B[2]), self.ctx, self.deadline)
+            return _equation_equal((A[1], A[2]), (B[1], B[2]), self.ctx[0], self.deadline)
         return False
-
-
-# ----------------------------------------------------------------------------------------------------
-# Timeout
-# ----------------------------------------------------------------------------------------------------
-
-def _alarm_handler(signum, frame):
-    raise _Timeout()
-
-
-def _run_with_timeout(fn, timeout: float):
-    """fn() under a wall-clock limit; None on timeout. SIGALRM in the main thread (interrupts sympy),
-    else a daemon thread joined with a timeout (the thread is abandoned, its result ignored)."""
-    if timeout is None or timeout <= 0:
-        timeout = 1e-3
-    use_signal = (hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread())
-    if use_signal:
-        try:
-            prev_handler = signal.signal(signal.SIGALRM, _alarm_handler)
-        except (ValueError, OSError):
-            use_signal = False
-    if use_signal:
-        t0 = time.monotonic()
-        prev_delay, prev_interval = signal.getitimer(signal.ITIMER_REAL)
-        try:
-            try:
-                # an outer alarm due sooner keeps its deadline
-                signal.setitimer(signal.ITIMER_REAL, min(timeout, prev_delay) if prev_delay else timeout)
-                return fn()
-            except _Timeout:
-                return None
-        finally:
-            while True:  # the alarm may fire during clean-up itself
-                try:
-                    signal.setitimer(signal.ITIMER_REAL, 0)
-                    signal.signal(signal.SIGALRM, prev_handler)
-                    if prev_delay:
-                        left = prev_delay - (time.monotonic() - t0)
-                        signal.setitimer(signal.ITIMER_REAL, max(left, 1e-4), prev_interval)
-                    break
-                except _Timeout:
-                    continue
-    box: list = []
-
-    def worker():
-        try:
-            box.append(fn())
-        except BaseException:
-            box.append(None)
-
-    th = threading.Thread(target=worker, daemon=True)
-    th.start()
-    th.join(timeout)
-    return box[0] if box else None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1289,20 +772,20 @@ def is_equiv(pred: str, gold: str, *, percent_leniency: bool = False, timeout: f
             return False
         if _canon(a) == _canon(b):
             return True
-        if len(a) > _MAX_LEN or len(b) > _MAX_LEN:
+        if len(a) > MAX_LEN or len(b) > MAX_LEN:
             return False
         # exact numbers (all of GSM8K) need neither sympy nor a timer
         na, nb = _to_number(_canon(a)), _to_number(_canon(b))
         if na is not None and nb is not None:
             return _num_equal(na, nb, (rel_tol, percent_leniency))
-        _sympy()  # the first import takes ~1 s: never let the alarm interrupt it half-way
+        load_sympy()  # the first import takes ~1 s: never let the alarm interrupt it half-way
         deadline = time.monotonic() + timeout
 
         def work():
             return _Comparer(rel_tol, percent_leniency, deadline).eq(_struct(a), _struct(b))
 
-        return bool(_run_with_timeout(work, timeout))
-    except (Exception, _Timeout):
+        return bool(run_with_timeout(work, timeout))
+    except (Exception, Timeout):
         return False
 
 

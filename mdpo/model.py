@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 FAMILIES = ("gemma", "gemma2", "gemma3")
 LAYER_TYPES = ("full", "sliding")
@@ -342,6 +343,7 @@ class Gemma(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.activation_checkpointing = False  # per-block recomputation when training (set by the trainer)
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None):
@@ -407,7 +409,12 @@ class Gemma(nn.Module):
             else:
                 masks[sliding] = attention_mask(positions, k_pos, window, x.dtype)
         for layer in self.layers:
-            x = layer(x, rope, masks, positions, cache, kv_len, self.attn_impl)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                # Recompute each block in backward instead of keeping its activations (trades ~1/3 more
+                # compute for memory that no longer grows with depth).
+                x = checkpoint(layer, x, rope, masks, positions, cache, kv_len, self.attn_impl, use_reentrant=False)
+            else:
+                x = layer(x, rope, masks, positions, cache, kv_len, self.attn_impl)
         return self.norm(x)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:

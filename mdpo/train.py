@@ -1,0 +1,386 @@
+"""Preference (M-DPO) and SFT training: one process, or many under torchrun with FSDP2.
+
+    python -m mdpo.train CONFIG --data PAIRS.jsonl --out DIR [--resume] [section.key=value ...]
+    torchrun --nproc_per_node 8 -m mdpo.train CONFIG --data PAIRS.jsonl --out DIR
+
+Data: for loss.type mdpo, one JSON object per line {"chosen": trajectory, "rejected": trajectory} (the
+trajectory records of mdpo.trajectory); for sft, one trajectory per line. Reference log-probs are computed
+once, before training, with the starting model and this trainer's own forward (the reference is fixed within
+an iteration, so no reference model is held during training); they are stored in OUT/reference.jsonl.
+
+Each optimiser step takes training.global_batch_size examples in a seeded order; each rank takes every
+world-th of them and runs them in micro-batches. Per-example losses are summed and divided by the global
+batch size, and the ranks' gradients add up to that (see the backward call), so the update is the same for
+any number of processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from mdpo.config import ConfigError, ExperimentConfig, load_config, save_config
+from mdpo.logprobs import sequence_logprobs
+from mdpo.losses import dpo_loss, sft_loss
+from mdpo.model import Gemma
+from mdpo.trajectory import Trajectory, TrajectoryError
+from mdpo.weights import CheckpointError, write_json_atomic
+
+
+class TrainError(RuntimeError):
+    """Training cannot go on; the message says why and what was kept."""
+
+
+@dataclass
+class Example:
+    """One training unit: a (chosen, rejected) pair for DPO, or one trajectory for SFT."""
+
+    seqs: list[Trajectory]
+    ref: list[float] | None = None
+
+
+def load_examples(path, kind: str, mask: str, max_length: int, vocab_size: int) -> tuple[list[Example], dict]:
+    """Read pairs (mdpo) or trajectories (sft); drop unusable ones and count why."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainError(f"{path}: data file not found")
+    examples, dropped = [], {"empty_mask": 0, "too_long": 0}
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{i}"
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TrainError(f"{where}: invalid JSON ({e.msg})") from None
+            try:
+                if kind == "mdpo":
+                    if not isinstance(d, dict) or "chosen" not in d or "rejected" not in d:
+                        raise TrainError(f"{where}: a pair needs 'chosen' and 'rejected'")
+                    seqs = [Trajectory.from_json(json.dumps(d[k]), where) for k in ("chosen", "rejected")]
+                else:
+                    seqs = [Trajectory.from_json(line, where)]
+            except TrajectoryError as e:
+                raise TrainError(str(e)) from None
+            for t in seqs:
+                if t.tokens and max(t.tokens) >= vocab_size:
+                    raise TrainError(f"{where}: token id {max(t.tokens)} >= the model's vocabulary ({vocab_size}); "
+                                     "was this data made with another tokenizer?")
+            # Truncation policy: an example longer than max_length is dropped whole (cutting it would drop
+            # its final answer, which is what made it chosen or rejected), and counted.
+            if any(len(t.tokens) > max_length for t in seqs):
+                dropped["too_long"] += 1
+            elif any(not any(t.loss_mask(mask)[1:]) for t in seqs):
+                dropped["empty_mask"] += 1  # nothing to train on: the loss would be a constant
+            else:
+                examples.append(Example(seqs))
+    return examples, dropped
+
+
+def batch_tensors(seqs: list[Trajectory], mask: str, device):
+    """Right-padded (N, T) tokens and the (N, T) loss mask."""
+    T = max(len(t.tokens) for t in seqs)
+    tokens = torch.zeros(len(seqs), T, dtype=torch.long)
+    loss_mask = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for i, t in enumerate(seqs):
+        tokens[i, : len(t.tokens)] = torch.tensor(t.tokens)
+        loss_mask[i, : len(t.tokens)] = torch.tensor(t.loss_mask(mask))
+    return tokens.to(device), loss_mask.to(device)
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if world()[1] > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)  # SUM: gloo has no AVG
+    return x
+
+
+@torch.no_grad()
+def reference_logprobs(model: Gemma, examples: list[Example], mask: str, micro: int, cache: Path, device):
+    """Fill each example's reference log-probs with the starting model; cached in `cache` (one line each)."""
+    rank, ws = world()
+    if cache.is_file():
+        vals = [json.loads(line) for line in cache.read_text().splitlines() if line.strip()]
+        if len(vals) == len(examples):
+            for ex, v in zip(examples, vals):
+                ex.ref = v
+            return
+    model.eval()
+    out = torch.zeros(len(examples), len(examples[0].seqs), dtype=torch.float64)
+    mine = list(range(rank, len(examples), ws))
+    for s in tqdm(range(0, len(mine), micro), desc="reference log-probs", disable=rank != 0):
+        idx = mine[s:s + micro]
+        seqs = [t for i in idx for t in examples[i].seqs]
+        tokens, lm = batch_tensors(seqs, mask, device)
+        sums, _ = sequence_logprobs(model, tokens, lm)
+        out[idx] = sums.double().view(len(idx), -1).cpu()
+    all_reduce_sum(out)
+    for ex, v in zip(examples, out.tolist()):
+        ex.ref = v
+    if rank == 0:
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(v) + "\n" for v in out.tolist()))
+        os.replace(tmp, cache)
+    model.train()
+
+
+def lr_lambda(cfg: ExperimentConfig, total: int):
+    warm, kind = cfg.training.warmup_steps, cfg.training.schedule
+
+    def f(step):
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, total - warm)
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if kind == "linear":
+            return max(0.0, 1 - progress)
+        return 1.0
+    return f
+
+
+def shard(model: Gemma):
+    """FSDP2: each block is its own unit, the root (embedding, shared with the head, and final norm) another."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = None
+    if model.embed_tokens.weight.is_cuda:
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    kw = {"mp_policy": mp} if mp else {}
+    for block in model.layers:
+        fully_shard(block, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def checkpoint_dirs(out: Path) -> list[Path]:
+    ckpts = [p for p in (out / "checkpoints").glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")]
+    return sorted(ckpts, key=lambda p: int(p.name.split("_")[1]))
+
+
+def save_checkpoint(out: Path, step: int, model, opt, sched, keep: int):
+    """torch.distributed.checkpoint into step_N.tmp, renamed to step_N when every rank has written."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    rank, _ = world()
+    final = out / "checkpoints" / f"step_{step}"
+    tmp = final.with_name(final.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if world()[1] > 1:
+        dist.barrier()
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+    if world()[1] > 1:
+        dist.barrier()
+    if rank == 0:
+        torch.save({"step": step, "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
+                    "py_rng": random.getstate()}, tmp / "trainer_state.pt")
+        os.replace(tmp, final)  # the rename is the commit point: a kill before it leaves the old one
+        for old in checkpoint_dirs(out)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def load_checkpoint(path: Path, model, opt, sched) -> int:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    extra = torch.load(path / "trainer_state.pt", weights_only=False)
+    sched.load_state_dict(extra["scheduler"])
+    torch.set_rng_state(extra["rng"])
+    random.setstate(extra["py_rng"])
+    return extra["step"]
+
+
+def export(model, out: Path, source: str):
+    """Final weights as an HF-layout folder (the next iteration's policy and reference)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if world()[0] != 0:
+        return
+    with torch.device("meta"):
+        plain = Gemma(model.config)
+    plain = plain.to_empty(device="cpu")
+    plain.load_state_dict(sd, strict=True)
+    plain.save_pretrained(out / "final")
+    tok = Path(source) / "tokenizer.model"
+    if tok.is_file():
+        from mdpo.tokenizer import Tokenizer
+        Tokenizer.from_pretrained(source).save_pretrained(out / "final")
+
+
+def train(cfg: ExperimentConfig, data: str, out, resume: bool = False, max_steps: int | None = None) -> dict:
+    """Run training; returns the last step's metrics. Works with or without an initialised process group."""
+    rank, ws = world()
+    out = Path(out)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    torch.manual_seed(cfg.training.seed)
+    random.seed(cfg.training.seed)
+    kind = cfg.loss.type
+    if kind == "mkto":
+        raise TrainError("loss.type mkto is not implemented in the trainer yet; use mdpo or sft")
+    model = Gemma.from_pretrained(cfg.model.name_or_path, dtype=torch.float32, device=device,
+                                  attn_impl=cfg.model.attn_impl)
+    examples, dropped = load_examples(data, kind, cfg.loss.mask, cfg.rollout.max_length, model.config.vocab_size)
+    G = cfg.training.global_batch_size
+    if G % (ws * cfg.training.micro_batch_size):
+        # Every rank must run the same number of micro-batches, or FSDP's collectives would wait forever.
+        raise TrainError(f"training.global_batch_size {G} is not a multiple of world size {ws} x "
+                         f"training.micro_batch_size {cfg.training.micro_batch_size}")
+    if len(examples) < G:
+        raise TrainError(f"{data}: {len(examples)} usable examples, fewer than one global batch ({G}); "
+                         f"dropped {dropped}")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    if ws > 1:
+        dist.barrier()
+    if kind == "mdpo":
+        reference_logprobs(model, examples, cfg.loss.mask, cfg.training.micro_batch_size, out / "reference.jsonl",
+                           device)
+    if ws > 1:
+        shard(model)
+    model.activation_checkpointing = cfg.training.activation_checkpointing
+    model.train()
+    o = cfg.optimizer
+    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    steps_per_epoch = len(examples) // G
+    total = max(1, int(cfg.training.epochs * steps_per_epoch))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
+    start = 0
+    ckpts = checkpoint_dirs(out)
+    if resume and ckpts:
+        start = load_checkpoint(ckpts[-1], model, opt, sched)
+    # Data order: one seeded permutation per epoch, so a resumed run sees exactly the same batches.
+    orders = [random.Random(cfg.training.seed + e).sample(range(len(examples)), len(examples))
+              for e in range(math.ceil(cfg.training.epochs) + 1)]
+    end = total if max_steps is None else min(total, max_steps)
+    metrics_f = open(out / "metrics.jsonl", "a", encoding="utf-8") if rank == 0 else None
+    last = {}
+    bar = tqdm(range(start, end), initial=start, total=total, desc="train", disable=rank != 0)
+    for step in bar:
+        t0 = time.perf_counter()
+        epoch, k = divmod(step, steps_per_epoch)
+        batch = orders[epoch][k * G:(k + 1) * G]
+        mine = batch[rank::ws]
+        sums = {}
+        tokens_seen = 0
+        for s in range(0, max(1, len(mine)), cfg.training.micro_batch_size):
+            idx = mine[s:s + cfg.training.micro_batch_size]
+            seqs = [t for i in idx for t in examples[i].seqs]
+            tokens, lm = batch_tensors(seqs, cfg.loss.mask, device) if seqs else (None, None)
+            if seqs:
+                lp, counts = sequence_logprobs(model, tokens, lm)
+                tokens_seen += tokens.numel()
+            if kind == "mdpo":
+                if seqs:
+                    ref = torch.tensor([examples[i].ref for i in idx], device=device, dtype=torch.float32)
+                    losses, m = dpo_loss(lp[0::2], lp[1::2], ref[:, 0], ref[:, 1], beta=cfg.loss.beta,
+                                         loss_type=cfg.loss.dpo_variant, label_smoothing=cfg.loss.label_smoothing,
+                                         nll_coef=cfg.loss.nll_coef, chosen_tokens=counts[0::2])
+            else:
+                if seqs:
+                    losses, m = sft_loss(lp, counts)
+            if seqs:
+                # FSDP averages gradients over ranks (gloo cannot sum with a pre-scale, so its divide factor
+                # cannot be set to 1); multiplying by the world size turns that average back into the sum
+                # of every rank's share of (sum of per-example losses) / (global batch size).
+                (losses.sum() * ws / G).backward()
+                for key, v in m.items():
+                    sums[key] = sums.get(key, 0.0) + float(v) * len(idx)
+                sums["loss"] = sums.get("loss", 0.0) + float(losses.detach().sum())
+        packed = torch.tensor([sums.get(k, 0.0) for k in sorted(METRIC_KEYS[kind])] + [float(tokens_seen)],
+                              dtype=torch.float64)
+        all_reduce_sum(packed)
+        loss = packed[sorted(METRIC_KEYS[kind]).index("loss")].item() / G
+        if not math.isfinite(loss):
+            kept = checkpoint_dirs(out)
+            raise TrainError(f"non-finite loss ({loss}) at step {step}; stopped before the update; last good "
+                             f"checkpoint: {kept[-1] if kept else 'none'}")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        last = {k: packed[i].item() / G for i, k in enumerate(sorted(METRIC_KEYS[kind]))}
+        last.update(step=step + 1, lr=sched.get_last_lr()[0], grad_norm=float(grad_norm),
+                    tokens_per_s=packed[-1].item() / dt, step_time_s=dt)
+        if rank == 0:
+            metrics_f.write(json.dumps(last) + "\n")
+            metrics_f.flush()
+            bar.set_postfix(loss=f"{loss:.4f}")
+        if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 and step + 1 < end:
+            save_checkpoint(out, step + 1, model, opt, sched, cfg.checkpoint.keep)
+    bar.close()
+    if metrics_f:
+        metrics_f.close()
+    if end == total:
+        export(model, out, cfg.model.name_or_path)
+        if rank == 0:
+            write_json_atomic(out / "summary.json", {"steps": total, "examples": len(examples), "dropped": dropped,
+                                                     "last": last})
+    return last
+
+
+METRIC_KEYS = {
+    "mdpo": {"loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen",
+             "logps/rejected"},
+    "sft": {"loss", "nll"},
+}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mdpo.train", description="M-DPO / SFT training.")
+    ap.add_argument("config", help="experiment YAML")
+    ap.add_argument("overrides", nargs="*", help="section.key=value")
+    ap.add_argument("--data", required=True, help="pairs JSONL (mdpo) or trajectories JSONL (sft)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    ap.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (for testing)")
+    args = ap.parse_args(argv)
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    try:
+        cfg = load_config(args.config, args.overrides)
+        train(cfg, args.data, args.out, resume=args.resume, max_steps=args.max_steps)
+    except (ConfigError, TrainError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Trainer: 1 process == 2 FSDP2 processes (gloo), kill + resume == uninterrupted, cross-world checkpoints,
+bad input and non-finite losses."""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from mdpo.config import load_config
+from mdpo.model import GemmaConfig, build_model
+from mdpo.train import TrainError, load_examples, train
+from mdpo.trajectory import Role, Trajectory
+
+P, M, T, S = int(Role.PROMPT), int(Role.MODEL), int(Role.TOOL), int(Role.TEMPLATE)
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "experiments", "gemma7b_mdpo.yaml")
+
+
+def make_traj(g, pid, sid, prompt):
+    """prompt | model turn | tool turn | template | model turn, random ids and lengths."""
+    parts = [(M, int(torch.randint(3, 8, (1,), generator=g))), (S, 2), (T, int(torch.randint(3, 6, (1,), generator=g))),
+             (S, 2), (M, int(torch.randint(2, 6, (1,), generator=g)))]
+    tokens, roles, turns = list(prompt), [P] * len(prompt), [0] * len(prompt)
+    turn = 1
+    for role, n in parts:
+        tokens += torch.randint(5, 512, (n,), generator=g).tolist()
+        roles += [role] * n
+        turns += [turn] * n
+        if role == T:
+            turn += 1
+    return Trajectory(pid, sid, tokens, roles, turns)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    model = build_model(GemmaConfig.from_name("tiny-gemma3"), seed=0)
+    model.save_pretrained(d / "init")
+    g = torch.Generator().manual_seed(0)
+    with open(d / "pairs.jsonl", "w") as f:
+        for i in range(12):
+            prompt = [2] + torch.randint(5, 512, (int(torch.randint(4, 10, (1,), generator=g)),), generator=g).tolist()
+            pair = {"chosen": json.loads(make_traj(g, f"q{i}", 0, prompt).to_json()),
+                    "rejected": json.loads(make_traj(g, f"q{i}", 1, prompt).to_json())}
+            f.write(json.dumps(pair) + "\n")
+    return d
+
+
+def cfg_for(setup, **extra):
+    over = [f"model.name_or_path={setup / 'init'}", "model.attn_impl=eager", "training.global_batch_size=4",
+            "training.micro_batch_size=1", "training.warmup_steps=1", "optimizer.lr=0.001", "training.epochs=1",
+            "rollout.max_length=64", "checkpoint.every=1", "checkpoint.keep=3",
+            "training.activation_checkpointing=false"]
+    over += [f"{k.replace('__', '.')}={v}" for k, v in extra.items()]
+    return load_config(CONFIG, over)
+
+
+def weights(out):
+    return load_file(out / "final" / "model.safetensors")
+
+
+def _worker(rank, port, cfg, data, out, resume, max_steps):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        train(cfg, data, out, resume=resume, max_steps=max_steps)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def run2(cfg, data, out, resume=False, max_steps=None):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(port, cfg, str(data), str(out), resume, max_steps), nprocs=2, join=True)
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def single(setup):
+    out = setup / "single"
+    train(cfg_for(setup), setup / "pairs.jsonl", out)
+    return out
+
+
+def test_single_process_trains(single, setup):
+    m = metrics(single)
+    assert [x["step"] for x in m] == [1, 2, 3]  # 12 pairs / global batch 4, one epoch
+    # Step 1 starts at the reference, so the loss is ln 2 exactly (policy == reference).
+    assert m[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)
+    assert m[-1]["rewards/margin"] != 0.0
+    init, final = load_file(setup / "init" / "model.safetensors"), weights(single)
+    assert any(not torch.equal(init[k], final[k]) for k in init)
+    summary = json.loads((single / "summary.json").read_text())
+    assert summary["examples"] == 12 and summary["dropped"] == {"empty_mask": 0, "too_long": 0}
+
+
+def test_two_fsdp_processes_match_one(single, setup):
+    out = setup / "two"
+    run2(cfg_for(setup), setup / "pairs.jsonl", out)
+    for a, b in zip(metrics(single), metrics(out)):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-5
+    w1, w2 = weights(single), weights(out)
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        assert (w1[k] - w2[k]).abs().max().item() < 1e-5, k
+
+
+def test_kill_and_resume_is_identical(single, setup):
+    out = setup / "resumed"
+    cfg = cfg_for(setup)
+    train(cfg, setup / "pairs.jsonl", out, max_steps=2)  # "killed" after step 2 (checkpoint at step 1 only)
+    assert not (out / "final").exists()
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step_1"]
+    train(cfg, setup / "pairs.jsonl", out, resume=True)
+    w1, w2 = weights(single), weights(out)
+    for k in w1:
+        assert torch.equal(w1[k], w2[k]), k
+
+
+def test_checkpoint_moves_between_world_sizes(single, setup):
+    out = setup / "two_then_one"
+    run2(cfg_for(setup), setup / "pairs.jsonl", out, max_steps=2)
+    train(cfg_for(setup), setup / "pairs.jsonl", out, resume=True)  # written by 2 ranks, loaded by 1
+    w1, w2 = weights(single), weights(out)
+    for k in w1:
+        assert (w1[k] - w2[k]).abs().max().item() < 1e-5, k
+    out = setup / "one_then_two"
+    train(cfg_for(setup), setup / "pairs.jsonl", out, max_steps=2)
+    run2(cfg_for(setup), setup / "pairs.jsonl", out, resume=True)  # written by 1, loaded by 2
+    w2 = weights(out)
+    for k in w1:
+        assert (w1[k] - w2[k]).abs().max().item() < 1e-5, k
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(setup):
+    out = setup / "nan"
+    out.mkdir()
+    ref = [[0.0, 0.0]] * 12
+    ref[5] = [float("nan"), 0.0]  # a corrupt reference value reaches the loss of the batch holding pair 5
+    (out / "reference.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ref))
+    with pytest.raises(TrainError, match=r"non-finite loss .* at step \d; stopped before the update"):
+        train(cfg_for(setup), setup / "pairs.jsonl", out)
+    for ck in (out / "checkpoints").glob("step_*"):
+        assert not ck.name.endswith(".tmp")
+
+
+def test_bad_data(setup, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    lines = (setup / "pairs.jsonl").read_text().splitlines()
+    bad.write_text(lines[0] + "\n" + lines[1][:50] + "\n")
+    with pytest.raises(TrainError, match=r"bad.jsonl:2: invalid JSON"):
+        load_examples(bad, "mdpo", "model", 64, 512)
+    with pytest.raises(TrainError, match=r"pairs.jsonl:1: token id \d+ >= the model's vocabulary \(100\)"):
+        load_examples(setup / "pairs.jsonl", "mdpo", "model", 64, 100)
+    ex, dropped = load_examples(setup / "pairs.jsonl", "mdpo", "model", 20, 512)
+    assert dropped["too_long"] == 12 - len(ex) and dropped["too_long"] > 0
+    # A pair whose chosen side has no model tokens has nothing to train on.
+    d = json.loads(lines[0])
+    d["chosen"]["roles"] = "P" * len(d["chosen"]["tokens"])
+    bad.write_text(json.dumps(d) + "\n")
+    assert load_examples(bad, "mdpo", "model", 64, 512)[1]["empty_mask"] == 1

@@ -28,41 +28,48 @@ def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, softcap: float | None):
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, softcap, chunk_size):
-        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        for s in range(0, hidden.shape[0], chunk_size):
+        M = hidden.shape[0]
+        out = torch.empty(M, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(M, dtype=torch.float32, device=hidden.device)
+        for s in range(0, M, chunk_size):
             logits, _ = _chunk_logits(hidden[s:s + chunk_size], weight, softcap)
-            tgt = targets[s:s + chunk_size, None]
-            out[s:s + chunk_size] = (logits.gather(1, tgt) - logits.logsumexp(-1, keepdim=True))[:, 0]
-        ctx.save_for_backward(hidden, weight, targets)
+            lse[s:s + chunk_size] = logits.logsumexp(-1)
+            out[s:s + chunk_size] = logits.gather(1, targets[s:s + chunk_size, None])[:, 0] - lse[s:s + chunk_size]
+        # Saved: inputs and the (M,) normalisers, never the (M, V) logits.
+        ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.softcap, ctx.chunk_size = softcap, chunk_size
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, targets = ctx.saved_tensors
+        hidden, weight, targets, lse = ctx.saved_tensors
         softcap, chunk = ctx.softcap, ctx.chunk_size
-        grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        # fp32 accumulator for the head's gradient (the same tensor when the weight is fp32).
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
             if ctx.needs_input_grad[1] else None
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s:s + chunk]
             g = grad_out[s:s + chunk, None].float()  # (c, 1)
-            logits, t = _chunk_logits(h, weight, softcap)
-            # d logp[target] / d logits = onehot(target) - softmax(logits)
-            dlogits = torch.softmax(logits, dim=-1).mul_(-g)
-            dlogits.scatter_add_(1, targets[s:s + chunk, None], g)
+            logits, t = _chunk_logits(h, weight, softcap)  # recomputed: one extra head matmul per chunk
+            # d logp[target] / d logits = onehot(target) - softmax(logits), built in place in `logits`.
+            p = logits.sub_(lse[s:s + chunk, None]).exp_().mul_(-g)
+            p.scatter_add_(1, targets[s:s + chunk, None], g)
             if t is not None:
-                dlogits.mul_(1 - t * t)  # through cap * tanh(z / cap)
-            dlogits = dlogits.to(h.dtype)
+                p.mul_(1 - t * t)  # through cap * tanh(z / cap)
+            p = p.to(h.dtype)
             if grad_h is not None:
-                grad_h[s:s + chunk] = dlogits @ weight
+                torch.mm(p, weight, out=grad_h[s:s + chunk])
             if grad_w is not None:
-                grad_w += (dlogits.T @ h).float()
+                if p.dtype == torch.float32:
+                    grad_w.addmm_(p.T, h)  # accumulate in place: no (V, d) temporary per chunk
+                else:
+                    grad_w.add_((p.T @ h).float())  # bf16 matmul, fp32 accumulation
         return grad_h, (grad_w.to(weight.dtype) if grad_w is not None else None), None, None, None
 
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                   softcap: float | None = None, chunk_size: int = 1024) -> torch.Tensor:
+                   softcap: float | None = None, chunk_size: int = 512) -> torch.Tensor:
     """log softmax(softcap(hidden @ weight.T))[targets], fp32 (M,), computed chunk by chunk.
 
     Args:
@@ -76,7 +83,7 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
 
 
 def sequence_logprobs(model: Gemma, tokens: torch.Tensor, loss_mask: torch.Tensor,
-                      positions: torch.Tensor | None = None, chunk_size: int = 1024):
+                      positions: torch.Tensor | None = None, chunk_size: int = 512):
     """Sum over the masked tokens of each row of log p(token | earlier tokens), with gradients.
 
     Args:

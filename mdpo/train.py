@@ -1,10 +1,11 @@
-"""Preference (M-DPO) and SFT training: one process, or many under torchrun with FSDP2.
+"""Preference (M-DPO, M-KTO) and SFT training: one process, or many under torchrun with FSDP2.
 
     python -m mdpo.train CONFIG --data PAIRS.jsonl --out DIR [--resume] [section.key=value ...]
     torchrun --nproc_per_node 8 -m mdpo.train CONFIG --data PAIRS.jsonl --out DIR
 
 Data: for loss.type mdpo, one JSON object per line {"chosen": trajectory, "rejected": trajectory} (the
-trajectory records of mdpo.trajectory); for sft, one trajectory per line. Reference log-probs are computed
+trajectory records of mdpo.trajectory); for mkto, one trajectory per line whose `correct` field labels it
+desirable or not; for sft, one trajectory per line. Reference log-probs are computed
 once, before training, with the starting model and this trainer's own forward (the reference is fixed within
 an iteration, so no reference model is held during training); they are stored in OUT/reference.jsonl.
 
@@ -33,7 +34,7 @@ from tqdm import tqdm
 
 from mdpo.config import ConfigError, ExperimentConfig, load_config, save_config
 from mdpo.logprobs import sequence_logprobs
-from mdpo.losses import dpo_loss, sft_loss
+from mdpo.losses import dpo_loss, kto_kl_estimate, kto_loss, sft_loss
 from mdpo.model import Gemma
 from mdpo.trajectory import Trajectory, TrajectoryError
 from mdpo.weights import CheckpointError, write_json_atomic
@@ -79,6 +80,8 @@ def load_examples(path, kind: str, mask: str, max_length: int, vocab_size: int) 
                 if t.tokens and max(t.tokens) >= vocab_size:
                     raise TrainError(f"{where}: token id {max(t.tokens)} >= the model's vocabulary ({vocab_size}); "
                                      "was this data made with another tokenizer?")
+            if kind == "mkto" and seqs[0].correct is None:
+                raise TrainError(f"{where}: M-KTO needs each trajectory's 'correct' label (desirable or not)")
             # Truncation policy: an example longer than max_length is dropped whole (cutting it would drop
             # its final answer, which is what made it chosen or rejected), and counted.
             if any(len(t.tokens) > max_length for t in seqs):
@@ -87,7 +90,24 @@ def load_examples(path, kind: str, mask: str, max_length: int, vocab_size: int) 
                 dropped["empty_mask"] += 1  # nothing to train on: the loss would be a constant
             else:
                 examples.append(Example(seqs))
+    if kind == "mkto":
+        add_kl_sequences(examples)
     return examples, dropped
+
+
+def add_kl_sequences(examples: list[Example]):
+    """Give each KTO example its mismatched sequence for the KL estimate z0 (paper eq. 15, as in KTO).
+
+    Example i's prompt is followed by example (i + 1)'s completion, roles included (so its tool turns stay
+    masked). The partner is fixed by file order, not by batch, so the reference log-probs can be computed
+    once before training.
+    """
+    n = len(examples)
+    for i, ex in enumerate(examples):
+        a, b = ex.seqs[0], examples[(i + 1) % n].seqs[0]
+        pa, pb = a.prompt_len, b.prompt_len
+        ex.seqs.append(Trajectory(a.prompt_id, -1, a.tokens[:pa] + b.tokens[pb:], a.roles[:pa] + b.roles[pb:],
+                                  a.turns[:pa] + b.turns[pb:]))
 
 
 def batch_tensors(seqs: list[Trajectory], mask: str, device):
@@ -243,8 +263,6 @@ def train(cfg: ExperimentConfig, data: str, out, resume: bool = False, max_steps
     torch.manual_seed(cfg.training.seed)
     random.seed(cfg.training.seed)
     kind = cfg.loss.type
-    if kind == "mkto":
-        raise TrainError("loss.type mkto is not implemented in the trainer yet; use mdpo or sft")
     model = Gemma.from_pretrained(cfg.model.name_or_path, dtype=torch.float32, device=device,
                                   attn_impl=cfg.model.attn_impl)
     examples, dropped = load_examples(data, kind, cfg.loss.mask, cfg.rollout.max_length, model.config.vocab_size)
@@ -261,7 +279,7 @@ def train(cfg: ExperimentConfig, data: str, out, resume: bool = False, max_steps
         save_config(cfg, out / "config.yaml")
     if ws > 1:
         dist.barrier()
-    if kind == "mdpo":
+    if kind in ("mdpo", "mkto"):
         reference_logprobs(model, examples, cfg.loss.mask, cfg.training.micro_batch_size, out / "reference.jsonl",
                            device)
     if ws > 1:
@@ -291,9 +309,14 @@ def train(cfg: ExperimentConfig, data: str, out, resume: bool = False, max_steps
         mine = batch[rank::ws]
         sums = {}
         tokens_seen = 0
-        for s in range(0, max(1, len(mine)), cfg.training.micro_batch_size):
-            idx = mine[s:s + cfg.training.micro_batch_size]
-            seqs = [t for i in idx for t in examples[i].seqs]
+        mb = cfg.training.micro_batch_size
+        if kind == "mkto":
+            kl = kto_reference_point(model, examples, mine, cfg.loss.mask, mb, device)
+        for s in range(0, max(1, len(mine)), mb):
+            idx = mine[s:s + mb]
+            # DPO: chosen, rejected of each pair (interleaved); KTO: the trajectory only (its KL partner was
+            # used above); SFT: the trajectory.
+            seqs = [t for i in idx for t in (examples[i].seqs if kind == "mdpo" else examples[i].seqs[:1])]
             tokens, lm = batch_tensors(seqs, cfg.loss.mask, device) if seqs else (None, None)
             if seqs:
                 lp, counts = sequence_logprobs(model, tokens, lm)
@@ -304,6 +327,14 @@ def train(cfg: ExperimentConfig, data: str, out, resume: bool = False, max_steps
                     losses, m = dpo_loss(lp[0::2], lp[1::2], ref[:, 0], ref[:, 1], beta=cfg.loss.beta,
                                          loss_type=cfg.loss.dpo_variant, label_smoothing=cfg.loss.label_smoothing,
                                          nll_coef=cfg.loss.nll_coef, chosen_tokens=counts[0::2])
+            elif kind == "mkto":
+                if seqs:
+                    ref = torch.tensor([examples[i].ref[0] for i in idx], device=device, dtype=torch.float32)
+                    desirable = torch.tensor([bool(examples[i].seqs[0].correct) for i in idx], device=device)
+                    losses, m = kto_loss(lp, ref, desirable, kl, beta=cfg.loss.beta,
+                                         desirable_weight=cfg.loss.desirable_weight,
+                                         undesirable_weight=cfg.loss.undesirable_weight)
+                    m = {k: v for k, v in m.items() if k in ("kl", "logps/policy")}  # class means can be empty
             else:
                 if seqs:
                     losses, m = sft_loss(lp, counts)
@@ -350,15 +381,29 @@ def train(cfg: ExperimentConfig, data: str, out, resume: bool = False, max_steps
     return last
 
 
+@torch.no_grad()
+def kto_reference_point(model, examples, mine, mask, mb, device) -> torch.Tensor:
+    """z0 for this step: mean policy-minus-reference log-ratio of the KL sequences of the global batch."""
+    policy, ref = [], []
+    for s in range(0, len(mine), mb):
+        idx = mine[s:s + mb]
+        tokens, lm = batch_tensors([examples[i].seqs[1] for i in idx], mask, device)
+        policy.append(sequence_logprobs(model, tokens, lm)[0])
+        ref += [examples[i].ref[1] for i in idx]
+    # Every rank holds G / world examples, so the mean of the rank means is the global-batch mean.
+    return kto_kl_estimate(torch.cat(policy), torch.tensor(ref, device=device))
+
+
 METRIC_KEYS = {
     "mdpo": {"loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen",
              "logps/rejected"},
     "sft": {"loss", "nll"},
+    "mkto": {"loss", "kl", "logps/policy"},
 }
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mdpo.train", description="M-DPO / SFT training.")
+    ap = argparse.ArgumentParser(prog="python -m mdpo.train", description="M-DPO / M-KTO / SFT training.")
     ap.add_argument("config", help="experiment YAML")
     ap.add_argument("overrides", nargs="*", help="section.key=value")
     ap.add_argument("--data", required=True, help="pairs JSONL (mdpo) or trajectories JSONL (sft)")

@@ -67,7 +67,7 @@ def main():
     ap.add_argument("--seqs", type=int, nargs="+", default=[512, 1024, 2048])
     ap.add_argument("--vocab", type=int, default=256_000)
     ap.add_argument("--hidden", type=int, default=640)
-    ap.add_argument("--chunk", type=int, default=1024)
+    ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--naive-max", type=int, default=4096, help="largest B*T the naive method is run at")
     ap.add_argument("--worker", nargs=2)
     args = ap.parse_args()

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 MODEL_DIR = ROOT / "runs" / "gemma-3-270m"
 
 from mdpo.model import Gemma  # noqa: E402
-from mdpo.sampler import Request, Sampler, SamplingParams, format_observation  # noqa: E402
+from mdpo.sampler import Request, Sampler, SamplingParams  # noqa: E402
 from mdpo.tokenizer import Tokenizer  # noqa: E402
 
 TEXT = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "

@@ -12,7 +12,6 @@ import dataclasses
 import difflib
 import os
 import re
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
+
+from mdpo.atomic import atomic_open
 
 __all__ = [
     "ConfigError", "CHOICES", "ModelConfig", "DataConfig", "RolloutConfig", "FilterConfig",
@@ -100,6 +101,7 @@ class LossConfig:
 @dataclass
 class ReferenceConfig:
     mode: str = "previous"  # one of CHOICES["reference.mode"]: previous iteration's model, or the fixed SFT model
+    online: bool = False  # hold a frozen reference model during training instead of precomputing its log-probs
 
 
 @dataclass
@@ -339,14 +341,5 @@ def save_config(cfg: ExperimentConfig, path: str | os.PathLike) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "# Resolved config written by mdpo.config.save_config.\n"
     text += yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
-    # Same directory as the target, so os.replace is a rename on one filesystem.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        f.write(text)

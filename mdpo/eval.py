@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from mdpo.grader import extract_answer, gold_gsm8k, gold_math, is_equiv
 from mdpo.trajectory import Role, Trajectory, TrajectoryError
-from mdpo.weights import CheckpointError, parse_dtype, write_json_atomic
+from mdpo.atomic import write_json_atomic
+from mdpo.weights import CheckpointError, parse_dtype
 
 DATASETS = {
     "gsm8k": "gsm8k/test.jsonl",
@@ -72,11 +73,17 @@ def load_problems(data: str, data_dir: str) -> list[dict]:
 
 
 def final_turn_text(t: Trajectory, tokenizer) -> str:
-    """Text of the last model turn (the part the answer is extracted from)."""
-    last = max((turn for turn, r in zip(t.turns, t.roles) if r == Role.MODEL), default=0)
-    ids = [tok for tok, turn, r in zip(t.tokens, t.turns, t.roles)
-           if turn == last and r in (Role.MODEL, Role.TEMPLATE) and tok not in tokenizer.stop_ids]
-    return tokenizer.decode(ids)
+    """Text of the last model turn, the part the answer is extracted from.
+
+    After the last allowed tool call that turn is the injected "Reach max function call limit." (TEMPLATE
+    tokens), which holds no answer, so such a trajectory grades as wrong, as in the paper.
+    """
+    last = max(t.turns, default=0)
+    model_ids = [tok for tok, turn, r in zip(t.tokens, t.turns, t.roles) if turn == last and r == Role.MODEL]
+    if model_ids:
+        return tokenizer.decode([i for i in model_ids if i not in tokenizer.stop_ids])
+    template = [tok for tok, turn, r in zip(t.tokens, t.turns, t.roles) if turn == last and r == Role.TEMPLATE]
+    return tokenizer.decode(template, skip_special_tokens=True)
 
 
 def majority(answers: list[str | None]) -> str | None:

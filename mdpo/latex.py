@@ -400,6 +400,7 @@ def _mixed_to_sum(s: str) -> str:
         return m.group(0)
     return _MIXED_SUB_RE.sub(rep, s)
 
+
 def parse_latex(s: str, deadline: float = float("inf")):
     """The sympy expression for a LaTeX / plain-text answer, or None when it cannot be read.
 

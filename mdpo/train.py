@@ -37,7 +37,8 @@ from mdpo.logprobs import sequence_logprobs
 from mdpo.losses import dpo_loss, kto_kl_estimate, kto_loss, sft_loss
 from mdpo.model import Gemma
 from mdpo.trajectory import Trajectory, TrajectoryError
-from mdpo.weights import CheckpointError, write_json_atomic
+from mdpo.atomic import atomic_open, write_json_atomic
+from mdpo.weights import CheckpointError
 
 
 class TrainError(RuntimeError):
@@ -156,9 +157,8 @@ def reference_logprobs(model: Gemma, examples: list[Example], mask: str, micro: 
     for ex, v in zip(examples, out.tolist()):
         ex.ref = v
     if rank == 0:
-        tmp = cache.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(v) + "\n" for v in out.tolist()))
-        os.replace(tmp, cache)
+        with atomic_open(cache) as f:
+            f.write("".join(json.dumps(v) + "\n" for v in out.tolist()))
     model.train()
 
 
@@ -279,7 +279,14 @@ def train(cfg: ExperimentConfig, data: str, out, resume: bool = False, max_steps
         save_config(cfg, out / "config.yaml")
     if ws > 1:
         dist.barrier()
-    if kind in ("mdpo", "mkto"):
+    ref_model = None
+    if kind in ("mdpo", "mkto") and cfg.reference.online:
+        # The option the paper's code used: a frozen copy evaluated next to the policy at every step.
+        ref_model = Gemma.from_pretrained(cfg.model.name_or_path, dtype=torch.float32, device=device,
+                                          attn_impl=cfg.model.attn_impl).eval().requires_grad_(False)
+        if ws > 1:
+            shard(ref_model)
+    elif kind in ("mdpo", "mkto"):
         reference_logprobs(model, examples, cfg.loss.mask, cfg.training.micro_batch_size, out / "reference.jsonl",
                            device)
     if ws > 1:
@@ -311,7 +318,7 @@ def train(cfg: ExperimentConfig, data: str, out, resume: bool = False, max_steps
         tokens_seen = 0
         mb = cfg.training.micro_batch_size
         if kind == "mkto":
-            kl = kto_reference_point(model, examples, mine, cfg.loss.mask, mb, device)
+            kl = kto_reference_point(model, ref_model, examples, mine, cfg.loss.mask, mb, device)
         for s in range(0, max(1, len(mine)), mb):
             idx = mine[s:s + mb]
             # DPO: chosen, rejected of each pair (interleaved); KTO: the trajectory only (its KL partner was
@@ -321,6 +328,11 @@ def train(cfg: ExperimentConfig, data: str, out, resume: bool = False, max_steps
             if seqs:
                 lp, counts = sequence_logprobs(model, tokens, lm)
                 tokens_seen += tokens.numel()
+            if seqs and ref_model is not None:
+                with torch.no_grad():
+                    online = sequence_logprobs(ref_model, tokens, lm)[0].view(len(idx), -1)
+                for j, i in enumerate(idx):
+                    examples[i].ref = online[j].tolist() + (examples[i].ref or [0.0, 0.0])[online.shape[1]:]
             if kind == "mdpo":
                 if seqs:
                     ref = torch.tensor([examples[i].ref for i in idx], device=device, dtype=torch.float32)
@@ -354,7 +366,8 @@ def train(cfg: ExperimentConfig, data: str, out, resume: bool = False, max_steps
             kept = checkpoint_dirs(out)
             raise TrainError(f"non-finite loss ({loss}) at step {step}; stopped before the update; last good "
                              f"checkpoint: {kept[-1] if kept else 'none'}")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
+        # grad_clip 0 = off: the norm is still computed (inf threshold) for the log.
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip or float("inf"))
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         opt.step()
@@ -363,7 +376,11 @@ def train(cfg: ExperimentConfig, data: str, out, resume: bool = False, max_steps
         dt = time.perf_counter() - t0
         last = {k: packed[i].item() / G for i, k in enumerate(sorted(METRIC_KEYS[kind]))}
         last.update(step=step + 1, lr=sched.get_last_lr()[0], grad_norm=float(grad_norm),
-                    tokens_per_s=packed[-1].item() / dt, step_time_s=dt)
+                    tokens_per_s=packed[-1].item() / dt, step_time_s=dt, peak_mem_gb=peak_memory_gb(device))
+        if device.type == "cuda":
+            # Model FLOPs utilisation against the H100's dense bf16 peak, from the padded batch's tokens.
+            flops = model.flops_per_token(tokens.shape[1]) * packed[-1].item() / dt / ws  # per GPU
+            last["mfu"] = flops / 989e12
         if rank == 0:
             metrics_f.write(json.dumps(last) + "\n")
             metrics_f.flush()
@@ -382,16 +399,30 @@ def train(cfg: ExperimentConfig, data: str, out, resume: bool = False, max_steps
 
 
 @torch.no_grad()
-def kto_reference_point(model, examples, mine, mask, mb, device) -> torch.Tensor:
+def kto_reference_point(model, ref_model, examples, mine, mask, mb, device) -> torch.Tensor:
     """z0 for this step: mean policy-minus-reference log-ratio of the KL sequences of the global batch."""
     policy, ref = [], []
     for s in range(0, len(mine), mb):
         idx = mine[s:s + mb]
         tokens, lm = batch_tensors([examples[i].seqs[1] for i in idx], mask, device)
         policy.append(sequence_logprobs(model, tokens, lm)[0])
-        ref += [examples[i].ref[1] for i in idx]
+        if ref_model is not None:
+            ref.append(sequence_logprobs(ref_model, tokens, lm)[0])
+        else:
+            ref.append(torch.tensor([examples[i].ref[1] for i in idx], device=device))
     # Every rank holds G / world examples, so the mean of the rank means is the global-batch mean.
-    return kto_kl_estimate(torch.cat(policy), torch.tensor(ref, device=device))
+    return kto_kl_estimate(torch.cat(policy), torch.cat(ref))
+
+
+def peak_memory_gb(device) -> float:
+    """Peak accelerator memory allocated, or on the CPU the process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
 
 
 METRIC_KEYS = {

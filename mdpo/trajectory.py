@@ -21,12 +21,12 @@ Which tokens count as the policy's actions (the loss mask), by `mask` mode:
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from enum import IntEnum
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from mdpo.atomic import atomic_open
 
 
 class Role(IntEnum):
@@ -139,19 +139,9 @@ def read_trajectories(path) -> Iterator[Trajectory]:
 
 def write_trajectories(path, trajectories: Iterable[Trajectory]) -> int:
     """Write JSONL atomically (temp file + rename): a crash never leaves a half-written file. Returns the count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     n = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for t in trajectories:
-                f.write(t.to_json() + "\n")
-                n += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        for t in trajectories:
+            f.write(t.to_json() + "\n")
+            n += 1
     return n

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mdpo.atomic import write_json_atomic
 from mdpo.model import Gemma, GemmaConfig
 
 CONFIG_NAME = "config.json"
@@ -308,16 +308,6 @@ def save_pretrained(model: Gemma, path, max_shard_bytes: int = 5 * 2**30, dtype:
                  "weight_map": {n: names[i] for i, shard in enumerate(shards) for n in shard}}
         write_json_atomic(path / INDEX_FILE, index)
     write_json_atomic(path / CONFIG_NAME, config_to_hf(model.config, dtype))
-
-
-def write_json_atomic(file: Path, obj):
-    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, file)
 
 
 def parse_dtype(name: str) -> torch.dtype:

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from mdpo import eval as ev
 from mdpo.model import GemmaConfig, build_model
@@ -106,3 +105,21 @@ def test_bad_flags_exit_2(tiny_dir, tmp_path, capsys):
                     "--out", str(tmp_path / "o")]) == 2
     assert ev.main(["--model", str(tiny_dir), "--n", "0", "--out", str(tmp_path / "o")]) == 2
     assert "--n must be >= 1" in capsys.readouterr().err
+
+
+def test_final_turn_after_the_call_limit_has_no_answer(gemma3_dir):
+    tok = Tokenizer.from_pretrained(gemma3_dir)
+    from mdpo.sampler import MAX_CALLS_TEXT
+    code = tok.encode("```python\nprint(42)\n```")
+    tool = tok.encode("<start_of_turn>user\n```output\n42\n```<end_of_turn>\n")
+    tail = tok.encode("<start_of_turn>model\n" + MAX_CALLS_TEXT)
+    t = Trajectory("p", 0, [2] + code + tool + tail, [0] + [Role.MODEL] * len(code) + [Role.TOOL] * len(tool)
+                   + [Role.TEMPLATE] * len(tail), [0] + [1] * (len(code) + len(tool)) + [2] * len(tail))
+    text = ev.final_turn_text(t, tok)
+    assert text.strip().endswith("Reach max function call limit.")
+    from mdpo.grader import extract_answer
+    assert extract_answer(text) is None  # not the 42 printed by the earlier turn's code
+    done = Trajectory("q", 0, [2] + code + tok.encode("So \\boxed{42}.") + [tok.end_of_turn_id],
+                      [0] + [Role.MODEL] * (len(code) + len(tok.encode("So \\boxed{42}.")) + 1),
+                      [0] + [1] * (len(code) + len(tok.encode("So \\boxed{42}.")) + 1))
+    assert extract_answer(ev.final_turn_text(done, tok)) == "42"

@@ -202,3 +202,19 @@ def test_mkto_one_and_two_processes(setup):
     unlabeled.write_text(json.dumps(d) + "\n")
     with pytest.raises(TrainError, match=r"kto_unlabeled.jsonl:1: M-KTO needs each trajectory's 'correct' label"):
         load_examples(unlabeled, "mkto", "model", 64, 512)
+
+
+def test_online_reference_equals_precomputed(single, setup):
+    out = setup / "online"
+    train(cfg_for(setup, reference__online="true", optimizer__grad_clip=0), setup / "pairs.jsonl", out)
+    assert not (out / "reference.jsonl").exists()
+    base = setup / "noclip"
+    train(cfg_for(setup, optimizer__grad_clip=0), setup / "pairs.jsonl", base)
+    for a, b in zip(metrics(base), metrics(out)):
+        assert abs(a["loss"] - b["loss"]) < 1e-6 and abs(a["rewards/margin"] - b["rewards/margin"]) < 1e-6
+    w1, w2 = weights(base), weights(out)
+    for k in w1:
+        assert (w1[k] - w2[k]).abs().max().item() < 1e-6, k
+    # Clipping at 1.0 changed the update: the single run clipped (its grad norms are above 1).
+    assert metrics(single)[0]["grad_norm"] > 1.0
+    assert any(not torch.equal(weights(single)[k], w1[k]) for k in w1)

@@ -218,3 +218,13 @@ def test_online_reference_equals_precomputed(single, setup):
     # Clipping at 1.0 changed the update: the single run clipped (its grad norms are above 1).
     assert metrics(single)[0]["grad_norm"] > 1.0
     assert any(not torch.equal(weights(single)[k], w1[k]) for k in w1)
+
+
+def test_activation_checkpointing_changes_nothing_but_memory(single, setup):
+    out = setup / "ac"
+    train(cfg_for(setup, training__activation_checkpointing="true"), setup / "pairs.jsonl", out)
+    for a, b in zip(metrics(single), metrics(out)):
+        assert abs(a["loss"] - b["loss"]) < 1e-6 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-6
+    w1, w2 = weights(single), weights(out)
+    for k in w1:
+        assert (w1[k] - w2[k]).abs().max().item() < 1e-6, k

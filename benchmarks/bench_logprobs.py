@@ -21,16 +21,12 @@ import time
 from pathlib import Path
 
 import torch
+from common import reset_peak, rss_mb, worker_env  # benchmarks/common.py
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mdpo.logprobs import token_logprobs  # noqa: E402
 
 
-def rss_mb(field: str) -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(field)
 
 
 def worker(method: str, B: int, T: int, V: int, d: int, chunk: int) -> dict:
@@ -51,9 +47,7 @@ def worker(method: str, B: int, T: int, V: int, d: int, chunk: int) -> dict:
         h.grad = w.grad = None
         return sums.detach()
 
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = rss_mb("VmRSS")
+    base = reset_peak()
     t0 = time.perf_counter()
     out = run()
     dt = time.perf_counter() - t0
@@ -75,7 +69,7 @@ def main():
         method, T = args.worker
         print(json.dumps(worker(method, args.batch, int(T), args.vocab, args.hidden, args.chunk)))
         return
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    env = worker_env()
     rows = []
     print("| B x T | naive s | chunked s | time ratio | naive peak MB | chunked peak MB | memory ratio |")
     print("|---|---|---|---|---|---|---|")

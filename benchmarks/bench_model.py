@@ -14,7 +14,6 @@ Prints a table, then one JSON line.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import subprocess
@@ -23,23 +22,14 @@ import time
 from pathlib import Path
 
 import torch
+from common import reset_peak, rss_mb, worker_env  # benchmarks/common.py
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / "runs" / "gemma-3-270m"
 
 
-def rss_mb(field: str) -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(field)
 
 
-def reset_peak():
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
-        f.write("5")
-    return rss_mb("VmRSS")
 
 
 def build(impl: str, dtype: torch.dtype):
@@ -108,10 +98,7 @@ def memory_worker(impl: str, dtype_name: str, batch: int, seq: int) -> dict:
 
 def run_worker(*args) -> dict:
     cmd = [sys.executable, __file__, "--worker", *map(str, args)]
-    # A fixed mmap threshold makes glibc hand every large buffer back to the OS on free, so RSS follows the
-    # bytes actually live; with the default dynamic threshold, freed buffers up to 32 MB stay resident and
-    # the peak depends on allocation history rather than on the model code.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    env = worker_env()
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode:
         raise RuntimeError(f"worker {args} failed:\n{res.stderr[-3000:]}")

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import reset_peak, rss_mb, worker_env  # benchmarks/common.py
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -30,11 +31,6 @@ from mdpo.logprobs import sequence_logprobs  # noqa: E402
 from mdpo.losses import dpo_loss  # noqa: E402
 
 
-def rss_mb(field: str) -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(field)
 
 
 def worker(impl: str, pairs: int, T: int, reps: int) -> dict:
@@ -67,9 +63,7 @@ def worker(impl: str, pairs: int, T: int, reps: int) -> dict:
         model.zero_grad(set_to_none=True)
 
     step()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = rss_mb("VmRSS")
+    base = reset_peak()
     t0 = time.perf_counter()
     for _ in range(reps):
         step()
@@ -91,7 +85,7 @@ def main():
     if not (MODEL_DIR / "config.json").exists():
         from mdpo.convert import convert_gguf, pypi_gemma3_270m
         convert_gguf(pypi_gemma3_270m(), MODEL_DIR)
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    env = worker_env()
     rows = []
     print("| batch | mdpo tok/s | HF naive tok/s | speed ratio | mdpo peak MB | HF naive peak MB | memory ratio |")
     print("|---|---|---|---|---|---|---|")

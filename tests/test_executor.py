@@ -260,20 +260,22 @@ def test_network_is_blocked():
 @needs_ns
 def test_writes_outside_workdir_never_reach_the_host():
     marker = f"mdpo-exec-test-{os.getpid()}"
+    # The package's own directory may be bound back read-only (the worker imports it), so only home
+    # directories are asserted hidden.
     res = run_cells([
-        f"open('/work/{marker}', 'w')",
+        f"open('/usr/{marker}', 'w')",
         f"open('/etc/{marker}', 'w')",
         f"open('/var/tmp/{marker}', 'w')",
         f"open('/tmp/{marker}', 'w').write('private tmpfs')",
-        "import os\nsorted(os.listdir('/root')), os.path.exists('/work/main/mdpo'), 'PATH' in os.environ",
+        "import os\nsorted(os.listdir('/root')), sorted(os.listdir('/home')), 'PATH' in os.environ",
         "import shutil, json\nshutil.rmtree(os.path.dirname(json.__file__))",
         "open('/dev/null', 'w').write('ok')",
     ], timeout=2.0)
     assert [r.status for r in res] == ["error", "error", "error", "ok", "ok", "error", "ok"]
     assert all("Read-only file system" in r.observation for r in res[:3] + res[5:6])
     assert os.path.isfile(json.__file__)
-    assert not os.path.exists(f"/tmp/{marker}") and not os.path.exists(f"/work/{marker}")
-    assert res[4].observation.startswith("([], False, True)") or res[4].observation.startswith("(['.pyenv'], False, True)")
+    assert not os.path.exists(f"/tmp/{marker}") and not os.path.exists(f"/usr/{marker}")
+    assert res[4].observation in ("([], [], True)", "(['.pyenv'], [], True)")
 
 
 @needs_ns

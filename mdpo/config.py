@@ -24,7 +24,7 @@ from mdpo.atomic import atomic_open
 
 __all__ = [
     "ConfigError", "CHOICES", "ModelConfig", "DataConfig", "RolloutConfig", "FilterConfig",
-    "LossConfig", "ReferenceConfig", "OptimizerConfig", "TrainingConfig", "CheckpointConfig",
+    "LossConfig", "ReferenceConfig", "OptimizerConfig", "TrainingConfig", "SftConfig", "EvalConfig", "CheckpointConfig",
     "MetricsConfig", "ExperimentConfig", "load_config", "apply_overrides", "config_to_dict",
     "save_config",
 ]
@@ -38,7 +38,7 @@ class ConfigError(ValueError):
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "model.attn_impl": ("sdpa", "eager"),
-    "loss.type": ("mdpo", "mkto", "sft"),
+    "loss.type": ("mdpo", "mkto", "sft", "raft"),  # raft: SFT on correct rollouts (the paper's RAFT baseline)
     "loss.dpo_variant": ("sigmoid", "ipo", "hinge"),
     "loss.mask": ("model", "paper", "completion"),  # see mdpo/trajectory.py
     "reference.mode": ("previous", "sft"),
@@ -48,7 +48,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = "gemma-7b"  # preset name or HF-layout folder
+    name_or_path: str = "models/Gemma-7B-it-SFT3epoch"  # HF-layout folder (a preset name for random weights)
     dtype: str = "bfloat16"  # one of CHOICES["model.dtype"]
     attn_impl: str = "sdpa"  # one of CHOICES["model.attn_impl"]
 
@@ -57,8 +57,9 @@ class ModelConfig:
 class DataConfig:
     train: list[str] = field(default_factory=lambda: ["gsm8k", "math"])  # dataset names or JSONL paths
     data_dir: str = "../shared/data"  # where named datasets live
-    heldout_fraction: float = 0.02  # share of prompts kept out of training for eval
+    heldout: float = 1000  # prompts kept out of training to pick each iteration's checkpoint (< 1: a fraction)
     max_prompts: int | None = None  # cap on training prompts (None = all)
+    prompts_per_iteration: int | None = None  # None: the prompts are split into `iterations` disjoint sets
 
 
 @dataclass
@@ -73,6 +74,8 @@ class RolloutConfig:
     max_length: int = 2048  # total trajectory length in tokens, prompt included
     batch_size: int = 64  # prompts generated together
     executor_timeout: float = 20.0  # seconds per python tool call
+    first_previous: str | None = None  # iteration 1's "previous model" for the n_previous samples (the paper: its
+    #                                    1-epoch SFT checkpoint); None = iteration 1 draws all samples from the policy
 
 
 @dataclass
@@ -80,8 +83,8 @@ class FilterConfig:
     no_tool_call: bool = True  # drop trajectories that never call the tool
     long_answer: bool = True  # drop answers longer than max_answer_chars
     correct_after_error: bool = True  # drop correct answers reached despite a tool error
-    duplicate_first_turn: bool = True  # drop pairs whose two trajectories share the first turn
-    overlong: bool = True  # drop trajectories truncated at max_length / max_turns
+    duplicate_first_turn: bool = True  # drop trajectories whose first model turn duplicates another of the same prompt and label
+    overlong: bool = True  # drop trajectories truncated at max_length / max_turns / max_new_tokens
     max_answer_chars: int = 20  # threshold of the long_answer filter
 
 
@@ -127,6 +130,27 @@ class TrainingConfig:
 
 
 @dataclass
+class SftConfig:
+    data: str | None = None  # SFT trajectories JSONL; set: the pipeline trains π0 from model.name_or_path first
+    lr: float = 1e-5  # peak learning rate of the SFT stage
+    epochs: float = 3.0  # passes over the SFT data (the paper: 3 epochs)
+    global_batch_size: int = 64  # trajectories per optimizer step
+    warmup_steps: int = 100  # linear warmup steps
+
+
+@dataclass
+class EvalConfig:
+    sets: list[str] = field(default_factory=lambda: ["gsm8k", "math"])  # test sets after each iteration
+    limit: int | None = None  # first N problems of each test set (None = all)
+    heldout_limit: int | None = None  # held-out prompts used for checkpoint selection (None = all)
+    temperature: float = 0.0  # 0 = greedy (the paper's protocol)
+    max_turns: int = 6  # model turns per answer
+    max_new_tokens_per_turn: int = 512  # generation budget of one model turn
+    batch_size: int = 64  # trajectories decoded together
+    select: bool = True  # pick the best of the checkpoints exported every training.eval_every steps
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 100  # steps between checkpoints
     keep: int = 2  # most recent checkpoints kept on disk
@@ -149,6 +173,8 @@ class ExperimentConfig:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 

@@ -202,43 +202,41 @@ def main(argv=None) -> int:
         return 2
 
 
-def run(args) -> int:
+def sample_graded(model_path, problems: list[dict], path, n: int, params, batch_size: int = 8, seed: int = 0,
+                  timeout: float = 20.0, dtype=torch.float32, desc: str = "sample") -> list[Trajectory]:
+    """`n` graded trajectories per problem, appended to the JSONL `path` one by one as they finish.
+
+    Samples already in `path` (an earlier, interrupted run) are kept and only the missing ones are drawn, under
+    their original sample ids, so a resumed run neither loses nor duplicates work. Returns all trajectories.
+    """
     from mdpo.executor import ExecutorPool
     from mdpo.model import Gemma
-    from mdpo.sampler import Request, Sampler, SamplingParams
+    from mdpo.sampler import Request, Sampler
     from mdpo.tokenizer import Tokenizer
 
-    problems = load_problems(args.data, args.data_dir)[: args.limit]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    traj_path = out / "trajectories.jsonl"
-    done = read_done(traj_path)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = read_done(path)
+    ids = {p["id"] for p in problems}
+    done = [t for t in done if t.prompt_id in ids and t.sample_id < n]
     finished = {(t.prompt_id, t.sample_id) for t in done}
-
-    model = Gemma.from_pretrained(args.model, dtype=parse_dtype(args.dtype)).eval()
-    tok = Tokenizer.from_pretrained(args.model)
-    torch.manual_seed(args.seed)
-    requests = []
-    for p in problems:
-        missing = [s for s in range(args.n) if (p["id"], s) not in finished]
-        if missing:
-            ids = tok.encode(tok.render_chat([{"role": "user", "content": p["question"]}]))
-            # Only the missing samples are drawn again; a resumed run keeps their original sample ids.
-            requests.append((Request(p["id"], ids, n=len(missing)), missing))
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
-                            max_new_tokens_per_turn=args.max_new_tokens, max_turns=args.max_turns,
-                            max_length=args.max_length)
+    todo = [(p, [s for s in range(n) if (p["id"], s) not in finished]) for p in problems]
+    todo = [(p, missing) for p, missing in todo if missing]
+    if not todo:
+        return done
+    model = Gemma.from_pretrained(model_path, dtype=dtype).eval()
+    tok = Tokenizer.from_pretrained(model_path)
+    torch.manual_seed(seed)
+    requests = [Request(p["id"], tok.encode(tok.render_chat([{"role": "user", "content": p["question"]}])),
+                        n=len(missing), sample_ids=missing) for p, missing in todo]
     gold = {p["id"]: p["gold"] for p in problems}
     results = list(done)
-    todo = sum(len(m) for _, m in requests)
-    with ExecutorPool(max_workers=args.batch_size, timeout=args.timeout) as pool, \
-            open(traj_path, "a", encoding="utf-8") as f, \
-            tqdm(total=todo, desc=f"eval {args.data}", unit="traj", disable=todo == 0) as bar:
-        sampler = Sampler(model, tok, batch_size=args.batch_size, max_length=args.max_length, executor=pool,
-                          seed=args.seed, model_name=str(args.model))
-        sample_ids = {r.prompt_id: m for r, m in requests}
-        for t in sampler.generate([r for r, _ in requests], params):
-            t.sample_id = sample_ids[t.prompt_id][t.sample_id]
+    with ExecutorPool(max_workers=batch_size, timeout=timeout) as pool, \
+            open(path, "a", encoding="utf-8") as f, \
+            tqdm(total=sum(len(m) for _, m in todo), desc=desc, unit="traj") as bar:
+        sampler = Sampler(model, tok, batch_size=batch_size, max_length=params.max_length, executor=pool,
+                          seed=seed, model_name=str(model_path))
+        for t in sampler.generate(requests, params):
             t.answer = extract_answer(final_turn_text(t, tok))
             t.correct = t.answer is not None and is_equiv(t.answer, gold[t.prompt_id])
             f.write(t.to_json() + "\n")
@@ -247,6 +245,20 @@ def run(args) -> int:
             results.append(t)
             bar.update(1)
             bar.set_postfix(acc=f"{sum(bool(x.correct) for x in results) / len(results):.3f}")
+    return results
+
+
+def run(args) -> int:
+    from mdpo.sampler import SamplingParams
+
+    problems = load_problems(args.data, args.data_dir)[: args.limit]
+    out = Path(args.out)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
+                            max_new_tokens_per_turn=args.max_new_tokens, max_turns=args.max_turns,
+                            max_length=args.max_length)
+    results = sample_graded(args.model, problems, out / "trajectories.jsonl", args.n, params,
+                            batch_size=args.batch_size, seed=args.seed, timeout=args.timeout,
+                            dtype=parse_dtype(args.dtype), desc=f"eval {args.data}")
     metrics = compute_metrics(results, problems, args.n)
     metrics.update(model=str(args.model), data=args.data, temperature=args.temperature, max_turns=args.max_turns)
     write_json_atomic(out / "metrics.json", metrics)

@@ -53,6 +53,7 @@ class Request:
     n: int = 1
     params: SamplingParams | None = None  # None = the sampler's default
     meta: dict = field(default_factory=dict)
+    sample_ids: list[int] | None = None  # ids of the n samples (default 0..n-1); a resumed job draws only the missing
 
 
 def format_observation(observation: str) -> str:
@@ -79,6 +80,7 @@ class _Row:
     future: cf.Future | None = None
     closed_by_eot: bool = False
     tool_status: list = field(default_factory=list)  # executor status of each call (ok, error, timeout, ...)
+    gen: torch.Generator | None = None  # this sample's own random stream
 
 
 class Sampler:
@@ -106,7 +108,7 @@ class Sampler:
         self.model_name = model_name
         w = model.embed_tokens.weight
         self.device, self.dtype = w.device, w.dtype
-        self.gen = torch.Generator(device=self.device).manual_seed(seed)
+        self.seed = seed
         self.cache = KVCache(model.config, batch_size, max_length, self.dtype, self.device)
         self.stop_ids = set(tokenizer.stop_ids)
         self.eot_id = tokenizer.end_of_turn_id
@@ -126,7 +128,8 @@ class Sampler:
         """Yield one Trajectory per sample as rows finish (not in request order)."""
         default = params or SamplingParams()
         self._requests = requests
-        queue = deque((i, s) for i, r in enumerate(requests) for s in range(r.n))
+        queue = deque((i, s) for i, r in enumerate(requests)
+                      for s in (r.sample_ids if r.sample_ids is not None else range(r.n)))
         for r in requests:
             if not r.tokens:
                 raise ValueError(f"request {r.prompt_id!r}: empty prompt")
@@ -143,6 +146,12 @@ class Sampler:
                 waiting = [r.future for r in rows if r is not None and r.future is not None]
                 if waiting:
                     cf.wait(waiting, return_when=cf.FIRST_COMPLETED)
+
+    def _row_generator(self, prompt_id: str, sample_id: int) -> torch.Generator:
+        """A sample's random stream depends only on (seed, prompt id, sample id): not on the batch it shares, the
+        order rows finish in, or which samples an interrupted run had already drawn."""
+        digest = hashlib.sha256(f"{self.seed}/{prompt_id}/{sample_id}".encode()).digest()
+        return torch.Generator(device=self.device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
     # --- loop stages ---
 
@@ -177,7 +186,8 @@ class Sampler:
             for slot, sample_id in zip(slots, group):
                 rows[slot] = _Row(req=req, sample_id=sample_id, params=p, tokens=list(prompt),
                                   roles=[Role.PROMPT] * n, turns=[0] * n, logprobs=[0.0] * n, length=n,
-                                  stream=self.tok.decode_stream())
+                                  stream=self.tok.decode_stream(),
+                                  gen=self._row_generator(requests[req].prompt_id, sample_id))
             toks, lps = self._sample([rows[s] for s in slots], logits.expand(len(slots), -1), requests)
             for slot, t, lp in zip(slots, toks, lps):
                 done = self._append_sampled(rows[slot], t, lp, requests)
@@ -276,8 +286,10 @@ class Sampler:
             x = torch.full_like(x, float("-inf")).scatter(1, order, sorted_x)
         ids = logits.argmax(-1)
         if (temp > 0).any():
-            drawn = torch.multinomial(torch.softmax(x, dim=-1), 1, generator=self.gen)[:, 0]
-            ids = torch.where(temp == 0, ids, drawn)
+            probs = torch.softmax(x, dim=-1)
+            for j, r in enumerate(rows):
+                if r.params.temperature > 0:
+                    ids[j] = torch.multinomial(probs[j], 1, generator=r.gen)[0]
         if self.choose is not None:
             for j, r in enumerate(rows):
                 forced = self.choose(requests[r.req].prompt_id, r.sample_id, r.tokens[len(requests[r.req].tokens):])

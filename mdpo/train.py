@@ -51,6 +51,7 @@ class Example:
 
     seqs: list[Trajectory]
     ref: list[float] | None = None
+    tokens: int = 0  # trained tokens of the first sequence (the SFT loss's normaliser)
 
 
 def load_examples(path, kind: str, mask: str, max_length: int, vocab_size: int) -> tuple[list[Example], dict]:
@@ -90,7 +91,7 @@ def load_examples(path, kind: str, mask: str, max_length: int, vocab_size: int) 
             elif any(not any(t.loss_mask(mask)[1:]) for t in seqs):
                 dropped["empty_mask"] += 1  # nothing to train on: the loss would be a constant
             else:
-                examples.append(Example(seqs))
+                examples.append(Example(seqs, tokens=sum(seqs[0].loss_mask(mask)[1:])))
     if kind == "mkto":
         add_kl_sequences(examples)
     return examples, dropped
@@ -237,8 +238,8 @@ def load_checkpoint(path: Path, model, opt, sched) -> int:
     return extra["step"]
 
 
-def export(model, out: Path, source: str):
-    """Final weights as an HF-layout folder (the next iteration's policy and reference)."""
+def export(model, folder: Path, source: str):
+    """The weights as an HF-layout folder (+ the source's tokenizer), written beside and renamed into place."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -248,21 +249,31 @@ def export(model, out: Path, source: str):
         plain = Gemma(model.config)
     plain = plain.to_empty(device="cpu")
     plain.load_state_dict(sd, strict=True)
-    plain.save_pretrained(out / "final")
-    tok = Path(source) / "tokenizer.model"
-    if tok.is_file():
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok = None
+    if (Path(source) / "tokenizer.model").is_file():
         from mdpo.tokenizer import Tokenizer
-        Tokenizer.from_pretrained(source).save_pretrained(out / "final")
+        tok = Tokenizer.from_pretrained(source)
+    plain.save_pretrained(tmp, tokenizer=tok)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)  # a folder under its final name is always complete
 
 
-def train(cfg: ExperimentConfig, data: str, out, resume: bool = False, max_steps: int | None = None) -> dict:
-    """Run training; returns the last step's metrics. Works with or without an initialised process group."""
+def train(cfg: ExperimentConfig, data: str, out, resume: bool = False, max_steps: int | None = None,
+          reference: str | None = None, export_every: int = 0) -> dict:
+    """Run training; returns the last step's metrics. Works with or without an initialised process group.
+
+    reference: HF-layout folder of the reference model (default: the starting model, cfg.model.name_or_path).
+    export_every: also export the weights to OUT/exports/step_N every that many steps (checkpoint selection).
+    """
     rank, ws = world()
     out = Path(out)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(cfg.training.seed)
     random.seed(cfg.training.seed)
-    kind = cfg.loss.type
+    kind = "sft" if cfg.loss.type == "raft" else cfg.loss.type  # RAFT is SFT on correct rollouts
+    reference = reference or cfg.model.name_or_path
     model = Gemma.from_pretrained(cfg.model.name_or_path, dtype=torch.float32, device=device,
                                   attn_impl=cfg.model.attn_impl)
     examples, dropped = load_examples(data, kind, cfg.loss.mask, cfg.rollout.max_length, model.config.vocab_size)
@@ -282,13 +293,17 @@ def train(cfg: ExperimentConfig, data: str, out, resume: bool = False, max_steps
     ref_model = None
     if kind in ("mdpo", "mkto") and cfg.reference.online:
         # The option the paper's code used: a frozen copy evaluated next to the policy at every step.
-        ref_model = Gemma.from_pretrained(cfg.model.name_or_path, dtype=torch.float32, device=device,
+        ref_model = Gemma.from_pretrained(reference, dtype=torch.float32, device=device,
                                           attn_impl=cfg.model.attn_impl).eval().requires_grad_(False)
         if ws > 1:
             shard(ref_model)
     elif kind in ("mdpo", "mkto"):
-        reference_logprobs(model, examples, cfg.loss.mask, cfg.training.micro_batch_size, out / "reference.jsonl",
+        ref = model
+        if Path(reference).resolve() != Path(cfg.model.name_or_path).resolve():
+            ref = Gemma.from_pretrained(reference, dtype=torch.float32, device=device, attn_impl=cfg.model.attn_impl)
+        reference_logprobs(ref, examples, cfg.loss.mask, cfg.training.micro_batch_size, out / "reference.jsonl",
                            device)
+        del ref
     if ws > 1:
         shard(model)
     model.activation_checkpointing = cfg.training.activation_checkpointing
@@ -306,7 +321,15 @@ def train(cfg: ExperimentConfig, data: str, out, resume: bool = False, max_steps
     orders = [random.Random(cfg.training.seed + e).sample(range(len(examples)), len(examples))
               for e in range(math.ceil(cfg.training.epochs) + 1)]
     end = total if max_steps is None else min(total, max_steps)
-    metrics_f = open(out / "metrics.jsonl", "a", encoding="utf-8") if rank == 0 else None
+    metrics_f = None
+    if rank == 0:
+        # Keep the lines of the steps before `start` only: a killed run may have logged steps it must redo.
+        path = out / "metrics.jsonl"
+        kept = [ln for ln in path.read_text().splitlines(keepends=True)
+                if ln.endswith("\n") and json.loads(ln)["step"] <= start] if path.is_file() else []
+        with atomic_open(path) as f:
+            f.writelines(kept)
+        metrics_f = open(path, "a", encoding="utf-8")
     last = {}
     bar = tqdm(range(start, end), initial=start, total=total, desc="train", disable=rank != 0)
     for step in bar:
@@ -314,6 +337,9 @@ def train(cfg: ExperimentConfig, data: str, out, resume: bool = False, max_steps
         epoch, k = divmod(step, steps_per_epoch)
         batch = orders[epoch][k * G:(k + 1) * G]
         mine = batch[rank::ws]
+        # Normaliser of the summed per-example losses: the global batch size, or for SFT its number of trained
+        # tokens (a token-level mean over the whole batch, the same on every rank without communication).
+        norm = G if kind != "sft" else sum(examples[i].tokens for i in batch)
         sums = {}
         tokens_seen = 0
         mb = cfg.training.micro_batch_size
@@ -351,14 +377,14 @@ def train(cfg: ExperimentConfig, data: str, out, resume: bool = False, max_steps
             # FSDP averages gradients over ranks (gloo cannot sum with a pre-scale, so its divide factor
             # cannot be set to 1); multiplying by the world size turns that average back into the sum
             # of every rank's share of (sum of per-example losses) / (global batch size).
-            (losses.sum() * ws / G).backward()
+            (losses.sum() * ws / norm).backward()
             for key, v in m.items():
                 sums[key] = sums.get(key, 0.0) + float(v) * len(idx)
             sums["loss"] = sums.get("loss", 0.0) + float(losses.detach().sum())
         packed = torch.tensor([sums.get(k, 0.0) for k in sorted(METRIC_KEYS[kind])] + [float(tokens_seen)],
                               dtype=torch.float64)
         all_reduce_sum(packed)
-        loss = packed[sorted(METRIC_KEYS[kind]).index("loss")].item() / G
+        loss = packed[sorted(METRIC_KEYS[kind]).index("loss")].item() / norm
         if not math.isfinite(loss):
             kept = checkpoint_dirs(out)
             raise TrainError(f"non-finite loss ({loss}) at step {step}; stopped before the update; last good "
@@ -372,6 +398,7 @@ def train(cfg: ExperimentConfig, data: str, out, resume: bool = False, max_steps
         opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
         last = {k: packed[i].item() / G for i, k in enumerate(sorted(METRIC_KEYS[kind]))}
+        last["loss"] = loss
         last.update(step=step + 1, lr=sched.get_last_lr()[0], grad_norm=float(grad_norm),
                     tokens_per_s=packed[-1].item() / dt, step_time_s=dt, peak_mem_gb=peak_memory_gb(device))
         if device.type == "cuda":
@@ -382,13 +409,15 @@ def train(cfg: ExperimentConfig, data: str, out, resume: bool = False, max_steps
             metrics_f.write(json.dumps(last) + "\n")
             metrics_f.flush()
             bar.set_postfix(loss=f"{loss:.4f}")
+        if export_every and (step + 1) % export_every == 0 and step + 1 < total:
+            export(model, out / "exports" / f"step_{step + 1}", cfg.model.name_or_path)
         if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 and step + 1 < end:
             save_checkpoint(out, step + 1, model, opt, sched, cfg.checkpoint.keep)
     bar.close()
     if metrics_f:
         metrics_f.close()
     if end == total:
-        export(model, out, cfg.model.name_or_path)
+        export(model, out / "final", cfg.model.name_or_path)
         if rank == 0:
             write_json_atomic(out / "summary.json", {"steps": total, "examples": len(examples), "dropped": dropped,
                                                      "last": last})

@@ -155,7 +155,7 @@ def test_exponent_without_dot_is_a_float(tmp_path):
 
 def test_invalid_choice_names_key_and_allowed_values(tmp_path):
     msg = error_of(write(tmp_path, "loss:\n  type: dpo\n"))
-    assert "loss.type: must be one of 'mdpo', 'mkto', 'sft', got 'dpo'" in msg
+    assert "loss.type: must be one of 'mdpo', 'mkto', 'sft', 'raft', got 'dpo'" in msg
     msg = error_of(write(tmp_path, "model:\n  dtype: float16\n"))
     assert "model.dtype" in msg and "'float32', 'bfloat16'" in msg
 
@@ -261,3 +261,27 @@ def test_config_to_dict_order_and_types():
     assert list(d)[:2] == ["name", "model"]
     assert d["optimizer"]["betas"] == [0.9, 0.999]
     assert d["filters"]["max_answer_chars"] == 20
+
+
+def test_every_shipped_experiment_loads_and_states_its_command():
+    shipped = sorted(SHIPPED.parent.glob("*.yaml"))
+    assert len(shipped) >= 13
+    for path in shipped:
+        cfg = load_config(path)
+        assert cfg.name == path.stem
+        first = path.read_text().splitlines()[0]
+        assert first in (f"# make train EXP={path.stem}", "# make demo        (python -m mdpo.demo: writes runs/demo; "
+                                                           "kill it any time and rerun to resume)"), path
+    by = {p.stem: load_config(p) for p in shipped}
+    base = by["gemma7b_mdpo"]
+    # The ablations change what their names say and nothing else of the recipe.
+    assert by["gemma7b_mdpo_fixed_ref"].reference.mode == "sft" and base.reference.mode == "previous"
+    assert by["gemma7b_dpo_nomask"].loss.mask == "completion" and base.loss.mask == "model"
+    assert (by["gemma7b_mdpo_n6"].rollout.n_current, by["gemma7b_mdpo_n6"].rollout.n_previous) == (4, 2)
+    assert by["gemma7b_mdpo_onpolicy"].rollout.n_previous == 0
+    assert by["gemma2_9b_mdpo"].optimizer.lr == pytest.approx(2e-7)
+    assert by["gemma7b_mdpo_nll"].loss.nll_coef == 1.0 and by["gemma7b_raft"].loss.type == "raft"
+    assert [by[f"gemma7b_mdpo_beta{b}"].loss.beta for b in ("0.01", "0.5")] == [0.01, 0.5]
+    fixed = config_to_dict(by["gemma7b_mdpo_fixed_ref"])
+    assert {s: v for s, v in fixed.items() if s not in ("name", "reference")} == \
+        {s: v for s, v in config_to_dict(base).items() if s not in ("name", "reference")}

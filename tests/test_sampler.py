@@ -203,3 +203,24 @@ def test_length_limits(tok):
     assert len(t.tokens) <= 20 and t.finish_reason in ("max_length", "eos", "end_of_turn")
     with pytest.raises(ValueError, match="does not fit max_length"):
         list(Sampler(model, tok, batch_size=1, max_length=10).generate(prompts(1, [12])))
+
+
+def test_a_sample_depends_only_on_seed_prompt_and_sample_id(tok):
+    """Resuming draws only the missing samples (Request.sample_ids); they must equal the uninterrupted run's,
+    whatever the batch size and whichever other samples share the batch."""
+    model = tiny(seed=5)
+    reqs = prompts(3, [6, 11, 8], seed=5)
+    params = SamplingParams(temperature=1.0, max_new_tokens_per_turn=12)
+    full = {(t.prompt_id, t.sample_id): t.tokens
+            for t in Sampler(model, tok, batch_size=4, max_length=48, seed=3).generate(
+                [Request(r.prompt_id, r.tokens, n=3) for r in reqs], params)}
+    assert len(full) == 9 and len({tuple(v) for v in full.values()}) > 3  # samples differ from each other
+    resumed = {(t.prompt_id, t.sample_id): t.tokens
+               for t in Sampler(model, tok, batch_size=3, max_length=48, seed=3).generate(
+                   [Request(r.prompt_id, r.tokens, n=2, sample_ids=[2, 0]) for r in reqs], params)}
+    assert set(resumed) == {(r.prompt_id, s) for r in reqs for s in (0, 2)}
+    assert all(resumed[k] == full[k] for k in resumed)
+    other = {(t.prompt_id, t.sample_id): t.tokens
+             for t in Sampler(model, tok, batch_size=4, max_length=48, seed=4).generate(
+                 [Request(r.prompt_id, r.tokens, n=3) for r in reqs], params)}
+    assert other != full  # the seed matters

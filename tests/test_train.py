@@ -228,3 +228,52 @@ def test_activation_checkpointing_changes_nothing_but_memory(single, setup):
     w1, w2 = weights(single), weights(out)
     for k in w1:
         assert (w1[k] - w2[k]).abs().max().item() < 1e-6, k
+
+
+def test_separate_reference_model_and_exports(setup, tmp_path):
+    """reference= computes the stored reference log-probs with another model (the fixed-reference ablation), and
+    export_every writes loadable HF folders during training."""
+    from mdpo.logprobs import sequence_logprobs
+    from mdpo.model import Gemma
+    from mdpo.train import batch_tensors
+
+    other = build_model(GemmaConfig.from_name("tiny-gemma3"), seed=1)
+    other.save_pretrained(tmp_path / "ref")
+    out = tmp_path / "out"
+    train(cfg_for(setup, checkpoint__every=0), setup / "pairs.jsonl", out, reference=str(tmp_path / "ref"),
+          export_every=1)
+    stored = [json.loads(x) for x in (out / "reference.jsonl").read_text().splitlines()]
+    examples, _ = load_examples(setup / "pairs.jsonl", "mdpo", "model", 64, 512)
+    ref = Gemma.from_pretrained(tmp_path / "ref", attn_impl="eager").eval()
+    with torch.no_grad():
+        for ex, got in zip(examples, stored):
+            tokens, mask = batch_tensors(ex.seqs, "model", "cpu")
+            want = sequence_logprobs(ref, tokens, mask)[0]
+            assert got == pytest.approx(want.tolist(), abs=1e-4)
+    assert sorted(p.name for p in (out / "exports").iterdir()) == ["step_1", "step_2"]  # 12 pairs / 4: 3 steps
+    assert Gemma.from_pretrained(out / "exports" / "step_2").config == ref.config
+
+
+def test_sft_loss_is_the_token_mean_over_the_global_batch(setup, tmp_path):
+    """SFT: the step's loss is (sum of token NLLs) / (tokens in the global batch), checked by hand at step 1."""
+    from mdpo.model import Gemma
+
+    data = tmp_path / "sft.jsonl"
+    rows = [json.loads(x)["chosen"] for x in (setup / "pairs.jsonl").read_text().splitlines()]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "sft"
+    cfg = cfg_for(setup, loss__type="sft", checkpoint__every=0, training__micro_batch_size=2)
+    train(cfg, data, out, max_steps=1)
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    import random as _random
+    batch = _random.Random(cfg.training.seed).sample(range(len(rows)), len(rows))[:4]
+    model = Gemma.from_pretrained(setup / "init", attn_impl="eager").eval()
+    nll = tokens = 0.0
+    with torch.no_grad():
+        for i in batch:
+            t = Trajectory.from_json(json.dumps(rows[i]))
+            logp = torch.log_softmax(model(torch.tensor([t.tokens]))[0, :-1].float(), -1)
+            m = torch.tensor(t.loss_mask("model")[1:])
+            nll -= logp.gather(1, torch.tensor(t.tokens[1:])[:, None])[:, 0][m].sum().item()
+            tokens += m.sum().item()
+    assert first["loss"] == pytest.approx(nll / tokens, rel=1e-4)

@@ -1,0 +1,417 @@
+"""The online iterative pipeline, the paper's Algorithm 1, as one command: `make train EXP=name`.
+
+    python -m mdpo.pipeline experiments/NAME.yaml [section.key=value ...] [--out DIR] [--stage sft]
+
+For each iteration t = 1..T: roll out N trajectories per prompt from the policy (n_current) and from the previous
+model (n_previous, the paper's mixture sampling), grade them, apply the filters, build M-DPO pairs (or the M-KTO
+or RAFT set), train from the policy with reference log-probs of the policy (reference.mode previous) or of the
+starting model (sft), export a checkpoint every training.eval_every steps, keep the one that is best on the
+held-out prompts, and evaluate it on the test sets.
+
+Everything lands in OUT (metrics.out_dir/NAME unless --out):
+
+    config.yaml               the resolved config
+    prompts.jsonl             the prompts with their role: heldout or iteration t (fixed by the first run)
+    state.json                finished stages and the digest (rows, sha256) of every file they wrote
+    sft/                      the SFT stage's trainer output, when sft.data is set (π0 = sft/final)
+    iter_0/eval/SET.jsonl     test-set trajectories of π0
+    iter_t/rollout.jsonl      graded trajectories of the policy; rollout_prev.jsonl: of the previous model
+    iter_t/data.jsonl         pairs (mdpo), labelled trajectories (mkto) or correct ones (raft); data_stats.json
+    iter_t/train/             trainer output (reference.jsonl, metrics.jsonl, exports/step_N, final)
+    iter_t/select/            held-out trajectories of each candidate; selection.json: scores and the choice
+    iter_t/policy/            the selected model: the next iteration's policy and reference
+    iter_t/eval/SET.jsonl     test-set trajectories of the selected model
+    results.json              one record per iteration (rollout accuracy, filter counts, pairs, training
+                              metrics, selection, test accuracy); printed as a table at the end
+
+Faults: sampling stages append one finished trajectory at a time and resume where they stopped; the trainer
+resumes from its last checkpoint; every other output is written to a temporary name and renamed. A rerun skips
+finished stages after checking that their files still have the recorded row counts and checksums, and names the
+file that does not. Under torchrun every rank samples its share of the prompts and the trainer runs FSDP2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mdpo.atomic import atomic_open, write_json_atomic
+from mdpo.config import ConfigError, ExperimentConfig, load_config, save_config
+from mdpo.data import (DataError, apply_filters, build_kto, build_pairs, build_raft, file_digest, pair_stats,
+                       split_heldout, verify_file, write_pairs)
+from mdpo.eval import EvalError, compute_metrics, load_problems, sample_graded
+from mdpo.sampler import SamplingParams
+from mdpo.train import TrainError, train, world
+from mdpo.trajectory import read_trajectories, write_trajectories
+from mdpo.weights import CheckpointError
+
+
+class PipelineError(RuntimeError):
+    """The pipeline cannot go on; the message names the stage and the file."""
+
+
+def barrier():
+    if world()[1] > 1:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------- stages and their record
+class Stages:
+    """state.json: which stages finished and what they wrote. A finished stage is checked, then skipped."""
+
+    def __init__(self, out: Path):
+        self.path = out / "state.json"
+        self.state = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def done(self, name: str) -> dict | None:
+        """The stage's record if it finished and its files are intact; raises DataError naming a bad file."""
+        rec = self.state.get(name)
+        if rec is None:
+            return None
+        for path, digest in rec["files"].items():
+            p = self.path.parent / path
+            if digest.get("dir"):
+                if not (p / "config.json").is_file():
+                    raise DataError(f"{p}: model folder of finished stage {name!r} is missing or incomplete")
+            else:
+                verify_file(p, digest)
+        return rec
+
+    def finish(self, name: str, files: list[Path], info: dict | None = None) -> dict:
+        root = self.path.parent
+        rec = {"files": {str(f.relative_to(root)): ({"dir": True} if f.is_dir() else file_digest(f)) for f in files},
+               "info": info or {}}
+        self.state[name] = rec
+        if world()[0] == 0:
+            write_json_atomic(self.path, self.state)
+        barrier()
+        return rec
+
+
+# ---------------------------------------------------------------- prompts
+def load_prompts(cfg: ExperimentConfig) -> list[dict]:
+    """All training prompts of data.train; ids are prefixed with their dataset so they stay unique."""
+    problems = []
+    for spec in cfg.data.train:
+        tag = Path(spec).stem if spec.endswith(".jsonl") else spec
+        for p in load_problems(spec, cfg.data.data_dir):
+            problems.append(dict(p, id=f"{tag}:{p['id']}"))
+    ids = [p["id"] for p in problems]
+    if len(set(ids)) != len(ids):
+        raise PipelineError(f"data.train {cfg.data.train}: duplicate problem ids")
+    return problems
+
+
+def split_prompts(cfg: ExperimentConfig, problems: list[dict]) -> list[dict]:
+    """Give every prompt a split: "heldout" or "iter_t" (disjoint prompt sets per iteration, as in the paper)."""
+    rng = random.Random(cfg.training.seed)
+    if cfg.data.max_prompts is not None and len(problems) > cfg.data.max_prompts:
+        problems = [problems[i] for i in sorted(rng.sample(range(len(problems)), cfg.data.max_prompts))]
+    train_set, held = split_heldout(problems, cfg.data.heldout, cfg.training.seed)
+    order = rng.sample(range(len(train_set)), len(train_set))
+    T = cfg.training.iterations
+    per = cfg.data.prompts_per_iteration or len(train_set) // T
+    if per < 1 or per * T > len(train_set):
+        raise PipelineError(f"data: {len(train_set)} training prompts cannot make {T} iterations of {per}")
+    out = [dict(p, split="heldout") for p in held]
+    for t in range(T):
+        out += [dict(train_set[i], split=f"iter_{t + 1}") for i in sorted(order[t * per:(t + 1) * per])]
+    return out
+
+
+def write_jsonl(path: Path, rows: list[dict]):
+    with atomic_open(path) as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+# ---------------------------------------------------------------- sampling across ranks
+def sample(model: str, problems: list[dict], path: Path, n: int, params: SamplingParams, cfg: ExperimentConfig,
+           desc: str, batch_size: int, seed: int):
+    """sample_graded on this rank's share of `problems`; the shares are then merged into `path` (rank 0)."""
+    rank, ws = world()
+    if ws == 1:
+        return sample_graded(model, problems, path, n, params, batch_size=batch_size, seed=seed,
+                             timeout=cfg.rollout.executor_timeout, desc=desc)
+    part = path.with_name(f"{path.stem}.rank{rank}.jsonl")
+    # The same seed on every rank: a sample's randomness depends on (seed, prompt, sample id) only, so the
+    # trajectories do not depend on the number of ranks.
+    sample_graded(model, problems[rank::ws], part, n, params, batch_size=batch_size, seed=seed,
+                  timeout=cfg.rollout.executor_timeout, desc=desc)
+    barrier()
+    if rank == 0:
+        parts = [path.with_name(f"{path.stem}.rank{r}.jsonl") for r in range(ws)]
+        with atomic_open(path) as f:
+            for p in parts:
+                f.write(p.read_text(encoding="utf-8"))
+        for p in parts:
+            p.unlink()
+    barrier()
+    return list(read_trajectories(path))
+
+
+def rollout_params(cfg: ExperimentConfig) -> SamplingParams:
+    r = cfg.rollout
+    return SamplingParams(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+                          max_new_tokens_per_turn=r.max_new_tokens_per_turn, max_turns=r.max_turns,
+                          max_length=r.max_length)
+
+
+def eval_params(cfg: ExperimentConfig) -> SamplingParams:
+    e = cfg.eval
+    return SamplingParams(temperature=e.temperature, max_new_tokens_per_turn=e.max_new_tokens_per_turn,
+                          max_turns=e.max_turns, max_length=cfg.rollout.max_length)
+
+
+def accuracy(trajectories) -> float:
+    return sum(bool(t.correct) for t in trajectories) / max(1, len(trajectories))
+
+
+# ---------------------------------------------------------------- the pipeline
+class Pipeline:
+    def __init__(self, cfg: ExperimentConfig, out: Path):
+        self.cfg, self.out = cfg, out
+        self.rank = world()[0]
+        if self.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out / "config.yaml")
+        barrier()
+        self.stages = Stages(out)
+        self.results = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
+
+    def record(self, key: str, value):
+        self.results[key] = value
+        if self.rank == 0:
+            write_json_atomic(self.out / "results.json", self.results)
+
+    def prompts(self) -> list[dict]:
+        path = self.out / "prompts.jsonl"
+        if not self.stages.done("prompts"):
+            rows = split_prompts(self.cfg, load_prompts(self.cfg))
+            if self.rank == 0:
+                write_jsonl(path, rows)
+            barrier()
+            self.stages.finish("prompts", [path])
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def sft(self) -> str:
+        """π0: the SFT stage's model when sft.data is set (training it first if needed), else model.name_or_path."""
+        cfg = self.cfg
+        if not cfg.sft.data:
+            return cfg.model.name_or_path
+        folder = self.out / "sft"
+        if not self.stages.done("sft"):
+            c = copy.deepcopy(cfg)
+            c.loss.type, c.loss.mask = "sft", "model"
+            c.optimizer.lr = cfg.sft.lr
+            c.training.epochs, c.training.global_batch_size = cfg.sft.epochs, cfg.sft.global_batch_size
+            c.training.micro_batch_size = min(cfg.training.micro_batch_size, cfg.sft.global_batch_size)
+            c.training.warmup_steps = cfg.sft.warmup_steps
+            train(c, cfg.sft.data, folder, resume=True)
+            self.stages.finish("sft", [folder / "final"])
+        return str(folder / "final")
+
+    def evaluate(self, model: str, it: int) -> dict:
+        """Test-set accuracy of `model`, recorded as iteration `it`'s."""
+        cfg, name = self.cfg, f"eval_{it}"
+        rec = self.stages.done(name)
+        if rec:
+            return rec["info"]
+        info, files = {}, []
+        for spec in cfg.eval.sets:
+            problems = load_problems(spec, cfg.data.data_dir)[: cfg.eval.limit]
+            tag = Path(spec).stem if spec.endswith(".jsonl") else spec
+            path = self.out / f"iter_{it}" / "eval" / f"{tag}.jsonl"
+            trajs = sample(model, problems, path, 1, eval_params(cfg), cfg, f"iter {it} eval {tag}",
+                           cfg.eval.batch_size, cfg.training.seed)
+            m = compute_metrics(trajs, problems, 1)
+            info[tag] = {"pass@1": m.get("pass@1", 0.0), "problems": m["problems"], "tools": m.get("tools", {})}
+            files.append(path)
+        return self.stages.finish(name, files, info)["info"]
+
+    def rollout(self, it: int, policy: str, previous: str | None, prompts: list[dict]) -> list:
+        cfg, d = self.cfg, self.out / f"iter_{it}"
+        n_prev = cfg.rollout.n_previous if previous else 0
+        n_cur = cfg.rollout.n_current + (0 if previous else cfg.rollout.n_previous)
+        jobs = [("rollout", policy, n_cur, d / "rollout.jsonl", 0)]
+        if n_prev:
+            jobs.append(("rollout_prev", previous, n_prev, d / "rollout_prev.jsonl", 1))
+        trajs = []
+        for name, model, n, path, salt in jobs:
+            stage = f"{name}_{it}"
+            if not self.stages.done(stage):
+                sample(model, prompts, path, n, rollout_params(cfg), cfg, f"iter {it} {name}",
+                       cfg.rollout.batch_size, cfg.training.seed + 1000 * it + salt)
+                self.stages.finish(stage, [path])
+            # Files are in the order rows finished, which a resumed run changes: sort, so that the filters'
+            # "first of duplicates" and the pair sampling see the same order every time.
+            trajs += sorted(read_trajectories(path), key=lambda t: (t.prompt_id, t.sample_id))
+        return trajs
+
+    def build_data(self, it: int, trajs: list) -> tuple[Path, dict]:
+        cfg, d = self.cfg, self.out / f"iter_{it}"
+        path, stage = d / "data.jsonl", f"data_{it}"
+        rec = self.stages.done(stage)
+        if rec:
+            return path, rec["info"]
+        kept, removed = apply_filters(trajs, cfg.filters, cfg.rollout.max_length)
+        seed = cfg.training.seed + it
+        kind = cfg.loss.type
+        if kind == "mdpo":
+            pairs = build_pairs(kept, cfg.loss.pairs_per_prompt, seed)
+            rows = len(pairs)
+            if self.rank == 0:
+                write_pairs(path, pairs)
+        elif kind == "mkto":
+            examples = build_kto(build_pairs(kept, cfg.loss.pairs_per_prompt, seed), seed)
+            rows = len(examples)
+            if self.rank == 0:
+                write_trajectories(path, examples)
+        elif kind == "raft":
+            examples = build_raft(kept, cfg.loss.pairs_per_prompt, seed)
+            rows = len(examples)
+            if self.rank == 0:
+                write_trajectories(path, examples)
+        else:
+            raise PipelineError(f"loss.type {kind!r} is not an iterative method; use --stage sft for SFT")
+        barrier()
+        info = {"rollout": pair_stats(trajs), "filters": removed, "after_filters": pair_stats(kept),
+                "examples": rows}
+        if self.rank == 0:
+            write_json_atomic(d / "data_stats.json", info)
+        return path, self.stages.finish(stage, [path], info)["info"]
+
+    def train_iteration(self, it: int, policy: str, sft_model: str, data: Path) -> dict:
+        cfg, d = self.cfg, self.out / f"iter_{it}"
+        stage = f"train_{it}"
+        rec = self.stages.done(stage)
+        if rec:
+            return rec["info"]
+        c = copy.deepcopy(cfg)
+        c.model.name_or_path = policy
+        reference = policy if cfg.reference.mode == "previous" else sft_model
+        export_every = cfg.training.eval_every if cfg.eval.select else 0
+        summary = d / "train" / "summary.json"
+        if summary.is_file() and (d / "train" / "final" / "config.json").is_file():
+            last = json.loads(summary.read_text())["last"]  # trained; killed before the stage was recorded
+        else:
+            last = train(c, str(data), d / "train", resume=True, reference=reference, export_every=export_every)
+        return self.stages.finish(stage, [d / "train" / "final"], last)["info"]
+
+    def select(self, it: int, heldout: list[dict]) -> dict:
+        """Score every exported checkpoint and the final one on the held-out prompts; keep the best as policy."""
+        cfg, d = self.cfg, self.out / f"iter_{it}"
+        stage = f"select_{it}"
+        rec = self.stages.done(stage)
+        if rec:
+            return rec["info"]
+        exports = d / "train" / "exports"
+        cands = sorted((p for p in exports.glob("step_*") if not p.name.endswith(".tmp")),
+                       key=lambda p: int(p.name.split("_")[1])) if exports.is_dir() else []
+        cands.append(d / "train" / "final")
+        scores = {}
+        problems = heldout[: cfg.eval.heldout_limit]
+        if cfg.eval.select and len(cands) > 1:
+            for c in cands:
+                trajs = sample(str(c), problems, d / "select" / f"{c.name}.jsonl", 1, eval_params(cfg), cfg,
+                               f"iter {it} select {c.name}", cfg.eval.batch_size, cfg.training.seed)
+                scores[c.name] = accuracy(trajs)
+            best = max(cands, key=lambda c: scores[c.name])  # ties: the earliest (closest to the reference)
+        else:
+            best = cands[-1]
+        if self.rank == 0:
+            tmp = d / "policy.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(best, tmp)
+            shutil.rmtree(d / "policy", ignore_errors=True)
+            os.replace(tmp, d / "policy")
+            for c in cands[:-1]:
+                if c != best:
+                    shutil.rmtree(c, ignore_errors=True)  # unselected exports: a 7B one is 17 GB
+        barrier()
+        info = {"scores": scores, "chosen": best.name, "heldout": len(problems)}
+        if self.rank == 0:
+            write_json_atomic(d / "select" / "selection.json", info)
+        return self.stages.finish(stage, [d / "policy"], info)["info"]
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        prompts = self.prompts()
+        heldout = [p for p in prompts if p["split"] == "heldout"]
+        sft_model = self.sft()
+        self.record("iter_0", {"eval": self.evaluate(sft_model, 0)})
+        policy, previous = sft_model, cfg.rollout.first_previous
+        for it in range(1, cfg.training.iterations + 1):
+            trajs = self.rollout(it, policy, previous, [p for p in prompts if p["split"] == f"iter_{it}"])
+            data, data_info = self.build_data(it, trajs)
+            train_info = self.train_iteration(it, policy, sft_model, data)
+            sel = self.select(it, heldout)
+            new = str(self.out / f"iter_{it}" / "policy")
+            self.record(f"iter_{it}", {"data": data_info, "train": train_info, "select": sel,
+                                       "eval": self.evaluate(new, it)})
+            policy, previous = new, policy
+        if self.rank == 0:
+            print(table(self.results, cfg))
+        return self.results
+
+
+def table(results: dict, cfg: ExperimentConfig) -> str:
+    """Per-iteration summary: rollout accuracy, pairs, margins, chosen checkpoint, test accuracy."""
+    sets = [Path(s).stem if s.endswith(".jsonl") else s for s in cfg.eval.sets]
+    head = ["iter", "rollout acc", "coverage", "examples", "margin", "chosen"] + sets
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for key in sorted(results, key=lambda k: int(k.split("_")[1])):
+        r = results[key]
+        d = r.get("data", {})
+        ro = d.get("rollout", {})
+        cells = [key.split("_")[1],
+                 f"{100 * ro['correct_share']:.1f}%" if ro else "-",
+                 f"{100 * ro['coverage']:.1f}%" if ro else "-",
+                 str(d.get("examples", "-")),
+                 f"{r['train']['rewards/margin']:.3f}" if "rewards/margin" in r.get("train", {}) else "-",
+                 r.get("select", {}).get("chosen", "-")]
+        cells += [f"{100 * r['eval'][s]['pass@1']:.1f}%" if s in r.get("eval", {}) else "-" for s in sets]
+        lines.append(" | ".join(cells))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mdpo.pipeline", description="Online iterative M-DPO / M-KTO.")
+    ap.add_argument("config", help="experiment YAML")
+    ap.add_argument("overrides", nargs="*", help="section.key=value")
+    ap.add_argument("--out", default=None, help="output folder (default: metrics.out_dir/NAME)")
+    ap.add_argument("--stage", choices=("all", "sft"), default="all", help="sft: only the SFT stage")
+    args = ap.parse_args(argv)
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    try:
+        cfg = load_config(args.config, args.overrides)
+        out = Path(args.out or Path(cfg.metrics.out_dir) / cfg.name)
+        p = Pipeline(cfg, out)
+        if args.stage == "sft":
+            if not cfg.sft.data:
+                raise PipelineError(f"{args.config}: --stage sft needs sft.data (SFT trajectories JSONL)")
+            print(p.sft())
+        else:
+            p.run()
+    except (ConfigError, TrainError, CheckpointError, PipelineError, DataError, EvalError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

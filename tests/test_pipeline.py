@@ -1,0 +1,196 @@
+"""The iterative pipeline end to end on a tiny model: stages, data, selection, resume, corruption, kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mdpo import synth
+from mdpo.data import DataError, read_pairs
+from mdpo.model import GemmaConfig, build_model
+from mdpo.pipeline import Pipeline
+from mdpo.config import load_config
+from mdpo.tokenizer import Tokenizer
+from mdpo.trajectory import read_trajectories, write_trajectories
+
+ROOT = Path(__file__).resolve().parents[1]
+
+YAML = """
+model: {{name_or_path: {init}, dtype: float32, attn_impl: sdpa}}
+data: {{train: [{prompts}], heldout: 4, prompts_per_iteration: 6}}
+rollout: {{n_current: 3, n_previous: 1, temperature: 1.0, max_new_tokens_per_turn: 24, max_turns: 2,
+          max_length: 160, batch_size: 8, executor_timeout: 5.0}}
+loss: {{type: {loss}, beta: 0.1}}
+sft: {{data: {sft}, lr: 5.0e-3, epochs: 8, global_batch_size: 8, warmup_steps: 2}}
+optimizer: {{lr: 1.0e-3}}
+training: {{iterations: 2, global_batch_size: 2, micro_batch_size: 2, warmup_steps: 1, eval_every: 1,
+           activation_checkpointing: false, schedule: constant}}
+eval: {{sets: [{test}], limit: 6, heldout_limit: 4, max_turns: 2, max_new_tokens_per_turn: 24, batch_size: 8}}
+checkpoint: {{every: 0}}
+"""
+
+
+def problem(i: int, gold: int) -> dict:
+    return {"id": f"q{i}", "question": f"Pick {i}.", "gold": str(gold)}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A task a 2-layer model learns in seconds: print 1 or 2, then box the printed number; gold is 1 or 2.
+
+    The SFT data picks 1 or 2 at random, so sampled trajectories of one prompt are both right and wrong and
+    every stage (pairs, training, selection) has work to do.
+    """
+    d = tmp_path_factory.mktemp("pipe")
+    rng = random.Random(0)
+    probs = [problem(i, rng.choice([1, 2])) for i in range(40)]
+    texts = [p["question"] for p in probs] + ["```python\nprint(1)\n```", "The answer is \\boxed{2}."] * 20
+    tok = Tokenizer(synth.train_tokenizer(texts + synth.corpus(synth.make_problems(50, 0, "c"), 0),
+                                          whole_numbers=0))
+    sft = []
+    for i, p in enumerate(probs):
+        x = rng.choice("12")
+        turns = [(f"```python\nprint({x})\n```", x), (f"The answer is \\boxed{{{x}}}.", None)]
+        sft.append(synth.build_trajectory(tok, p, turns))
+    write_trajectories(d / "sft.jsonl", sft * 5)
+    with open(d / "prompts.jsonl", "w") as f:
+        for p in probs[:16]:
+            f.write(json.dumps({"idx": p["id"], "question": p["question"], "answer": p["gold"]}) + "\n")
+    with open(d / "test.jsonl", "w") as f:
+        for p in probs[16:22]:
+            f.write(json.dumps({"idx": p["id"], "question": p["question"], "answer": p["gold"]}) + "\n")
+    cfg = GemmaConfig(family="gemma", vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=2, num_kv_heads=1, head_dim=16, max_position_embeddings=256)
+    build_model(cfg, seed=0).save_pretrained(d / "init", tokenizer=tok)
+    return d
+
+
+def write_config(d: Path, loss: str = "mdpo") -> Path:
+    path = d / f"{loss}.yaml"
+    path.write_text(YAML.format(init=d / "init", prompts=d / "prompts.jsonl", sft=d / "sft.jsonl",
+                                test=d / "test.jsonl", loss=loss))
+    return path
+
+
+def stable(results: dict) -> dict:
+    """results.json without wall-clock fields."""
+    out = json.loads(json.dumps(results))
+    for r in out.values():
+        for k in ("tokens_per_s", "step_time_s", "peak_mem_gb"):
+            r.get("train", {}).pop(k, None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def run(setup):
+    cfg = load_config(write_config(setup))
+    out = setup / "run"
+    return out, Pipeline(cfg, out).run()
+
+
+def test_pipeline_stages_and_data(run):
+    out, results = run
+    assert sorted(results) == ["iter_0", "iter_1", "iter_2"]
+    prompts = [json.loads(x) for x in (out / "prompts.jsonl").read_text().splitlines()]
+    splits = [p["split"] for p in prompts]
+    assert splits.count("heldout") == 4 and splits.count("iter_1") == 6 and splits.count("iter_2") == 6
+    for it in (1, 2):
+        d = out / f"iter_{it}"
+        ids = {p["id"] for p in prompts if p["split"] == f"iter_{it}"}
+        cur = list(read_trajectories(d / "rollout.jsonl"))
+        # Iteration 1 has no previous model (rollout.first_previous unset): all 3 + 1 samples from the policy.
+        assert len(cur) == 6 * (4 if it == 1 else 3) and {t.prompt_id for t in cur} == ids
+        prev = d / "rollout_prev.jsonl"
+        assert prev.exists() == (it == 2)
+        if it == 2:
+            assert len(list(read_trajectories(prev))) == 6
+            assert {t.model for t in read_trajectories(prev)} == {str(out / "sft" / "final")}  # π1 = SFT
+            assert {t.model for t in cur} == {str(out / "iter_1" / "policy")}
+        info = results[f"iter_{it}"]
+        f = info["data"]["filters"]
+        assert f["input"] == len(cur) + (6 if it == 2 else 0)
+        assert f["input"] == f["kept"] + sum(v for k, v in f.items() if k not in ("input", "kept"))
+        pairs = read_pairs(d / "data.jsonl")
+        assert len(pairs) == info["data"]["examples"] > 0
+        for chosen, rejected in pairs:
+            assert chosen.correct is True and rejected.correct is not True and chosen.prompt_id == rejected.prompt_id
+        sel = info["select"]
+        steps = len(pairs) // 2
+        assert set(sel["scores"]) == {f"step_{s}" for s in range(1, steps)} | {"final"}
+        assert sel["scores"][sel["chosen"]] == max(sel["scores"].values())
+        assert (d / "policy" / "config.json").is_file() and (d / "policy" / "tokenizer.model").is_file()
+        assert 0.0 <= info["eval"]["test"]["pass@1"] <= 1.0 and info["eval"]["test"]["problems"] == 6
+    # Iteration 2 trains from iteration 1's selected model, whose reference log-probs are its own.
+    cfg2 = (out / "iter_2" / "train" / "config.yaml").read_text()
+    assert str(out / "iter_1" / "policy") in cfg2
+
+
+def test_rerun_skips_finished_stages(run, setup):
+    out, results = run
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.jsonl")}
+    again = Pipeline(load_config(write_config(setup)), out).run()
+    assert stable(again) == stable(results)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.jsonl")} == before  # nothing was redone
+
+
+def test_corrupt_intermediate_file_is_reported(run, setup, tmp_path):
+    out, _ = run
+    copy = tmp_path / "run"
+    import shutil
+    shutil.copytree(out, copy)
+    path = copy / "iter_1" / "rollout.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-1]))  # truncated
+    with pytest.raises(DataError, match=str(path)):
+        Pipeline(load_config(write_config(setup)), copy).run()
+    path.write_text("".join(lines).replace('"correct": false', '"correct": true', 1))  # same rows, other bytes
+    with pytest.raises(DataError, match="checksum"):
+        Pipeline(load_config(write_config(setup)), copy).run()
+
+
+def test_killed_run_resumes_to_the_same_results(run, setup, tmp_path):
+    """Kill the pipeline in the middle of iteration 1's rollout and again in its training; the rerun ends equal."""
+    out, results = run
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "mdpo.pipeline", str(write_config(setup)), "--out", str(killed)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TQDM_DISABLE="1")
+    for marker in (killed / "iter_1" / "rollout.jsonl", killed / "iter_1" / "train" / "metrics.jsonl"):
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while not (marker.exists() and marker.stat().st_size > 0) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (killed / "results.json").exists() or "iter_2" not in json.loads((killed / "results.json").read_text())
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = diff(stable(json.loads((killed / "results.json").read_text())), stable(results))
+    assert d == [], "\n".join(map(str, d))
+    for name in ("iter_1/rollout.jsonl", "iter_2/rollout.jsonl", "iter_2/eval/test.jsonl"):
+        assert content(killed / name) == content(out / name), name
+    assert [[content_of(t) for t in p] for p in read_pairs(killed / "iter_2" / "data.jsonl")] == \
+        [[content_of(t) for t in p] for p in read_pairs(out / "iter_2" / "data.jsonl")]
+
+
+def diff(a, b, path="") -> list:
+    """Paths where two JSON values differ (a readable assertion)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [x for k in sorted(set(a) | set(b)) for x in diff(a.get(k), b.get(k), f"{path}.{k}")]
+    return [] if a == b else [(path, a, b)]
+
+
+def content_of(t) -> tuple:
+    return t.prompt_id, t.sample_id, t.tokens, t.roles, t.turns, t.answer, t.correct, t.finish_reason
+
+
+def content(path: Path) -> list:
+    """A trajectory file's samples in a fixed order, without the model path (which names the output folder)."""
+    return sorted(content_of(t) for t in read_trajectories(path))

@@ -31,15 +31,27 @@ DATASETS = {
     "math": "math/hendrycks_math/test.jsonl",
     "math500": "math/prm800k_math_splits/test.jsonl",
 }
+TRAIN_DATASETS = {  # the same names in data.train mean the training splits
+    "gsm8k": "gsm8k/train.jsonl",
+    "math": "math/hendrycks_math/train.jsonl",
+}
 
 
 class EvalError(ValueError):
     """Bad input to the evaluation: the message names the flag, file or line."""
 
 
-def load_problems(data: str, data_dir: str) -> list[dict]:
-    """Problems as dicts with id, question, gold (and level / subject where the data has them)."""
-    path = Path(data_dir) / DATASETS[data] if data in DATASETS else Path(data)
+def load_problems(data: str, data_dir: str, split: str = "test", skipped: list | None = None) -> list[dict]:
+    """Problems as dicts with id, question, gold (and level / subject where the data has them).
+
+    `data` is a dataset name (its `split` file under data_dir) or a JSONL path. Accepted rows: GSM8K
+    (question, answer with ####), MATH (problem, solution with \\boxed{}), MATH-500 / prepared files (answer),
+    and the paper's augmented prompt sets (idx, type, problem or question, solution). A row without a gold
+    answer is an error, unless `skipped` is a list: then its "file:line" is appended there and it is left out
+    (training prompts that cannot be graded teach nothing).
+    """
+    names = TRAIN_DATASETS if split == "train" else DATASETS
+    path = Path(data_dir) / names[data] if data in names else Path(data)
     if not path.is_file():
         raise EvalError(f"{path}: data file not found (--data {data!r}, --data-dir {data_dir!r})")
     problems = []
@@ -56,13 +68,18 @@ def load_problems(data: str, data_dir: str) -> list[dict]:
                 raise EvalError(f"{path}:{i}: no 'question' or 'problem' field")
             if "####" in str(row.get("answer", "")):
                 gold = gold_gsm8k(row["answer"])  # GSM8K: the number after ####
+            elif row.get("answer") is None and "####" in str(row.get("solution", "")):
+                gold = gold_gsm8k(row["solution"])  # augmented GSM8K-style rows keep the #### rule
             elif row.get("answer") is not None:
                 gold = str(row["answer"])  # MATH-500 and prepared files carry the answer itself
             elif "solution" in row:
                 gold = gold_math(row["solution"])  # MATH: the last \boxed{} of the solution
             else:
                 raise EvalError(f"{path}:{i}: no 'answer' or 'solution' field")
-            if gold is None:
+            if gold is None or not gold.strip():
+                if skipped is not None:
+                    skipped.append(f"{path}:{i}")
+                    continue
                 raise EvalError(f"{path}:{i}: no gold answer (no \\boxed{{}} in the solution)")
             level = row.get("level")
             if isinstance(level, int):

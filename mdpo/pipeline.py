@@ -87,6 +87,7 @@ class Stages:
         return rec
 
     def finish(self, name: str, files: list[Path], info: dict | None = None) -> dict:
+        barrier()  # rank 0 may still be writing the stage's files
         root = self.path.parent
         rec = {"files": {str(f.relative_to(root)): ({"dir": True} if f.is_dir() else file_digest(f)) for f in files},
                "info": info or {}}
@@ -100,11 +101,14 @@ class Stages:
 # ---------------------------------------------------------------- prompts
 def load_prompts(cfg: ExperimentConfig) -> list[dict]:
     """All training prompts of data.train; ids are prefixed with their dataset so they stay unique."""
-    problems = []
+    problems, skipped = [], []
     for spec in cfg.data.train:
         tag = Path(spec).stem if spec.endswith(".jsonl") else spec
-        for p in load_problems(spec, cfg.data.data_dir):
+        for p in load_problems(spec, cfg.data.data_dir, split="train", skipped=skipped):
             problems.append(dict(p, id=f"{tag}:{p['id']}"))
+    if skipped and world()[0] == 0:
+        print(f"left out {len(skipped)} prompts without a gold answer: {', '.join(skipped[:5])}"
+              + (" ..." if len(skipped) > 5 else ""), file=sys.stderr)
     ids = [p["id"] for p in problems]
     if len(set(ids)) != len(ids):
         raise PipelineError(f"data.train {cfg.data.train}: duplicate problem ids")

@@ -421,6 +421,8 @@ def train(cfg: ExperimentConfig, data: str, out, resume: bool = False, max_steps
         if rank == 0:
             write_json_atomic(out / "summary.json", {"steps": total, "examples": len(examples), "dropped": dropped,
                                                      "last": last})
+    if ws > 1:
+        dist.barrier()  # rank 0 writes the exports: no rank returns before they are complete
     return last
 
 

@@ -194,3 +194,75 @@ def content_of(t) -> tuple:
 def content(path: Path) -> list:
     """A trajectory file's samples in a fixed order, without the model path (which names the output folder)."""
     return sorted(content_of(t) for t in read_trajectories(path))
+
+
+def _rank(rank, port, config, out):
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TQDM_DISABLE="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        Pipeline(load_config(config, ["training.micro_batch_size=1"]), Path(out)).run()  # 2 ranks x 1 = 2
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_share_the_work_and_match_one(run, setup, tmp_path):
+    """Under torchrun-style ranks (2 gloo processes): the ranks split every sampling stage and train with FSDP2;
+    the rollouts equal the single-process run's (a sample's randomness depends on its ids only) and so do the
+    data, selection and test accuracy."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    out1, results = run
+    out2 = tmp_path / "two"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank, args=(port, str(write_config(setup)), str(out2)), nprocs=2, join=True)
+    two = json.loads((out2 / "results.json").read_text())
+    assert not list(out2.rglob("*.rank*.jsonl"))  # the per-rank shares were merged and removed
+    for name in ("iter_0/eval/test.jsonl", "iter_1/rollout.jsonl", "iter_2/rollout.jsonl"):
+        assert content(out2 / name) == content(out1 / name), name
+    for it in ("iter_1", "iter_2"):
+        assert two[it]["data"] == results[it]["data"]
+        assert two[it]["select"]["chosen"] == results[it]["select"]["chosen"]
+        assert two[it]["eval"]["test"]["pass@1"] == results[it]["eval"]["test"]["pass@1"]
+        assert two[it]["train"]["loss"] == pytest.approx(results[it]["train"]["loss"], abs=1e-4)
+
+
+SHARED = ROOT.parent / "shared" / "data"
+
+
+@pytest.mark.skipif(not (SHARED / "gsm8k" / "train.jsonl").is_file(), reason="shared/data not beside the checkout")
+def test_training_prompts_are_the_train_splits_and_augmented_rows_parse(tmp_path):
+    from mdpo.pipeline import load_prompts, split_prompts
+
+    cfg = load_config(ROOT / "experiments" / "gemma7b_mdpo.yaml", [f"data.data_dir={SHARED}"])
+    prompts = load_prompts(cfg)
+    # GSM8K train + MATH train (not the test sets), less the two MATH solutions whose \\boxed{} is empty
+    # (train/number_theory/7115 and 7117, read by hand); "\\boxed 2" without braces does count.
+    assert len(prompts) == 7473 + 7500 - 2
+    ids = {p["id"] for p in prompts}
+    assert "math:train/number_theory/7116.json" in ids
+    assert not ids & {"math:train/number_theory/7115.json", "math:train/number_theory/7117.json"}
+    first = prompts[0]
+    assert first["id"] == "gsm8k:0" and first["gold"] == "72"  # Natalia's clips: 48 + 24
+    assert all(p["id"].startswith("math:") for p in prompts[7473:])
+    split = split_prompts(cfg, prompts)
+    count = {s: sum(p["split"] == s for p in split) for s in ("heldout", "iter_1", "iter_2", "iter_3")}
+    assert count["heldout"] == 1000 and count["iter_1"] == count["iter_2"] == count["iter_3"] == (14971 - 1000) // 3
+    ids = [p["id"] for p in split]
+    assert len(set(ids)) == len(ids)  # disjoint sets
+    # The paper's augmented prompt sets: idx, type, problem or question, solution.
+    aug = tmp_path / "aug.jsonl"
+    aug.write_text(json.dumps({"idx": 7, "type": "MATH_Rephrased", "problem": "What is $1+1$?",
+                               "solution": "It is $\\\\boxed{2}$."}) + "\n"
+                   + json.dumps({"idx": 8, "type": "GSM_AnsAug", "question": "2 + 3?",
+                                 "solution": "2 + 3 = 5\n#### 5"}) + "\n")
+    cfg = load_config(ROOT / "experiments" / "gemma7b_mdpo.yaml", [f"data.train=[{aug}]"])
+    got = [(p["id"], p["question"], p["gold"]) for p in load_prompts(cfg)]
+    assert got == [("aug:7", "What is $1+1$?", "2"), ("aug:8", "2 + 3?", "5")]

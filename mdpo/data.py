@@ -44,7 +44,7 @@ from typing import Iterable
 
 from mdpo.atomic import atomic_open
 from mdpo.config import FilterConfig
-from mdpo.trajectory import Role, Trajectory, TrajectoryError
+from mdpo.trajectory import Role, Trajectory, TrajectoryError, read_jsonl
 
 # Filter names, in the order a dropped trajectory is attributed to them; each is a FilterConfig switch.
 FILTERS: tuple[str, ...] = ("no_tool_call", "long_answer", "overlong", "correct_after_error",
@@ -254,27 +254,15 @@ def write_pairs(path, pairs: Iterable[Pair]) -> dict:
 
 def read_pairs(path) -> list[Pair]:
     """The pairs of a write_pairs file; a malformed line raises DataError naming file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: missing file")
     pairs: list[Pair] = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{i}"
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(d, dict) or not isinstance(d.get("chosen"), dict) \
-                    or not isinstance(d.get("rejected"), dict):
-                raise DataError(f"{where}: a pair needs 'chosen' and 'rejected' trajectory objects")
-            try:
-                pairs.append((Trajectory.from_json(json.dumps(d["chosen"]), where),
-                              Trajectory.from_json(json.dumps(d["rejected"]), where)))
-            except TrajectoryError as e:
-                raise DataError(str(e)) from None
+    for where, d in read_jsonl(path, DataError):
+        if not isinstance(d, dict) or not isinstance(d.get("chosen"), dict) or not isinstance(d.get("rejected"), dict):
+            raise DataError(f"{where}: a pair needs 'chosen' and 'rejected' trajectory objects")
+        try:
+            pairs.append((Trajectory.from_json(json.dumps(d["chosen"]), where),
+                          Trajectory.from_json(json.dumps(d["rejected"]), where)))
+        except TrajectoryError as e:
+            raise DataError(str(e)) from None
     return pairs
 
 
@@ -366,22 +354,13 @@ def convert_messages(src, dst, tokenizer_dir) -> int:
     from mdpo.trajectory import write_trajectories
 
     tok = Tokenizer.from_pretrained(tokenizer_dir)
-    src = Path(src)
     out = []
-    with open(src, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{src}:{i}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
-                raise DataError(f"{where}: expected an object with a 'messages' list")
-            t = trajectory_from_messages(tok, row["messages"], str(row.get("id", i - 1)), where)
-            t.correct = row.get("correct")
-            out.append(t)
+    for i, (where, row) in enumerate(read_jsonl(src, DataError)):
+        if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
+            raise DataError(f"{where}: expected an object with a 'messages' list")
+        t = trajectory_from_messages(tok, row["messages"], str(row.get("id", i)), where)
+        t.correct = row.get("correct")
+        out.append(t)
     return write_trajectories(dst, out)
 
 

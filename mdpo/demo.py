@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mdpo.demo", description="M-DPO on a synthetic task, on a CPU.")
     ap.add_argument("overrides", nargs="*", help="section.key=value for experiments/demo.yaml")
     ap.add_argument("--out", default="runs/demo")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # overrides may come after the options
     import torch
 
     from mdpo.pipeline import Pipeline, PipelineError

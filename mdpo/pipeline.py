@@ -41,7 +41,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from mdpo.atomic import atomic_open, write_json_atomic
@@ -50,7 +49,7 @@ from mdpo.data import (DataError, apply_filters, build_kto, build_pairs, build_r
                        split_heldout, verify_file, write_pairs)
 from mdpo.eval import EvalError, compute_metrics, load_problems, sample_graded
 from mdpo.sampler import SamplingParams
-from mdpo.train import TrainError, train, world
+from mdpo.train import TrainError, init_distributed, train, world
 from mdpo.trajectory import read_trajectories, write_trajectories
 from mdpo.weights import CheckpointError
 
@@ -393,11 +392,8 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*", help="section.key=value")
     ap.add_argument("--out", default=None, help="output folder (default: metrics.out_dir/NAME)")
     ap.add_argument("--stage", choices=("all", "sft"), default="all", help="sft: only the SFT stage")
-    args = ap.parse_args(argv)
-    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    args = ap.parse_intermixed_args(argv)  # overrides may come after the options
+    init_distributed()
     try:
         cfg = load_config(args.config, args.overrides)
         out = Path(args.out or Path(cfg.metrics.out_dir) / cfg.name)

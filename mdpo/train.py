@@ -36,7 +36,7 @@ from mdpo.config import ConfigError, ExperimentConfig, load_config, save_config
 from mdpo.logprobs import sequence_logprobs
 from mdpo.losses import dpo_loss, kto_kl_estimate, kto_loss, sft_loss
 from mdpo.model import Gemma
-from mdpo.trajectory import Trajectory, TrajectoryError
+from mdpo.trajectory import Trajectory, TrajectoryError, read_jsonl
 from mdpo.atomic import atomic_open, write_json_atomic
 from mdpo.weights import CheckpointError
 
@@ -56,42 +56,31 @@ class Example:
 
 def load_examples(path, kind: str, mask: str, max_length: int, vocab_size: int) -> tuple[list[Example], dict]:
     """Read pairs (mdpo) or trajectories (sft); drop unusable ones and count why."""
-    path = Path(path)
-    if not path.is_file():
-        raise TrainError(f"{path}: data file not found")
     examples, dropped = [], {"empty_mask": 0, "too_long": 0}
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{i}"
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TrainError(f"{where}: invalid JSON ({e.msg})") from None
-            try:
-                if kind == "mdpo":
-                    if not isinstance(d, dict) or "chosen" not in d or "rejected" not in d:
-                        raise TrainError(f"{where}: a pair needs 'chosen' and 'rejected'")
-                    seqs = [Trajectory.from_json(json.dumps(d[k]), where) for k in ("chosen", "rejected")]
-                else:
-                    seqs = [Trajectory.from_json(line, where)]
-            except TrajectoryError as e:
-                raise TrainError(str(e)) from None
-            for t in seqs:
-                if t.tokens and max(t.tokens) >= vocab_size:
-                    raise TrainError(f"{where}: token id {max(t.tokens)} >= the model's vocabulary ({vocab_size}); "
-                                     "was this data made with another tokenizer?")
-            if kind == "mkto" and seqs[0].correct is None:
-                raise TrainError(f"{where}: M-KTO needs each trajectory's 'correct' label (desirable or not)")
-            # Truncation policy: an example longer than max_length is dropped whole (cutting it would drop
-            # its final answer, which is what made it chosen or rejected), and counted.
-            if any(len(t.tokens) > max_length for t in seqs):
-                dropped["too_long"] += 1
-            elif any(not any(t.loss_mask(mask)[1:]) for t in seqs):
-                dropped["empty_mask"] += 1  # nothing to train on: the loss would be a constant
+    for where, d in read_jsonl(path, TrainError):
+        try:
+            if kind == "mdpo":
+                if not isinstance(d, dict) or "chosen" not in d or "rejected" not in d:
+                    raise TrainError(f"{where}: a pair needs 'chosen' and 'rejected'")
+                seqs = [Trajectory.from_json(json.dumps(d[k]), where) for k in ("chosen", "rejected")]
             else:
-                examples.append(Example(seqs, tokens=sum(seqs[0].loss_mask(mask)[1:])))
+                seqs = [Trajectory.from_json(json.dumps(d), where)]
+        except TrajectoryError as e:
+            raise TrainError(str(e)) from None
+        for t in seqs:
+            if t.tokens and max(t.tokens) >= vocab_size:
+                raise TrainError(f"{where}: token id {max(t.tokens)} >= the model's vocabulary ({vocab_size}); "
+                                 "was this data made with another tokenizer?")
+        if kind == "mkto" and seqs[0].correct is None:
+            raise TrainError(f"{where}: M-KTO needs each trajectory's 'correct' label (desirable or not)")
+        # Truncation policy: an example longer than max_length is dropped whole (cutting it would drop
+        # its final answer, which is what made it chosen or rejected), and counted.
+        if any(len(t.tokens) > max_length for t in seqs):
+            dropped["too_long"] += 1
+        elif any(not any(t.loss_mask(mask)[1:]) for t in seqs):
+            dropped["empty_mask"] += 1  # nothing to train on: the loss would be a constant
+        else:
+            examples.append(Example(seqs, tokens=sum(seqs[0].loss_mask(mask)[1:])))
     if kind == "mkto":
         add_kl_sequences(examples)
     return examples, dropped
@@ -461,6 +450,14 @@ METRIC_KEYS = {
 }
 
 
+def init_distributed() -> None:
+    """Join the torchrun process group when launched by torchrun (NCCL on GPUs, gloo on CPUs)."""
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mdpo.train", description="M-DPO / M-KTO / SFT training.")
     ap.add_argument("config", help="experiment YAML")
@@ -470,10 +467,7 @@ def main(argv=None) -> int:
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     ap.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (for testing)")
     args = ap.parse_args(argv)
-    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    init_distributed()
     try:
         cfg = load_config(args.config, args.overrides)
         train(cfg, args.data, args.out, resume=args.resume, max_steps=args.max_steps)

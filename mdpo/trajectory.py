@@ -128,6 +128,21 @@ class Trajectory:
             raise TrajectoryError(f"{where}: {e}") from None
 
 
+def read_jsonl(path, error: type[Exception] = TrajectoryError) -> Iterator[tuple[str, object]]:
+    """("file:line", parsed value) for each non-blank line; `error` names the file (missing) or line (bad JSON)."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: file not found")
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{i}", json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno})") from None
+
+
 def read_trajectories(path) -> Iterator[Trajectory]:
     """Trajectories of a JSONL file; a malformed line raises TrajectoryError naming file and line."""
     path = Path(path)

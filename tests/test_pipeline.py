@@ -266,3 +266,20 @@ def test_training_prompts_are_the_train_splits_and_augmented_rows_parse(tmp_path
     cfg = load_config(ROOT / "experiments" / "gemma7b_mdpo.yaml", [f"data.train=[{aug}]"])
     got = [(p["id"], p["question"], p["gold"]) for p in load_prompts(cfg)]
     assert got == [("aug:7", "What is $1+1$?", "2"), ("aug:8", "2 + 3?", "5")]
+
+
+def test_stage_sft_cli(run, setup, tmp_path, capsys):
+    """`make sft EXP=...` = `python -m mdpo.pipeline CONFIG --stage sft`: trains only π0 (or finds it done);
+    a config without sft.data is refused with exit code 2 and one line."""
+    from mdpo.pipeline import main
+
+    out1, _ = run
+    out = tmp_path / "sft_only"
+    assert main([str(write_config(setup)), "--out", str(out), "--stage", "sft"]) == 0
+    assert capsys.readouterr().out.strip() == str(out / "sft" / "final")
+    assert not (out / "iter_1").exists() and (out / "sft" / "final" / "tokenizer.model").is_file()
+    a = (out / "sft" / "final" / "model.safetensors").read_bytes()
+    assert a == (out1 / "sft" / "final" / "model.safetensors").read_bytes()  # same stage as inside `run`
+    assert main([str(write_config(setup)), "--out", str(out), "--stage", "sft", "sft.data=null"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "sft.data" in err and "\n" not in err

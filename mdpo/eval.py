@@ -241,7 +241,9 @@ def sample_graded(model_path, problems: list[dict], path, n: int, params, batch_
     todo = [(p, missing) for p, missing in todo if missing]
     if not todo:
         return done
-    model = Gemma.from_pretrained(model_path, dtype=dtype).eval()
+    # Under torchrun each rank samples on its own GPU (the trainer set the current device); else the CPU.
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    model = Gemma.from_pretrained(model_path, dtype=dtype, device=device).eval()
     tok = Tokenizer.from_pretrained(model_path)
     torch.manual_seed(seed)
     requests = [Request(p["id"], tok.encode(tok.render_chat([{"role": "user", "content": p["question"]}])),

@@ -245,7 +245,6 @@ def sample_graded(model_path, problems: list[dict], path, n: int, params, batch_
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     model = Gemma.from_pretrained(model_path, dtype=dtype, device=device).eval()
     tok = Tokenizer.from_pretrained(model_path)
-    torch.manual_seed(seed)
     requests = [Request(p["id"], tok.encode(tok.render_chat([{"role": "user", "content": p["question"]}])),
                         n=len(missing), sample_ids=missing) for p, missing in todo]
     gold = {p["id"]: p["gold"] for p in problems}

@@ -49,7 +49,7 @@ from mdpo.data import (DataError, apply_filters, build_kto, build_pairs, build_r
                        split_heldout, verify_file, write_pairs)
 from mdpo.eval import EvalError, compute_metrics, load_problems, sample_graded
 from mdpo.sampler import SamplingParams
-from mdpo.train import TrainError, init_distributed, train, world
+from mdpo.train import TrainError, run_cli, train, world
 from mdpo.trajectory import read_trajectories, write_trajectories
 from mdpo.weights import CheckpointError
 
@@ -393,24 +393,18 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="output folder (default: metrics.out_dir/NAME)")
     ap.add_argument("--stage", choices=("all", "sft"), default="all", help="sft: only the SFT stage")
     args = ap.parse_intermixed_args(argv)  # overrides may come after the options
-    init_distributed()
-    try:
+
+    def body():
         cfg = load_config(args.config, args.overrides)
-        out = Path(args.out or Path(cfg.metrics.out_dir) / cfg.name)
-        p = Pipeline(cfg, out)
+        p = Pipeline(cfg, Path(args.out or Path(cfg.metrics.out_dir) / cfg.name))
         if args.stage == "sft":
             if not cfg.sft.data:
                 raise PipelineError(f"{args.config}: --stage sft needs sft.data (SFT trajectories JSONL)")
             print(p.sft())
         else:
             p.run()
-    except (ConfigError, TrainError, CheckpointError, PipelineError, DataError, EvalError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+
+    return run_cli(body, (ConfigError, TrainError, CheckpointError, PipelineError, DataError, EvalError))
 
 
 if __name__ == "__main__":

@@ -458,6 +458,20 @@ def init_distributed() -> None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def run_cli(body, errors: tuple) -> int:
+    """A CLI's body inside the torchrun process group: 0 on success, 2 and one line on `errors`."""
+    init_distributed()
+    try:
+        body()
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mdpo.train", description="M-DPO / M-KTO / SFT training.")
     ap.add_argument("config", help="experiment YAML")
@@ -466,18 +480,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     ap.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (for testing)")
-    args = ap.parse_args(argv)
-    init_distributed()
-    try:
-        cfg = load_config(args.config, args.overrides)
-        train(cfg, args.data, args.out, resume=args.resume, max_steps=args.max_steps)
-    except (ConfigError, TrainError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    args = ap.parse_intermixed_args(argv)  # overrides may come after the options
+    return run_cli(lambda: train(load_config(args.config, args.overrides), args.data, args.out, resume=args.resume,
+                                 max_steps=args.max_steps), (ConfigError, TrainError, CheckpointError))
 
 
 if __name__ == "__main__":

@@ -277,3 +277,14 @@ def test_sft_loss_is_the_token_mean_over_the_global_batch(setup, tmp_path):
             nll -= logp.gather(1, torch.tensor(t.tokens[1:])[:, None])[:, 0][m].sum().item()
             tokens += m.sum().item()
     assert first["loss"] == pytest.approx(nll / tokens, rel=1e-4)
+
+
+def test_cli_exit_codes(setup, tmp_path, capsys):
+    from mdpo.train import main
+
+    base = [CONFIG, "--out", str(tmp_path / "o"), f"model.name_or_path={setup / 'init'}"]
+    assert main(base + ["--data", str(tmp_path / "none.jsonl")]) == 2  # overrides after options are read
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {tmp_path / 'none.jsonl'}: file not found"
+    assert main(base + ["--data", str(setup / "pairs.jsonl"), "loss.beta=oops"]) == 2
+    assert "loss.beta" in capsys.readouterr().err

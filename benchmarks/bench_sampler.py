@@ -1,9 +1,11 @@
 """Sampler benchmarks on the real Gemma 3 270M (2 CPU threads).
 
-    python benchmarks/bench_sampler.py [--dtypes float32 bfloat16] [--new 128] [--skip-tools]
+    python benchmarks/bench_sampler.py [--dtypes float32 bfloat16] [--new 128] [--repeats 2] [--skip-tools]
 
 1. Greedy decode: mdpo's Sampler against transformers `generate` (default dynamic cache), same prompts,
-   batch 1 and 8, 128 new tokens, no stop tokens; the generated ids must be identical. Batch 8 uses prompts of
+   batch 1 and 8, 128 new tokens, no stop tokens; the generated ids must be identical. The Sampler runs its
+   oneDNN-packed twin of the model (its CPU default, mdpo/packed.py); the plain model is timed too, to show
+   what packing buys. Each side runs `--repeats` times, interleaved, and the best time counts. Batch 8 uses prompts of
    equal length so transformers needs no padding. Also batch-1 speed as a fraction of the memory-bandwidth
    bound: (weight bytes read per token) / (read bandwidth measured here with a large reduction).
 2. Multi-turn: trajectories that pause for code 3 times (scripted turns, real forwards, a stub interpreter),
@@ -44,10 +46,12 @@ TEXT = ("Natalia sold clips to 48 of her friends in April, and then she sold hal
 def read_bandwidth_gbs() -> float:
     x = torch.ones(256 * 2**20 // 4 * 4)  # 1 GiB of fp32
     x.sum()
-    t0 = time.perf_counter()
-    for _ in range(5):
+    best = float("inf")
+    for _ in range(5):  # best of 5: the VM's bandwidth drifts by tens of percent between runs
+        t0 = time.perf_counter()
         x.sum()
-    return 5 * x.numel() * 4 / (time.perf_counter() - t0) / 1e9
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9
 
 
 def prompts_for(tok, batch, length=48):
@@ -55,27 +59,38 @@ def prompts_for(tok, batch, length=48):
     return [[tok.bos_id] + ids[i * 7: i * 7 + length - 1] for i in range(batch)]
 
 
-def bench_decode(model, hf, tok, batch, new):
+def bench_decode(model, hf, tok, batch, new, repeats):
+    """Greedy decode, best of `repeats` runs per side, the sides interleaved (this VM's bandwidth drifts)."""
     prompts = prompts_for(tok, batch)
-    sampler = Sampler(model, tok, batch_size=batch, max_length=len(prompts[0]) + new + 1)
-    sampler.stop_ids = set()  # generate exactly `new` tokens, as transformers does with eos disabled
     params = SamplingParams(temperature=0.0, max_new_tokens_per_turn=new)
     reqs = [Request(f"p{i}", p) for i, p in enumerate(prompts)]
-    list(sampler.generate(reqs[:1], SamplingParams(temperature=0.0, max_new_tokens_per_turn=4)))  # warm-up
-    t0 = time.perf_counter()
-    ours = {t.prompt_id: t.tokens[len(prompts[0]):] for t in sampler.generate(reqs, params)}
-    t_ours = time.perf_counter() - t0
+    samplers = {}
+    for pack in (True, False):  # packed twin (the default on CPU) and the plain model, for attribution
+        sampler = Sampler(model, tok, batch_size=batch, max_length=len(prompts[0]) + new + 1, pack=pack)
+        sampler.stop_ids = set()  # generate exactly `new` tokens, as transformers does with eos disabled
+        t0 = time.perf_counter()
+        list(sampler.generate(reqs[:1], SamplingParams(temperature=0.0, max_new_tokens_per_turn=4)))  # warm-up
+        samplers[pack] = (sampler, time.perf_counter() - t0)
     x = torch.tensor(prompts)
+    best = {"packed": float("inf"), "plain": float("inf"), "hf": float("inf")}
+    outputs = {}
     with torch.no_grad():
         hf.generate(x[:1], do_sample=False, max_new_tokens=4, eos_token_id=None, pad_token_id=0)
-        t0 = time.perf_counter()
-        out = hf.generate(x, do_sample=False, max_new_tokens=new, min_new_tokens=new, eos_token_id=None,
-                          pad_token_id=0)
-        t_hf = time.perf_counter() - t0
+        for _ in range(repeats):
+            for pack, name in ((True, "packed"), (False, "plain")):
+                t0 = time.perf_counter()
+                outputs[name] = {t.prompt_id: t.tokens[len(prompts[0]):] for t in samplers[pack][0].generate(reqs, params)}
+                best[name] = min(best[name], time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            out = hf.generate(x, do_sample=False, max_new_tokens=new, min_new_tokens=new, eos_token_id=None,
+                              pad_token_id=0)
+            best["hf"] = min(best["hf"], time.perf_counter() - t0)
     theirs = out[:, len(prompts[0]):].tolist()
-    same = all(ours[f"p{i}"] == theirs[i] for i in range(batch))
-    return {"batch": batch, "new_tokens": new, "mdpo_tok_s": batch * new / t_ours, "hf_tok_s": batch * new / t_hf,
-            "speedup": t_hf / t_ours, "identical": same}
+    same = all(outputs[name][f"p{i}"] == theirs[i] for name in outputs for i in range(batch))
+    return {"batch": batch, "new_tokens": new, "repeats": repeats, "mdpo_tok_s": batch * new / best["packed"],
+            "mdpo_unpacked_tok_s": batch * new / best["plain"], "hf_tok_s": batch * new / best["hf"],
+            "speedup": best["hf"] / best["packed"], "identical": same,
+            "pack_and_warmup_s": samplers[True][1], "plain_warmup_s": samplers[False][1]}
 
 
 class StubExecutor:
@@ -175,6 +190,7 @@ def main():
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--skip-tools", action="store_true")
+    ap.add_argument("--repeats", type=int, default=2, help="decode runs per side; the best is reported")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     if not (MODEL_DIR / "config.json").exists():
@@ -186,20 +202,22 @@ def main():
     result = {"bench": "sampler", "model": "gemma-3-270m", "threads": torch.get_num_threads(),
               "read_bandwidth_gbs": round(bw, 2), "decode": [], "multiturn": None, "interpreter": None}
     print(f"read bandwidth: {bw:.1f} GB/s")
-    print("| dtype | batch | mdpo tok/s | HF tok/s | speedup | identical | batch-1 % of bandwidth bound |")
-    print("|---|---|---|---|---|---|---|")
+    print("| dtype | batch | mdpo tok/s | mdpo unpacked tok/s | HF tok/s | speedup | identical | "
+          "batch-1 % of bandwidth bound |")
+    print("|---|---|---|---|---|---|---|---|")
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         model = Gemma.from_pretrained(MODEL_DIR, dtype=dtype).eval()
         hf = transformers.AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=dtype).eval()
         bound = bw * 1e9 / model.weight_bytes()  # tok/s if every weight byte is read once per token
         for batch in args.batches:
-            r = bench_decode(model, hf, tok, batch, args.new)
+            r = bench_decode(model, hf, tok, batch, args.new, args.repeats)
             r["dtype"] = dtype_name
             r["bandwidth_fraction"] = r["mdpo_tok_s"] / bound if batch == 1 else None
             result["decode"].append(r)
             frac = f"{100 * r['bandwidth_fraction']:.0f}%" if batch == 1 else ""
-            print(f"| {dtype_name} | {batch} | {r['mdpo_tok_s']:.1f} | {r['hf_tok_s']:.1f} | {r['speedup']:.2f} | "
+            print(f"| {dtype_name} | {batch} | {r['mdpo_tok_s']:.1f} | {r['mdpo_unpacked_tok_s']:.1f} | "
+                  f"{r['hf_tok_s']:.1f} | {r['speedup']:.2f} | "
                   f"{r['identical']} | {frac} |", flush=True)
         if dtype_name == args.dtypes[0]:
             m = bench_multiturn(model, hf, tok)

@@ -331,6 +331,14 @@ class Block(nn.Module):
         return x
 
 
+class Embedding(nn.Embedding):
+    """Token embedding that is also the LM head: Gemma ties the output projection to the input embedding."""
+
+    def attend(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (..., V) = hidden (..., d) @ E^T (no sqrt(d) scale here: that is for the input side only)."""
+        return F.linear(hidden, self.weight)
+
+
 class Gemma(nn.Module):
     """A Gemma causal LM. `model(tokens)` -> logits (B, T, V)."""
 
@@ -340,7 +348,7 @@ class Gemma(nn.Module):
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
         self.config = config
         self.attn_impl = attn_impl
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.activation_checkpointing = False  # per-block recomputation when training (set by the trainer)
@@ -419,7 +427,7 @@ class Gemma(nn.Module):
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits from final hidden states: the tied embedding, then Gemma 2's final soft-cap."""
-        logits = F.linear(hidden, self.embed_tokens.weight)
+        logits = self.embed_tokens.attend(hidden)
         if self.config.final_softcap is not None:
             cap = self.config.final_softcap
             logits = torch.tanh(logits / cap) * cap

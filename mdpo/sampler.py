@@ -27,6 +27,7 @@ from typing import Callable, Iterator
 import torch
 
 from mdpo.model import Gemma, KVCache
+from mdpo.packed import can_pack, is_fresh, pack_for_cpu
 from mdpo.trajectory import Role, Trajectory
 
 CODE_OPEN = "```python"
@@ -95,10 +96,12 @@ class Sampler:
             (mdpo.executor.ExecutorPool). None: code blocks are not run.
         seed: seed of the sampling generator.
         choose: testing hook, (prompt_id, sample_id, generated ids) -> forced token id or None.
+        pack: run a oneDNN-packed twin of the model (mdpo.packed): about 2x faster decoding on CPU, at the cost
+            of a second copy of the weights. None = on wherever it applies (CPU, fp32 or native bf16).
     """
 
     def __init__(self, model: Gemma, tokenizer, batch_size: int = 8, max_length: int = 2048, executor=None,
-                 seed: int = 0, choose: Callable | None = None, model_name: str = ""):
+                 seed: int = 0, choose: Callable | None = None, model_name: str = "", pack: bool | None = None):
         self.model = model
         self.tok = tokenizer
         self.B = batch_size
@@ -109,6 +112,8 @@ class Sampler:
         w = model.embed_tokens.weight
         self.device, self.dtype = w.device, w.dtype
         self.seed = seed
+        self.pack = can_pack(w) if pack is None else pack
+        self.net = model  # what forwards run on: the model, or its packed twin (refreshed in generate)
         self.cache = KVCache(model.config, batch_size, max_length, self.dtype, self.device)
         self.stop_ids = set(tokenizer.stop_ids)
         self.eot_id = tokenizer.end_of_turn_id
@@ -127,6 +132,9 @@ class Sampler:
     def generate(self, requests: list[Request], params: SamplingParams | None = None) -> Iterator[Trajectory]:
         """Yield one Trajectory per sample as rows finish (not in request order)."""
         default = params or SamplingParams()
+        if self.pack and (self.net is self.model or not is_fresh(self.net, self.model)):
+            self.net = None  # drop a stale twin before packing the new one: never two copies at once
+            self.net = pack_for_cpu(self.model, self.B)
         self._requests = requests
         queue = deque((i, s) for i, r in enumerate(requests)
                       for s in (r.sample_ids if r.sample_ids is not None else range(r.n)))
@@ -238,12 +246,12 @@ class Sampler:
                 positions[i, 0] = min(r.length, self.max_length - 1)
         for i in active:
             tokens[i, 0] = rows[i].tokens[-1]
-        hidden = self.model(tokens.to(self.device), positions=positions.to(self.device), cache=self.cache,
-                            return_hidden=True)
+        hidden = self.net(tokens.to(self.device), positions=positions.to(self.device), cache=self.cache,
+                          return_hidden=True)
         self.stats["forward_calls"] += 1
         self.stats["decode_steps"] += 1
         idx = torch.tensor(active, device=self.device)
-        logits = self.model.head(hidden[idx, 0]).float()  # (R, V): the head only for stepping rows
+        logits = self.net.head(hidden[idx, 0]).float()  # (R, V): the head only for stepping rows
         for i in active:
             rows[i].length += 1
         toks, lps = self._sample([rows[i] for i in active], logits, self._requests)
@@ -260,9 +268,9 @@ class Sampler:
         x = torch.tensor([tokens], device=self.device)
         pos = torch.arange(start, start + len(tokens), device=self.device)[None]
         view = self.cache.select(torch.tensor([slot], device=self.device))
-        hidden = self.model(x, positions=pos, cache=view, return_hidden=True)
+        hidden = self.net(x, positions=pos, cache=view, return_hidden=True)
         self.stats["forward_calls"] += 1
-        return self.model.head(hidden[:, -1]).float()
+        return self.net.head(hidden[:, -1]).float()
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor, requests):
         """Draw one token per row from fp32 logits (R, V); returns (ids, model log-probs of those ids)."""

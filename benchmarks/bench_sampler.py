@@ -7,7 +7,8 @@
    oneDNN-packed twin of the model (its CPU default, mdpo/packed.py); the plain model is timed too, to show
    what packing buys. Each side runs `--repeats` times, interleaved, and the best time counts. Batch 8 uses prompts of
    equal length so transformers needs no padding. Also batch-1 speed as a fraction of the memory-bandwidth
-   bound: (weight bytes read per token) / (read bandwidth measured here with a large reduction).
+   bound: (weight bytes read per token) / (read bandwidth measured with a large reduction just before that
+   row: this VM's bandwidth drifts between 28 and 41 GB/s over minutes).
 2. Multi-turn: trajectories that pause for code 3 times (scripted turns, real forwards, a stub interpreter),
    against re-sending the whole text every turn as the paper's vLLM loop did, run with transformers: tokens
    prefilled per trajectory and wall time.
@@ -209,13 +210,17 @@ def main():
         dtype = getattr(torch, dtype_name)
         model = Gemma.from_pretrained(MODEL_DIR, dtype=dtype).eval()
         hf = transformers.AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=dtype).eval()
-        bound = bw * 1e9 / model.weight_bytes()  # tok/s if every weight byte is read once per token
         for batch in args.batches:
+            if batch == 1:
+                r_bw = read_bandwidth_gbs()
+                bound = r_bw * 1e9 / model.weight_bytes()  # tok/s if every weight byte is read once per token
             r = bench_decode(model, hf, tok, batch, args.new, args.repeats)
+            if batch == 1:
+                r["read_bandwidth_gbs"] = round(r_bw, 2)
             r["dtype"] = dtype_name
             r["bandwidth_fraction"] = r["mdpo_tok_s"] / bound if batch == 1 else None
             result["decode"].append(r)
-            frac = f"{100 * r['bandwidth_fraction']:.0f}%" if batch == 1 else ""
+            frac = f"{100 * r['bandwidth_fraction']:.0f}% of {r_bw:.1f} GB/s" if batch == 1 else ""
             print(f"| {dtype_name} | {batch} | {r['mdpo_tok_s']:.1f} | {r['mdpo_unpacked_tok_s']:.1f} | "
                   f"{r['hf_tok_s']:.1f} | {r['speedup']:.2f} | "
                   f"{r['identical']} | {frac} |", flush=True)

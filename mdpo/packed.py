@@ -19,6 +19,7 @@ packing is a choice of the caller (the Sampler's `pack` argument) and only happe
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 import torch.nn as nn
@@ -32,6 +33,23 @@ def can_pack(weight: torch.Tensor) -> bool:
     if weight.dtype == torch.float32:
         return True
     return weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def available_memory_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux), else free physical pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def should_pack(model: nn.Module) -> bool:
+    """The default: pack where it applies and the second copy of the weights leaves half the free memory."""
+    return can_pack(model.embed_tokens.weight) and model.weight_bytes() < available_memory_bytes() // 2
 
 
 def _pack(weight: torch.Tensor, batch_size: int) -> torch.Tensor:

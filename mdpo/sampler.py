@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 import torch
 
 from mdpo.model import Gemma, KVCache
-from mdpo.packed import can_pack, is_fresh, pack_for_cpu
+from mdpo.packed import is_fresh, pack_for_cpu, should_pack
 from mdpo.trajectory import Role, Trajectory
 
 CODE_OPEN = "```python"
@@ -97,7 +97,8 @@ class Sampler:
         seed: seed of the sampling generator.
         choose: testing hook, (prompt_id, sample_id, generated ids) -> forced token id or None.
         pack: run a oneDNN-packed twin of the model (mdpo.packed): about 2x faster decoding on CPU, at the cost
-            of a second copy of the weights. None = on wherever it applies (CPU, fp32 or native bf16).
+            of a second copy of the weights. None = on wherever it applies (CPU, fp32 or native bf16) and that
+            copy takes less than half the available memory.
     """
 
     def __init__(self, model: Gemma, tokenizer, batch_size: int = 8, max_length: int = 2048, executor=None,
@@ -112,7 +113,7 @@ class Sampler:
         w = model.embed_tokens.weight
         self.device, self.dtype = w.device, w.dtype
         self.seed = seed
-        self.pack = can_pack(w) if pack is None else pack
+        self.pack = should_pack(model) if pack is None else pack
         self.net = model  # what forwards run on: the model, or its packed twin (refreshed in generate)
         self.cache = KVCache(model.config, batch_size, max_length, self.dtype, self.device)
         self.stop_ids = set(tokenizer.stop_ids)
@@ -274,7 +275,21 @@ class Sampler:
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor, requests):
         """Draw one token per row from fp32 logits (R, V); returns (ids, model log-probs of those ids)."""
-        logp = torch.log_softmax(logits, dim=-1)
+        ids = logits.argmax(-1)
+        if any(r.params.temperature > 0 for r in rows):
+            ids = self._draw(rows, logits, ids)
+        if self.choose is not None:
+            for j, r in enumerate(rows):
+                forced = self.choose(requests[r.req].prompt_id, r.sample_id, r.tokens[len(requests[r.req].tokens):])
+                if forced is not None:
+                    ids[j] = forced
+        # log p(id) = logit(id) - logsumexp(logits): the model's own distribution, before temperature/top-k/p.
+        chosen = logits.gather(1, ids[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+        self.stats["sampled_tokens"] += len(rows)
+        return ids.tolist(), chosen.tolist()
+
+    def _draw(self, rows: list[_Row], logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Replace the greedy ids of temperature > 0 rows by draws from their filtered distributions."""
         temp = torch.tensor([r.params.temperature for r in rows], device=logits.device)
         x = logits / temp.clamp(min=1e-6)[:, None]
         top_k = [r.params.top_k for r in rows]
@@ -292,20 +307,11 @@ class Sampler:
             drop = (probs.cumsum(-1) - probs) >= top_p[:, None]
             sorted_x = sorted_x.masked_fill(drop, float("-inf"))
             x = torch.full_like(x, float("-inf")).scatter(1, order, sorted_x)
-        ids = logits.argmax(-1)
-        if (temp > 0).any():
-            probs = torch.softmax(x, dim=-1)
-            for j, r in enumerate(rows):
-                if r.params.temperature > 0:
-                    ids[j] = torch.multinomial(probs[j], 1, generator=r.gen)[0]
-        if self.choose is not None:
-            for j, r in enumerate(rows):
-                forced = self.choose(requests[r.req].prompt_id, r.sample_id, r.tokens[len(requests[r.req].tokens):])
-                if forced is not None:
-                    ids[j] = forced
-        chosen = logp.gather(1, ids[:, None])[:, 0]
-        self.stats["sampled_tokens"] += len(rows)
-        return ids.tolist(), chosen.tolist()
+        probs = torch.softmax(x, dim=-1)
+        for j, r in enumerate(rows):
+            if r.params.temperature > 0:
+                ids[j] = torch.multinomial(probs[j], 1, generator=r.gen)[0]
+        return ids
 
     def _append_sampled(self, row: _Row, token: int, logprob: float, requests) -> str | None:
         """Record a sampled token and advance the row's turn state; returns a finish reason or None."""

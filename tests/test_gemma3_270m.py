@@ -108,3 +108,22 @@ def test_bf16_matches_transformers_bf16_and_agrees_with_fp32(gemma3_dir, ours, l
     assert confident.float().mean().item() > 0.5
     assert same[confident].float().mean().item() >= 0.99
     assert same.float().mean().item() >= 0.93
+
+
+def test_bf16_checkpoint_run_in_fp32_keeps_top1(ours, long_ids, tmp_path):
+    """The bf16 *storage* path: weights rounded to bf16 (a bf16 checkpoint), computed in fp32.
+
+    Rounding the weights alone keeps top-1 agreement with fp32 at >= 99% (measured 99.57% on this text and
+    99.71% on a second one); what drops it to ~95% in the test above is running the activations in bf16
+    (docs/LOG.md), in mdpo and in transformers alike.
+    """
+    from safetensors import safe_open
+    ours.save_pretrained(tmp_path, dtype=torch.bfloat16)
+    for f in tmp_path.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            assert all(st.get_slice(k).get_dtype() == "BF16" for k in st.keys())
+    back = Gemma.from_pretrained(tmp_path, dtype=torch.float32, attn_impl="eager").eval()
+    with torch.no_grad():
+        ref, got = ours(long_ids), back(long_ids)
+    assert (got - ref).abs().max().item() > 0  # the weights really were rounded
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.99

@@ -121,3 +121,14 @@ def test_sampler_packed_equals_unpacked_and_repacks_after_update(gemma3_dir):
         model, tok, batch_size=3, max_length=48, seed=7, pack=False).generate(_requests(), params))
     assert again == fresh
     assert again != [x[:3] for x in a]  # the change mattered, so a stale twin would have been caught
+
+
+def test_should_pack_needs_room_for_the_copy(monkeypatch):
+    import mdpo.packed as packed
+    model = tiny("tiny-gemma")
+    assert packed.available_memory_bytes() > 0
+    monkeypatch.setattr(packed, "available_memory_bytes", lambda: 4 * model.weight_bytes())
+    assert packed.should_pack(model)
+    monkeypatch.setattr(packed, "available_memory_bytes", lambda: model.weight_bytes())
+    assert not packed.should_pack(model)
+    assert not packed.should_pack(tiny("tiny-gemma").to(torch.float16))

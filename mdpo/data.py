@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
-import json
 import random
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -259,8 +258,7 @@ def read_pairs(path) -> list[Pair]:
         if not isinstance(d, dict) or not isinstance(d.get("chosen"), dict) or not isinstance(d.get("rejected"), dict):
             raise DataError(f"{where}: a pair needs 'chosen' and 'rejected' trajectory objects")
         try:
-            pairs.append((Trajectory.from_json(json.dumps(d["chosen"]), where),
-                          Trajectory.from_json(json.dumps(d["rejected"]), where)))
+            pairs.append((Trajectory.from_dict(d["chosen"], where), Trajectory.from_dict(d["rejected"], where)))
         except TrajectoryError as e:
             raise DataError(str(e)) from None
     return pairs

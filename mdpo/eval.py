@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from mdpo.grader import extract_answer, gold_gsm8k, gold_math, is_equiv
 from mdpo.trajectory import Role, Trajectory, TrajectoryError
-from mdpo.atomic import write_json_atomic
+from mdpo.atomic import atomic_open, write_json_atomic
 from mdpo.weights import CheckpointError, parse_dtype
 
 DATASETS = {
@@ -179,7 +179,7 @@ def read_done(path: Path) -> list[Trajectory]:
         except TrajectoryError as e:
             raise EvalError(str(e)) from None
     if lines and not lines[-1].endswith("\n"):
-        with open(path, "w", encoding="utf-8") as f:  # drop the torn line so appends stay line-aligned
+        with atomic_open(path) as f:  # drop the torn line so appends stay line-aligned; never half-rewritten
             f.writelines(lines[:-1])
     return done
 

@@ -62,9 +62,9 @@ def load_examples(path, kind: str, mask: str, max_length: int, vocab_size: int) 
             if kind == "mdpo":
                 if not isinstance(d, dict) or "chosen" not in d or "rejected" not in d:
                     raise TrainError(f"{where}: a pair needs 'chosen' and 'rejected'")
-                seqs = [Trajectory.from_json(json.dumps(d[k]), where) for k in ("chosen", "rejected")]
+                seqs = [Trajectory.from_dict(d[k], where) for k in ("chosen", "rejected")]
             else:
-                seqs = [Trajectory.from_json(json.dumps(d), where)]
+                seqs = [Trajectory.from_dict(d, where)]
         except TrajectoryError as e:
             raise TrainError(str(e)) from None
         for t in seqs:

@@ -111,6 +111,11 @@ class Trajectory:
             d = json.loads(line)
         except json.JSONDecodeError as e:
             raise TrajectoryError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        return cls.from_dict(d, where)
+
+    @classmethod
+    def from_dict(cls, d, where: str = "<object>") -> "Trajectory":
+        """A trajectory from its parsed JSON object (as nested in a pairs file); errors name `where`."""
         if not isinstance(d, dict):
             raise TrajectoryError(f"{where}: expected a JSON object")
         missing = [k for k in ("prompt_id", "sample_id", "tokens", "roles", "turns") if k not in d]
@@ -120,8 +125,7 @@ class Trajectory:
             bad = set(d["roles"]) - set(ROLE_CHARS)
             if bad:
                 raise TrajectoryError(f"{where}: unknown role characters {sorted(bad)} (expected {ROLE_CHARS})")
-            d["roles"] = [ROLE_CHARS.index(c) for c in d["roles"]]
-            return cls(**d)
+            return cls(**dict(d, roles=[ROLE_CHARS.index(c) for c in d["roles"]]))
         except TrajectoryError as e:
             raise TrajectoryError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
         except (ValueError, TypeError) as e:
@@ -145,11 +149,8 @@ def read_jsonl(path, error: type[Exception] = TrajectoryError) -> Iterator[tuple
 
 def read_trajectories(path) -> Iterator[Trajectory]:
     """Trajectories of a JSONL file; a malformed line raises TrajectoryError naming file and line."""
-    path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                yield Trajectory.from_json(line, f"{path}:{i}")
+    for where, d in read_jsonl(path):
+        yield Trajectory.from_dict(d, where)
 
 
 def write_trajectories(path, trajectories: Iterable[Trajectory]) -> int:

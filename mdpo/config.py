@@ -74,6 +74,7 @@ class RolloutConfig:
     max_length: int = 2048  # total trajectory length in tokens, prompt included
     batch_size: int = 64  # prompts generated together
     executor_timeout: float = 20.0  # seconds per python tool call
+    compile: bool = False  # torch.compile the sampler's decode step (rollouts and evals; ~1 min compile per process)
     first_previous: str | None = None  # iteration 1's "previous model" for the n_previous samples (the paper: its
     #                                    1-epoch SFT checkpoint); None = iteration 1 draws all samples from the policy
 

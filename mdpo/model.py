@@ -367,7 +367,7 @@ class Gemma(nn.Module):
                 p.normal_(0.0, std, generator=generator)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
-                return_hidden: bool = False) -> torch.Tensor:
+                return_hidden: bool = False, kv_len: int | None = None) -> torch.Tensor:
         """Logits (B, T, V), or final-norm hidden states (B, T, hidden) if return_hidden.
 
         Args:
@@ -375,13 +375,15 @@ class Gemma(nn.Module):
             positions: (B, T) position of each token; defaults to 0..T-1. With a cache, positions are also the
                 cache slots written, and every slot at an earlier position of the row is attended.
             cache: a KVCache to write this call's keys/values into and read earlier ones from.
+            kv_len: with a cache, how many slots to attend (at least max(positions) + 1). Callers that know it
+                pass it, which saves a host sync and keeps the call traceable by torch.compile.
         """
         # The decoder runs in its own frame so its RoPE tables and masks are freed before the (large) logits
         # are allocated.
-        hidden = self._decode(tokens, positions, cache)
+        hidden = self._decode(tokens, positions, cache, kv_len)
         return hidden if return_hidden else self.head(hidden)
 
-    def _decode(self, tokens, positions, cache):
+    def _decode(self, tokens, positions, cache, kv_len):
         B, T = tokens.shape
         plain_causal = positions is None  # positions 0..T-1 in every row, no cache
         if positions is None:
@@ -395,7 +397,8 @@ class Gemma(nn.Module):
 
         c = self.config
         if cache is not None:
-            kv_len = int(positions.max()) + 1  # attend over cache slots [0, kv_len): one host sync per call
+            if kv_len is None:
+                kv_len = int(positions.max()) + 1  # attend over cache slots [0, kv_len): one host sync
             if kv_len > cache.max_len:
                 raise ValueError(f"position {kv_len - 1} does not fit a KV cache of length {cache.max_len}")
             k_pos = torch.arange(kv_len, device=tokens.device)

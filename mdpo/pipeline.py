@@ -143,12 +143,12 @@ def sample(model: str, problems: list[dict], path: Path, n: int, params: Samplin
     rank, ws = world()
     if ws == 1:
         return sample_graded(model, problems, path, n, params, batch_size=batch_size, seed=seed,
-                             timeout=cfg.rollout.executor_timeout, desc=desc)
+                             timeout=cfg.rollout.executor_timeout, desc=desc, compile=cfg.rollout.compile)
     part = path.with_name(f"{path.stem}.rank{rank}.jsonl")
     # The same seed on every rank: a sample's randomness depends on (seed, prompt, sample id) only, so the
     # trajectories do not depend on the number of ranks.
     sample_graded(model, problems[rank::ws], part, n, params, batch_size=batch_size, seed=seed,
-                  timeout=cfg.rollout.executor_timeout, desc=desc)
+                  timeout=cfg.rollout.executor_timeout, desc=desc, compile=cfg.rollout.compile)
     barrier()
     if rank == 0:
         parts = [path.with_name(f"{path.stem}.rank{r}.jsonl") for r in range(ws)]

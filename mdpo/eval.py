@@ -283,7 +283,7 @@ def run(args) -> int:
     metrics.update(model=str(args.model), data=args.data, temperature=args.temperature, max_turns=args.max_turns)
     write_json_atomic(out / "metrics.json", metrics)
     print(f"{args.data}: {metrics['problems']} problems, {metrics['samples']} samples")
-    for k in ("pass@1", f"pass@{args.n}", f"maj@{args.n}"):
+    for k in dict.fromkeys(("pass@1", f"pass@{args.n}", f"maj@{args.n}")):  # n = 1: pass@1 once
         if k in metrics:
             print(f"  {k:8s} {100 * metrics[k]:.1f}%")
     for key in ("by_level", "by_subject"):

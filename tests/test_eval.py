@@ -123,3 +123,12 @@ def test_final_turn_after_the_call_limit_has_no_answer(gemma3_dir):
                       [0] + [Role.MODEL] * (len(code) + len(tok.encode("So \\boxed{42}.")) + 1),
                       [0] + [1] * (len(code) + len(tok.encode("So \\boxed{42}.")) + 1))
     assert extract_answer(ev.final_turn_text(done, tok)) == "42"
+
+
+def test_summary_prints_each_metric_once(tiny_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", DATA)
+    out = tmp_path / "out"
+    assert ev.main(["--model", str(tiny_dir), "--data", str(data), "--out", str(out), "--max-new-tokens", "4"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    lines = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith("pass@")]
+    assert lines == [["pass@1", f"{100 * m['pass@1']:.1f}%"]]  # n = 1: pass@1 and pass@n are one metric

@@ -226,7 +226,8 @@ def test_a_sample_depends_only_on_seed_prompt_and_sample_id(tok):
     assert other != full  # the seed matters
 
 
-def test_compiled_decode_step_equals_eager_and_follows_weight_updates(tok):
+@pytest.mark.parametrize("pack", [None, False])  # the CPU default (packed twin), and the plain model (as on GPU)
+def test_compiled_decode_step_equals_eager_and_follows_weight_updates(tok, pack):
     from torch._dynamo.utils import counters
     model = tiny(seed=9)
     reqs = prompts(4, [5, 17, 9, 12], seed=9)  # 3 slots for 4 prompts: the stepping row count changes
@@ -235,7 +236,7 @@ def test_compiled_decode_step_equals_eager_and_follows_weight_updates(tok):
     def run(sampler):
         return sorted((t.prompt_id, t.tokens, t.logprobs) for t in sampler.generate(reqs, params))
 
-    compiled = Sampler(model, tok, batch_size=3, max_length=48, seed=4, compile=True)
+    compiled = Sampler(model, tok, batch_size=3, max_length=48, seed=4, compile=True, pack=pack)
     a, b = run(compiled), run(Sampler(model, tok, batch_size=3, max_length=48, seed=4))
     assert [x[:2] for x in a] == [x[:2] for x in b]
     for (_, _, la), (_, _, lb) in zip(a, b):

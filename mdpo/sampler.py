@@ -286,7 +286,8 @@ class Sampler:
         x = torch.tensor([tokens], device=self.device)
         pos = torch.arange(start, start + len(tokens), device=self.device)[None]
         view = self.cache.select(torch.tensor([slot], device=self.device))
-        hidden = self.net(x, positions=pos, cache=view, return_hidden=True)
+        # The attended length is known here: passing it spares the model a host sync on every prefill/extend.
+        hidden = self.net(x, positions=pos, cache=view, return_hidden=True, kv_len=start + len(tokens))
         self.stats["forward_calls"] += 1
         return self.net.head(hidden[:, -1]).float()
 

@@ -1,4 +1,4 @@
-"""Final-answer extraction and equivalence for GSM8K / MATH trajectories (the reward of M-DPO / M-KTO).
+"""Answer equivalence for GSM8K / MATH trajectories (the reward of M-DPO / M-KTO); extraction is in mdpo.extraction.
 
 The paper grades with ToRA's `extract_answer` + `strip_string` + `math_equal` (Xiong et al. 2024, repo
 `inference/eval/grader.py`). This module keeps ToRA's extraction order and normalisation spirit but
@@ -15,14 +15,21 @@ fixes the failure modes measured in `shared/reference/grading-executors.md` sect
 * tiny numbers are compared relatively, never "both below 1e-6 so equal" (Math-Verify).
 
 Policies (they decide DPO labels, so they are written down):
-* numbers are exact fractions compared with relative tolerance 1e-4 (ToRA/Qwen's value; `rel_tol=0` for
-  exact), so decimal approximations of exact answers pass (`1.4142` for `\\sqrt{2}`, also `17.9999` for 18);
-* bare lists ("3, 5, 7") and sets compare unordered; tuples, intervals and matrices compare in order, with
-  bracket kinds required to match; a bare list may stand for a parenthesised tuple, never for an interval;
+* integers, fractions and exact expressions compare exactly ("100009" is not "100000", "1048570" is not
+  2^{20}); only where a side is a decimal ("1.4142", "17.9999") does the relative tolerance `REL_TOL` (1e-4,
+  ToRA/Qwen's value; `rel_tol=` per call) apply, so decimal approximations of exact answers still pass;
+* bare lists ("3, 5, 7") and sets compare unordered, repeats collapsed; tuples, intervals and matrices compare
+  in order, with bracket kinds required to match; a bare list may stand for a parenthesised tuple, never for
+  an interval; a list equals one value only when every item does ("x+11, 11+x" is 11+x);
+* `x < -1 or x > 1` is the union of the two intervals; a sum or product of written matrices is its value;
 * `a \\pm b` is the list `a+b, a-b`; `x > 2` is the interval `(2, \\infty)`; `\\mathbb{R}` is `(-\\infty, \\infty)`;
 * `y = 2x+1` equals `2x+1` (a bare variable on the left) and `y - 2x = 1` (proportional equations);
 * `4210` equals `4210_5` (the base only restated); words compare case-insensitively;
-* a percent sign is dropped ("50\\%" is 50), not read as a factor 1/100.
+* a percent sign is dropped ("50\\%" is 50), not read as a factor 1/100;
+* a label names the value: `k = 5`, `(p,q) = (3,2)`, `AB = 4, CD = 5` (no digits or +/- on the left); digit
+  groups `1{,}000`, `1\\,000`, `1\\!000` are one number; `;` separates answers; a doubly escaped `\\\\frac` is `\\frac`;
+* `a \\approx b`: a gold matches either side, a prediction is read by its exact side; two decimals compare exactly;
+* text with no `\\boxed` is reduced to its final answer (`mdpo.extraction.extract_answer`), in is_equiv too.
 
 LaTeX is translated to sympy by the small recursive-descent parser in `mdpo.latex` (no antlr / latex2sympy).
 Every sympy comparison runs under a wall-clock limit and a timeout counts as "not equal"; no public
@@ -35,156 +42,26 @@ import re
 import time
 from fractions import Fraction
 
-from mdpo.latex import (GREEK, MAX_EXP10, MAX_LEN, ParseError, Timeout, equations_equivalent, load_sympy,
+# extraction lives in mdpo.extraction; its public names stay importable from here
+from mdpo.extraction import (LIMIT_MESSAGE, _is_bare_answer, _last_box, _matching_close, _split_top, _undouble,
+                             extract_answer, gold_gsm8k, gold_math)
+from mdpo.latex import (GREEK, MAX_LEN, ParseError, Timeout, _brace_args, _is_approx, _join_thousands,
+                        _strip_outer_braces, _to_number, _top_level_map, equations_equivalent, load_sympy,
                         parse_latex, run_with_timeout, sympy_equal)
 
-__all__ = ["extract_answer", "gold_gsm8k", "gold_math", "strip_answer", "is_equiv", "grade"]
+__all__ = ["extract_answer", "gold_gsm8k", "gold_math", "strip_answer", "is_equiv", "grade", "LIMIT_MESSAGE",
+           "REL_TOL"]
 
-# The paper's rollout appends this to a trajectory that used up its tool calls without answering.
-LIMIT_MESSAGE = "Reach max function call limit."
-
-
-# ----------------------------------------------------------------------------------------------------
-# Extraction
-# ----------------------------------------------------------------------------------------------------
-
-# `\boxed` must be a whole command (`\boxedx` is another macro). ToRA matches the bare word "boxed", which
-# made it read "a lego boxed set with 500 pieces" (GSM8K test 146) as an answer; we require the backslash.
-_BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
-
-
-def _match_brace(text: str, start: int) -> int | None:
-    """Index of the `}` closing the `{` at `start`, or None when unbalanced. Escapes (`\\{`) don't count."""
-    depth = 0
-    i, n = start, len(text)
-    while i < n:
-        c = text[i]
-        if c == "\\":
-            i += 2
-            continue
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return i
-        i += 1
-    return None
-
-
-def _last_box(text: str) -> tuple[str | None, bool]:
-    """(content, found) for the last `\\boxed{...}` / `\\boxed x` / `\\fbox{...}` in `text`.
-
-    found=True with content None means the last box is malformed (unbalanced, e.g. a truncated turn);
-    we do not fall back to an earlier box, since the model's final answer is unreadable.
-    """
-    last = None
-    for last in _BOX_RE.finditer(text):
-        pass
-    if last is None:
-        return None, False
-    j = last.end()
-    n = len(text)
-    while j < n and text[j] in " \t":
-        j += 1
-    if j < n and text[j] == "{":
-        end = _match_brace(text, j)
-        if end is None:
-            return None, True
-        return text[j + 1:end].strip() or None, True
-    # `\boxed 5`: one TeX token; we take the whitespace/`$`-delimited run, as ToRA splits on `$`.
-    m = re.match(r"[^\s$]+", text[j:])
-    if not m:
-        return None, True
-    tok = m.group(0).rstrip(".,;")
-    return tok or None, True
-
-
-def _clean(ans: str | None) -> str | None:
-    if ans is None:
-        return None
-    ans = ans.strip()
-    ans = re.sub(r"^[:\s]+", "", ans)
-    ans = re.sub(r"[\s.$/]+$", "", ans)  # ToRA strips a trailing '.', '/' and we also drop '$'
-    ans = re.sub(r"^\$+", "", ans).strip()
-    return ans or None
-
-
-_ANSWER_IS_RE = re.compile(r"answer is", re.IGNORECASE)
-_OUTPUT_RE = re.compile(r"```output[ \t]*\n?(.*?)(?:```|$)", re.DOTALL)
-# Thousands groups are only joined when well formed ("1,080"); "3, 5, 7" stays three numbers.
-_LAST_NUM_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d,])|-?\d*\.?\d+")
-
-
-def _answer_is_tail(rest: str) -> str | None:
-    rest = rest.lstrip(" \t:")
-    line = rest.split("\n", 1)[0].strip()
-    if not line:
-        return None
-    m = re.match(r"\$\$?(.+?)\$", line) or re.match(r"\\\((.+?)\\\)", line) or re.match(r"\\\[(.+?)\\\]", line)
-    if m:
-        return _clean(m.group(1))
-    line = re.split(r"\.(?:\s|$)", line, maxsplit=1)[0]  # end of sentence, but not "3.5"
-    return _clean(line)
-
-
-def extract_answer(text: str) -> str | None:
-    """The final answer of a model turn, or None.
-
-    Order (ToRA's): the last brace-matched `\\boxed{}` (also `\\boxed 5`, `\\fbox{}`); else the text
-    after the last "answer is" (first line, `$` and trailing period stripped); else the last ```output
-    block (its last non-empty line); else the last number (well-formed thousands commas removed).
-    A turn ending with the paper's "Reach max function call limit." has no answer.
-    """
-    try:
-        if not isinstance(text, str) or not text.strip():
-            return None
-        if text.rstrip().endswith(LIMIT_MESSAGE):
-            return None
-        content, found = _last_box(text)
-        if found:
-            return _clean(content)
-        last = None
-        for last in _ANSWER_IS_RE.finditer(text):
-            pass
-        if last is not None:
-            ans = _answer_is_tail(text[last.end():])
-            if ans:
-                return ans
-        outs = _OUTPUT_RE.findall(text)
-        if outs:
-            lines = [ln.strip() for ln in outs[-1].strip().splitlines() if ln.strip()]
-            if lines:
-                return _clean(lines[-1])
-        nums = _LAST_NUM_RE.findall(text)
-        if nums:
-            return _clean(nums[-1].replace(",", ""))
-        return None
-    except Exception:  # never let a malformed trajectory crash a rollout
-        return None
-
-
-def gold_gsm8k(answer_field: str) -> str:
-    """GSM8K gold: the text after the last `####`, thousands commas removed ("1,080" -> "1080")."""
-    if not isinstance(answer_field, str):
-        return ""
-    return answer_field.split("####")[-1].strip().replace(",", "")
-
-
-def gold_math(solution: str) -> str | None:
-    """MATH gold: content of the last brace-matched `\\boxed{}` in the solution (also `\\boxed 2`), or None."""
-    if not isinstance(solution, str):
-        return None
-    try:
-        content, _ = _last_box(solution)
-        return content
-    except Exception:
-        return None
+# Relative tolerance for a number written as a decimal approximation ("1.4142" for \sqrt{2}, "17.9999" for 18;
+# ToRA's and Qwen's value). Integers and exact values never get one: "100009" is not "100000". Override per
+# call with is_equiv(..., rel_tol=...); config key eval.grader_tolerance.
+REL_TOL = 1e-4
 
 
 # ----------------------------------------------------------------------------------------------------
 # Normalisation
 # ----------------------------------------------------------------------------------------------------
+
 
 _UNICODE = [
     ("\u2212", "-"), ("\u2013", "-"), ("\u2014", "-"), ("\u00d7", "\\times "), ("\u22c5", "\\cdot "),
@@ -237,118 +114,31 @@ def _unit_tail(s: str) -> str:
     return m.group("pre")
 
 
-def _split_top(s: str, sep: str = ",") -> list[str]:
-    """Split at `sep` outside (), [], {}, \\{ \\} (bracket kinds are not matched: intervals are [a,b))."""
-    parts, depth, cur, i, n = [], 0, [], 0, len(s)
-    while i < n:
-        c = s[i]
-        if depth == 0 and s.startswith(sep, i) and not (sep[0] == "\\" and s[i + len(sep):i + len(sep) + 1].isalpha()):
-            parts.append("".join(cur))
-            cur = []
-            i += len(sep)
-            continue
-        if c == "\\" and i + 1 < n:
-            if s[i + 1] in "{}":
-                depth += 1 if s[i + 1] == "{" else -1
-            cur.append(s[i:i + 2])
-            i += 2
-            continue
-        if c in "([{":
-            depth += 1
-        elif c in ")]}":
-            depth -= 1
-        cur.append(c)
-        i += 1
-    parts.append("".join(cur))
-    return parts
-
-
-def _top_level_map(s: str, fn) -> str:
-    """Apply `fn` to the depth-0 stretches of `s` (outside any bracket)."""
-    out, depth, start = [], 0, 0
-    for i, c in enumerate(s):
-        if c in "([{" and not (i and s[i - 1] == "\\" and c != "{"):
-            if depth == 0:
-                out.append(fn(s[start:i]))
-                start = i
-            depth += 1
-        elif c in ")]}":
-            depth -= 1
-            if depth == 0:
-                out.append(s[start:i + 1])
-                start = i + 1
-            depth = max(depth, 0)
-    tail = s[start:]
-    out.append(fn(tail) if depth == 0 else tail)
-    return "".join(out)
-
-
-def _join_thousands(seg: str) -> str:
-    seg = re.sub(r"(?<![\d.,])\d{1,3}(?:,\d{3})+(?![\d,])", lambda m: m.group(0).replace(",", ""), seg)
-    return re.sub(r"(?<![\d.])\d{1,3}(?: \d{3})+(?![\d.])", lambda m: m.group(0).replace(" ", ""), seg)
-
-
-_ARGS_CMD_RE = re.compile(r"\\(frac|binom|sqrt)(?![a-zA-Z])")
-
-
-def _brace_args(s: str) -> str:
-    """`\\frac12` -> `\\frac{1}{2}`, `\\frac 59` -> `\\frac{5}{9}`, `\\sqrt3` -> `\\sqrt{3}` (one TeX token per arg)."""
-    out, i, n = [], 0, len(s)
-    while i < n:
-        m = _ARGS_CMD_RE.search(s, i)
-        if not m:
-            out.append(s[i:])
-            break
-        out.append(s[i:m.end()])
-        i = m.end()
-        nargs = 1 if m.group(1) == "sqrt" else 2
-        if nargs == 1:
-            j = i
-            while j < n and s[j] == " ":
-                j += 1
-            if j < n and s[j] == "[":
-                k = s.find("]", j)
-                if k < 0:
-                    continue
-                out.append(s[i:k + 1])
-                i = k + 1
-        for _ in range(nargs):
-            j = i
-            while j < n and s[j] == " ":
-                j += 1
-            if j >= n:
-                break
-            if s[j] == "{":
-                k = _match_brace(s, j)
-                if k is None:
-                    break
-                out.append(s[j:k + 1])
-                i = k + 1
-            elif s[j] == "\\":
-                mm = re.match(r"\\[a-zA-Z]+", s[j:])
-                tok = mm.group(0) if mm else s[j:j + 2]
-                out.append("{" + tok + "}")
-                i = j + len(tok)
-            else:
-                out.append("{" + s[j] + "}")
-                i = j + 1
-    return "".join(out)
-
-
-def _strip_outer_braces(s: str) -> str:
-    while len(s) >= 2 and s[0] == "{" and _match_brace(s, 0) == len(s) - 1:
-        s = s[1:-1].strip()
-    return s
+def _is_label(lhs: str) -> bool:
+    """Whether the left side of `lhs = value` names the answer ("x", "f(x)", "(p,q)", "AB", "|AB|", "A:B",
+    "\\frac{NO}{BO}", "V_{1}:V_{2}") rather than being mathematics: no digits outside subscripts, no + or -.
+    Gold "7 = 11a+c" or "2x + z = 1" is an equation, never a labelled value."""
+    t = re.sub(r"_\s*(?:\{[^{}]*\}|\w)|'", "", lhs.strip())
+    t = re.sub(r"\\(?:frac|left|right|mathrm|text|overline|angle|triangle|operatorname)(?![a-zA-Z])", "", t)
+    if not t or re.search(r"[\d+\-*/=<>^!]", t):
+        return False
+    t = re.sub(r"\\(?:%s)(?![a-zA-Z])" % "|".join(GREEK), "a", t)
+    return bool(re.fullmatch(r"[A-Za-z(){}|:,\s\[\]]+", t)) and bool(re.search(r"[A-Za-z]", t))
 
 
 def _drop_var_prefix(s: str, eq: bool = True) -> str:
     m = (_VAR_PREFIX_RE if eq else _IN_PREFIX_RE).match(s)
     if m and "=" not in s[m.end():]:
         return s[m.end():].strip()
+    if eq and "=" in s:
+        parts = _split_top(s, "=")
+        if len(parts) == 2 and parts[1].strip() and _is_label(parts[0]):
+            return parts[1].strip()
     return s
 
 
-_ESCAPES_RE = re.compile(r"\\\\|\\[()\[\],:;> !]|\\(?:quad|qquad)(?![a-zA-Z])")
+# `\quadx_{2}` (a lost space after \quad, seen in real golds) is \quad followed by x_{2}
+_ESCAPES_RE = re.compile(r"\\\\|\\[()\[\],:;> !]|\\(?:quad|qquad)(?!ed)")
 
 
 def _normalize(s, drop_eq: bool = True) -> str:
@@ -356,18 +146,23 @@ def _normalize(s, drop_eq: bool = True) -> str:
     drop_eq=False keeps a `y =` prefix so that is_equiv can compare `y = 2x+3` with `y - 2x = 3`."""
     if not isinstance(s, str):
         return ""
-    if len(s) > MAX_LEN:
-        return s.strip()
+    s = _undouble(s)
     if "boxed" in s or "fbox" in s:
-        content, found = _last_box(s)
+        content, found = _last_box(s, join=True)
         if found and content:
             s = content
+    elif not _is_bare_answer(s):
+        s = extract_answer(s) or s  # prose ("The answer is 5"): its final answer
+    if len(s) > MAX_LEN:
+        return s.strip()
     for a, b in _UNICODE:
         if a in s:
             s = s.replace(a, b)
     s = re.sub(r"\s+", " ", s).strip()
     s = s.replace("\\$", " ").replace("$", " ")
     s = re.sub(r",\\!\s*(?=\d{3})", ",", s)  # "10,\!080": a thousands separator
+    # other digit-group separators: "14{,}916", "1\,000", "1\!000", "1\ 000", "1~000"
+    s = re.sub(r"(?<=\d)\s?(?:\{\s*,\s*\}|\\[,! ]|~)\s?(?=\d{3}(?!\d))", ",", s)
     # math delimiters \( \[ and spacing \, \; \! \quad; a matrix row break \\ is kept as it is
     s = _ESCAPES_RE.sub(lambda m: m.group(0) if m.group(0) == "\\\\" else ("" if m.group(0) == "\\!" else " "), s)
     s = s.replace("~", " ")
@@ -403,6 +198,7 @@ def _normalize(s, drop_eq: bool = True) -> str:
         s = s2
     s = re.sub(r"\s+", " ", s).strip()
     s = re.sub(r"\s*,?\s+(?:and|or)\s+", ", ", s)  # "2 and 3", "x=2 or x=3": a list
+    s = re.sub(r"(?<=[)\]])\s*(?:and|or)\s*(?=[(\[])", ", ", s)  # "(11,7)or(7,11)"
     for _ in range(3 if len(s) <= 300 else 0):  # the tail regex is quadratic: short answers only
         s2 = _unit_tail(s)
         if s2 == s:
@@ -414,6 +210,7 @@ def _normalize(s, drop_eq: bool = True) -> str:
     s = re.sub(r"\\varnothing(?![a-zA-Z])|\\\{\s*\\\}", r"\\emptyset", s)
     s = _strip_outer_braces(s.strip())
     s = re.sub(r"^\(\s*([A-E])\s*\)$", r"\1", s)  # multiple choice "\text{(C)}" -> "C"
+    s = re.sub(r"^\(?([A-E])(?:\)|\.)\s+[A-Za-z].*$", r"\1", s)  # "(C) Plane", "C. x = 42": the choice
     s = _drop_var_prefix(s, drop_eq)
     s = _top_level_map(s, _join_thousands)
     s = re.sub(r"(?<![\w.])\.(\d)", r"0.\1", s)  # ".35625" -> "0.35625"
@@ -421,7 +218,7 @@ def _normalize(s, drop_eq: bool = True) -> str:
     s = re.sub(r"(?<![\d.])(\d+\.\d*?[1-9])0+(?![\d.])", r"\1", s)  # "1.50" -> "1.5"
     s = re.sub(r"(?<=\d)_\s*\{\s*(\d+)\s*\}", r"_\1", s)  # base subscripts "4210_{5}" -> "4210_5"
     s = _brace_args(s)
-    s = re.sub(r"[\s.,;]+$", "", s)  # trailing punctuation (never a decimal point: "5." is 5)
+    s = re.sub(r"[\s.,;]+$|(?<![\\\s])\\$", "", s)  # trailing punctuation (never a decimal point: "5." is 5)
     s = re.sub(r"^[\s,;:]+", "", s)
     return _strip_outer_braces(s.strip())
 
@@ -446,57 +243,6 @@ def strip_answer(s: str) -> str:
 # Exact numbers without sympy (GSM8K and most MATH answers take this path)
 # ----------------------------------------------------------------------------------------------------
 
-_DEC = r"(?:\d+(?:\.\d*)?|\.\d+)"
-_NUM_RE = re.compile(r"^(-?)(%s)(?:[eE]([+-]?\d+))?$" % _DEC)
-_SCI_RE = re.compile(r"^(-?)(%s)\\(?:times|cdot)10\^\{?(-?\d+)\}?$" % _DEC)
-_FRAC_RE = re.compile(r"^(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}$")
-_SLASH_RE = re.compile(r"^(-?)(\d+)/(\d+)$")
-_MIXED_RE = re.compile(r"^(-?)(\d+)(?:\\frac\{(\d+)\}\{(\d+)\}|\x00?(\d+)/(\d+))$")
-_REPEAT_RE = re.compile(r"^(-?)(\d*)\.(\d*)\\overline\{(\d+)\}$")
-
-
-def _to_number(c: str) -> Fraction | None:
-    """Exact value of a canonical numeric string (ints, decimals, 1e3, 1.2\\times10^{3}, a/b, \\frac{a}{b},
-    mixed numbers, 0.\\overline{3}); None for anything else."""
-    c = c.replace(" ", "\x00") if " " in c else c
-    m = _NUM_RE.match(c)
-    if m:
-        sign, mant, exp = m.groups()
-        if exp is not None and abs(int(exp)) > MAX_EXP10:
-            return None
-        v = Fraction(mant) * (Fraction(10) ** int(exp) if exp else 1)
-        return -v if sign else v
-    m = _SCI_RE.match(c)
-    if m:
-        sign, mant, exp = m.groups()
-        if abs(int(exp)) > MAX_EXP10:
-            return None
-        v = Fraction(mant) * Fraction(10) ** int(exp)
-        return -v if sign else v
-    m = _FRAC_RE.match(c) or _SLASH_RE.match(c)
-    if m:
-        sign, a, b = m.groups()
-        if int(b) == 0:
-            return None
-        v = Fraction(int(a), int(b))
-        return -v if sign else v
-    m = _MIXED_RE.match(c)
-    if m:
-        sign, whole = m.group(1), int(m.group(2))
-        a, b = (m.group(3), m.group(4)) if m.group(3) is not None else (m.group(5), m.group(6))
-        a, b = int(a), int(b)
-        if not 0 < a < b:  # only a proper fraction makes a mixed number; "3\frac{5}{2}" is a product
-            return None
-        v = whole + Fraction(a, b)
-        return -v if sign else v
-    m = _REPEAT_RE.match(c)
-    if m:
-        sign, ip, fp, rep = m.groups()
-        v = Fraction(int(ip or "0")) + (Fraction(int(fp), 10 ** len(fp)) if fp else 0)
-        v += Fraction(int(rep), (10 ** len(rep) - 1) * 10 ** len(fp))
-        return -v if sign else v
-    return None
-
 
 def _close(a, b, rel_tol) -> bool:
     if a == b:
@@ -504,41 +250,21 @@ def _close(a, b, rel_tol) -> bool:
     return abs(a - b) <= Fraction(rel_tol) * max(abs(a), abs(b))
 
 
-def _num_equal(a: Fraction, b: Fraction, ctx) -> bool:
+def _num_equal(a: Fraction, b: Fraction, ctx, approx: bool = True) -> bool:
+    """Exact values `a` (prediction) and `b` (gold): equal, or within the relative tolerance when `approx`
+    (a side was written as a decimal). "100009" is never "100000": near-miss integers are wrong answers."""
     rel_tol, lenient = ctx
-    if _close(a, b, rel_tol):
+    tol = rel_tol if approx else 0
+    if _close(a, b, tol):
         return True
     # ToRA's math_equal also accepts ref*100 and ref/100; off by default because 0.18 and 1800 then
     # "equal" a gold of 18 (a reward-hackable false positive)
-    return lenient and (_close(a, b * 100, rel_tol) or _close(a, b / 100, rel_tol))
+    return lenient and (_close(a, b * 100, tol) or _close(a, b / 100, tol))
 
 
 # ----------------------------------------------------------------------------------------------------
 # Structure: lists, tuples, intervals, sets, unions, matrices, equations
 # ----------------------------------------------------------------------------------------------------
-
-def _matching_close(s: str, start: int) -> int | None:
-    depth = 0
-    i = start
-    while i < len(s):
-        c = s[i]
-        if c == "\\" and i + 1 < len(s):
-            if s[i + 1] == "{":
-                depth += 1
-            elif s[i + 1] == "}":
-                depth -= 1
-                if depth == 0:
-                    return i
-            i += 2
-            continue
-        if c in "([{":
-            depth += 1
-        elif c in ")]}":
-            depth -= 1
-            if depth == 0:
-                return i
-        i += 1
-    return None
 
 
 _PM_RE = re.compile(r"\\(?:pm|mp)(?![a-zA-Z])")
@@ -566,13 +292,16 @@ def _expand_pm(s: str, limit: int = 3) -> list[str]:
     return out
 
 
+_FLIP = {"<": ">", ">": "<", "\\le": "\\ge", "\\ge": "\\le", "\\lt": "\\gt", "\\gt": "\\lt"}
 _INEQ_OPS = {"<": "<", ">": ">", "\\le": "<=", "\\ge": ">=", "\\lt": "<", "\\gt": ">"}
 _INEQ_RE = r"(<|>|\\le(?![a-zA-Z])|\\ge(?![a-zA-Z])|\\lt(?![a-zA-Z])|\\gt(?![a-zA-Z]))"
 
 
 def _inequality_to_interval(s: str):
     """`x > 2` -> ("(", ")", ["2", "\\infty"]); `-2 \\le x < 7` -> ("[", ")", ["-2", "7"])."""
-    var = r"([A-Za-z])"
+    s = re.sub(r"^\s*-\s*([A-Za-z])\s*" + _INEQ_RE + r"\s*(-?)\s*(?=[\d\\])",
+               lambda m: "%s %s %s" % (m.group(1), _FLIP[m.group(2)], "" if m.group(3) else "-"), s)  # -x > -1
+    var = r"([A-Za-z](?:\([A-Za-z]\))?)"
     m = re.fullmatch(r"\s*(.+?)\s*" + _INEQ_RE + r"\s*" + var + r"\s*" + _INEQ_RE + r"\s*(.+?)\s*", s)
     if m:
         lo, op1, _, op2, hi = m.groups()
@@ -597,6 +326,42 @@ def _inequality_to_interval(s: str):
     return None
 
 
+_MATRIX_RE = re.compile(r"\\begin\{([pbBvV]?matrix|array|smallmatrix)\}(?:\{[^{}]*\})?(.*?)\\end\{\1\}", re.DOTALL)
+
+
+def _matrix_expression(s: str):
+    """`A + B`, `A B`, `A \\cdot B` of written-out matrices, evaluated to ("matrix", rows) (a small expression that
+    evaluates to the answer); None when `s` is anything else or an entry does not parse."""
+    sp = load_sympy()
+    mats, ops, pos = [], [], 0
+    for m in _MATRIX_RE.finditer(s):
+        gap = s[pos:m.start()].strip()
+        if mats:
+            if gap not in ("", "+", "-", "\\cdot", "\\times"):
+                return None
+            ops.append(gap)
+        elif gap:
+            return None
+        rows = [r for r in re.split(r"\\\\", m.group(2)) if r.strip()]
+        cells = [[parse_latex(_canon(c.strip())) for c in _split_top(r, "&")] for r in rows]
+        if not cells or any(c is None for r in cells for c in r) or len({len(r) for r in cells}) != 1:
+            return None
+        mats.append(sp.Matrix(cells))
+        pos = m.end()
+    if len(mats) < 2 or s[pos:].strip():
+        return None
+    terms, signs = [mats[0]], [1]
+    for op, mx in zip(ops, mats[1:]):
+        if op in ("", "\\cdot", "\\times"):
+            terms[-1] = terms[-1] * mx  # raises on a shape mismatch: then the answer is not this
+        else:
+            terms.append(mx)
+            signs.append(-1 if op == "-" else 1)
+    total = sum((t * k for t, k in zip(terms[1:], signs[1:])), terms[0])
+    return ("matrix", [[("scalar", sp.latex(sp.nsimplify(total[i, j]) if total[i, j].is_Float else total[i, j]))
+                        for j in range(total.cols)] for i in range(total.rows)])
+
+
 def _struct(s: str, depth: int = 0):
     """Parse a normalised answer into a nested tuple:
     ("scalar", s) | ("seq", open, close, items) | ("set", items) | ("bare", items) | ("union", items)
@@ -609,6 +374,10 @@ def _struct(s: str, depth: int = 0):
     parts = _split_top(s, "\\cup")
     if len(parts) > 1:
         return ("union", [_struct(p, depth + 1) for p in parts])
+    if s.count("\\begin{") > 1:
+        value = _matrix_expression(s)
+        if value is not None:
+            return value
     m = re.fullmatch(r"\\begin\{([pbBvV]?matrix|array|smallmatrix)\}(?:\{[^{}]*\})?(.*)\\end\{\1\}", s, re.DOTALL)
     if m:
         rows = [r for r in re.split(r"\\\\", m.group(2)) if r.strip()]
@@ -621,10 +390,16 @@ def _struct(s: str, depth: int = 0):
         return ("set", _flat_items(items, depth))
     if s[0] in "([" and s[-1] in ")]" and _matching_close(s, 0) == len(s) - 1:
         items = _split_top(s[1:-1], ",")
+        if len(items) < 2:
+            items = _split_top(s[1:-1], ";")  # "(0;-2;6)": coordinates separated by semicolons
         if len(items) >= 2:
             return ("seq", s[0], s[-1], [_struct(_drop_var_prefix(x), depth + 1) for x in items])
-        if s[0] == "(" and s[-1] == ")":
-            return _struct(s[1:-1], depth + 1)
+        if (s[0] == "(" and s[-1] == ")") or s[1:].lstrip().startswith("\\begin"):
+            return _struct(s[1:-1], depth + 1)  # "(5)", "\left[\begin{array}...\end{array}\right]"
+    groups = _split_top(s, ";")
+    if len(groups) >= 2 and all(g.strip() for g in groups):
+        # "p=5,q=2;p=7,q=2", "-12;-11;-10": semicolons separate the answers, commas the parts of one
+        return ("bare", [_struct(_drop_var_prefix(g.strip()), depth + 1) for g in groups])
     items = _split_top(s, ",")
     if len(items) >= 2:
         return ("bare", _flat_items(items, depth))
@@ -632,6 +407,11 @@ def _struct(s: str, depth: int = 0):
     if len(pm) > 1:
         return ("bare", [_struct(x, depth + 1) for x in pm])
     eq = _split_top(s, "=")
+    if len(eq) > 2 and all(x.strip() for x in eq):
+        # "x = 5+5+1 = 11": a chain of steps; the last side is the value (the first kept when it is a label)
+        eq = [eq[0], eq[-1]] if _is_label(eq[0]) else [eq[-1]]
+        if len(eq) == 1:
+            return _struct(eq[0], depth + 1)
     if len(eq) == 2 and eq[0].strip() and eq[1].strip():
         return ("eq", eq[0].strip(), eq[1].strip())
     iv = _inequality_to_interval(s)
@@ -646,6 +426,20 @@ def _flat_items(items, depth):
         x = _drop_var_prefix(x.strip())
         for y in _expand_pm(x):
             out.append(_struct(y, depth + 1))
+    return out
+
+
+def _key(x):
+    return tuple(_key(y) for y in x) if isinstance(x, (tuple, list)) else _canon(x)
+
+
+def _dedupe(items: list) -> list:
+    seen, out = set(), []
+    for x in items:
+        k = _key(x)
+        if k not in seen:
+            seen.add(k)
+            out.append(x)
     return out
 
 
@@ -702,7 +496,7 @@ class _Comparer:
             return da == db and (not (ma and mb) or ma.group(2) == mb.group(2))
         na, nb = _to_number(ca), _to_number(cb)
         if na is not None and nb is not None:
-            return _num_equal(na, nb, self.ctx)
+            return _num_equal(na, nb, self.ctx, _is_approx(ca) != _is_approx(cb))
         ea = parse_latex(ca, self.deadline)
         if ea is None:
             return False
@@ -710,10 +504,19 @@ class _Comparer:
         if eb is None:
             return False
         rel_tol, lenient = self.ctx
+        if not (_is_approx(ca) or _is_approx(cb)):
+            rel_tol = 0.0  # both exact: sympy_equal then compares exactly (2^{20} is not 1048570)
         return sympy_equal(ea, eb, rel_tol, lenient, self.deadline)
 
     def eq(self, A, B) -> bool:
         ka, kb = A[0], B[0]
+        if (ka == "eq") != (kb == "eq") and kb != "scalar" and ka != "scalar":
+            # "(p,q) = (3,2)" against "(3,2)": a labelled value is the value
+            e, o = (A, B) if ka == "eq" else (B, A)
+            if not _is_label(e[1]):
+                return False
+            v = _struct(e[2])
+            return self.eq(v, o) if ka == "eq" else self.eq(o, v)
         if ka == "scalar" and kb == "scalar":
             return self.scalar(A[1], B[1])
         if ka == "seq" and kb == "seq":
@@ -725,11 +528,24 @@ class _Comparer:
                 return False
             return _ordered(A[3], B[1], self.eq) if ka == "seq" else _ordered(A[1], B[3], self.eq)
         if ka in ("set", "bare") and kb in ("set", "bare"):
-            return _unordered(A[1], B[1], self.eq)
+            xs, ys = A[1], B[1]
+            if len(xs) != len(ys):  # a solution listed twice is one solution: sets have no multiplicity
+                xs, ys = _dedupe(xs), _dedupe(ys)
+            return _unordered(xs, ys, self.eq)
+        if {ka, kb} == {"bare", "scalar"}:
+            # "\boxed{x+11} or \boxed{11+x}": one answer written two ways equals it (every item must)
+            bl, sc = (A, B) if ka == "bare" else (B, A)
+            return all(self.eq(x, sc) if ka == "bare" else self.eq(sc, x) for x in bl[1])
         if {ka, kb} == {"set", "scalar"}:
             st, sc = (A, B) if ka == "set" else (B, A)
             return len(st[1]) == 1 and (self.eq(st[1][0], sc) if ka == "set" else self.eq(sc, st[1][0]))
         if ka == "union" and kb == "union":
+            return _unordered(A[1], B[1], self.eq)
+        if {ka, kb} == {"union", "bare"}:
+            # "x < -1 or x > 1" against (-\infty,-1) \cup (1,\infty): inequalities joined by "or" are a union
+            un, bl = (A, B) if ka == "union" else (B, A)
+            if not all(x[0] == "seq" and x[1] + x[2] in ("()", "(]", "[)", "[]") for x in bl[1]):
+                return False
             return _unordered(A[1], B[1], self.eq)
         if ka == "matrix" and kb == "matrix":
             return len(A[1]) == len(B[1]) and all(_ordered(ra, rb, self.eq) for ra, rb in zip(A[1], B[1]))
@@ -743,7 +559,7 @@ class _Comparer:
         if {ka, kb} == {"eq", "scalar"}:
             # "y = 2x+3" vs "2x+3": the left side must be a bare variable (gold "7 = 11a+c" is no prefix)
             e, sc = (A, B) if ka == "eq" else (B, A)
-            if not re.fullmatch(_VAR, e[1].strip()):
+            if not (re.fullmatch(_VAR, e[1].strip()) or _is_label(e[1])):
                 return False
             return self.scalar(e[2], sc[1]) if ka == "eq" else self.scalar(sc[1], e[2])
         if ka == "eq" and kb == "eq":
@@ -757,12 +573,29 @@ class _Comparer:
 # Public comparison
 # ----------------------------------------------------------------------------------------------------
 
-def is_equiv(pred: str, gold: str, *, percent_leniency: bool = False, timeout: float = 2.0,
-             rel_tol: float = 1e-4) -> bool:
-    """Whether answer `pred` equals answer `gold` (LaTeX or plain text). Never raises; a timeout is False.
+_APPROX_SPLIT = "\\approx"
 
-    Numbers are exact fractions compared with relative tolerance `rel_tol` (1e-4, as ToRA and Qwen);
-    `percent_leniency=True` also accepts gold*100 and gold/100 (the paper's ToRA behaviour).
+
+def _approx_forms(s: str, gold: bool) -> list[str]:
+    """`\\frac{2}{3} \\approx 0.67`: a gold stands for each side (exact and rounded); a prediction for its
+    exact side only, so "5 \\approx 7" cannot collect the reward for 7. A bare label ("x \\approx 11") drops."""
+    if _APPROX_SPLIT not in s:
+        return [s]
+    parts = [p.strip() for p in _split_top(s, _APPROX_SPLIT)]
+    parts = [p for p in parts if p and not re.fullmatch(_VAR, p)]
+    if not parts:
+        return [s]
+    return parts if gold else parts[:1]
+
+
+def is_equiv(pred: str, gold: str, *, percent_leniency: bool = False, timeout: float = 2.0,
+             rel_tol: float = REL_TOL) -> bool:
+    """Whether answer `pred` equals answer `gold` (LaTeX or plain text; prose is reduced to its final
+    answer as in `extract_answer`). Never raises; a timeout is False.
+
+    Integers, fractions and other exact values compare exactly; where one side is written as a decimal
+    ("1.4142" for \\sqrt{2}), values within relative tolerance `rel_tol` (default `REL_TOL` = 1e-4, as ToRA and
+    Qwen) match; `percent_leniency=True` also accepts gold*100 and gold/100 (the paper's ToRA behaviour).
     """
     try:
         if not isinstance(pred, str) or not isinstance(gold, str):
@@ -774,19 +607,35 @@ def is_equiv(pred: str, gold: str, *, percent_leniency: bool = False, timeout: f
             return True
         if len(a) > MAX_LEN or len(b) > MAX_LEN:
             return False
-        # exact numbers (all of GSM8K) need neither sympy nor a timer
-        na, nb = _to_number(_canon(a)), _to_number(_canon(b))
-        if na is not None and nb is not None:
-            return _num_equal(na, nb, (rel_tol, percent_leniency))
-        load_sympy()  # the first import takes ~1 s: never let the alarm interrupt it half-way
         deadline = time.monotonic() + timeout
-
-        def work():
-            return _Comparer(rel_tol, percent_leniency, deadline).eq(_struct(a), _struct(b))
-
-        return bool(run_with_timeout(work, timeout))
+        for x in _approx_forms(a, gold=False):
+            for y in _approx_forms(b, gold=True):
+                if _equiv_normalized(x, y, rel_tol, percent_leniency, deadline):
+                    return True
+        return False
     except (Exception, Timeout):
         return False
+
+
+def _equiv_normalized(a: str, b: str, rel_tol: float, lenient: bool, deadline: float) -> bool:
+    ca, cb = _canon(a), _canon(b)
+    if ca == cb:
+        return True
+    # exact numbers (all of GSM8K) need neither sympy nor a timer
+    na, nb = _to_number(ca), _to_number(cb)
+    if na is not None and nb is not None:
+        # two decimals ("306956.64" vs "306956.63") are two exact values: the tolerance is for a decimal
+        # that approximates a value written otherwise ("17.9999" for 18, "0.0833" for \\frac{1}{12})
+        return _num_equal(na, nb, (rel_tol, lenient), _is_approx(ca) != _is_approx(cb))
+    load_sympy()  # the first import takes ~1 s: never let the alarm interrupt it half-way
+    left = deadline - time.monotonic()
+    if left <= 0:
+        return False
+
+    def work():
+        return _Comparer(rel_tol, lenient, deadline).eq(_struct(a), _struct(b))
+
+    return bool(run_with_timeout(work, left))
 
 
 def grade(text: str, gold: str, **kw) -> tuple[str | None, bool]:

@@ -5,7 +5,9 @@ numbers, variables, + - * / ^, implicit products, \\frac, \\sqrt, \\binom, |x|, 
 trig / log / exp. It refuses (returns None) on anything else, on words of 3+ letters, and on values too
 large to build (9^{9^{9^9}}, 10000!). Comparison evaluates at random points with a relative tolerance and
 falls back to `simplify`. The parser and the point evaluation raise `Timeout` past a wall-clock deadline;
-`run_with_timeout` bounds a whole comparison, interrupting sympy itself (SIGALRM) where it can.
+`run_with_timeout` bounds a whole comparison, interrupting sympy itself (SIGALRM) where it can. The string
+helpers mdpo.grader normalises with (braces, macro arguments, digit groups, exact numbers) live here too.
+Exact values compare exactly; a tolerance is for decimal approximations only.
 """
 
 from __future__ import annotations
@@ -17,13 +19,18 @@ import threading
 import time
 from fractions import Fraction
 
+from mdpo.extraction import _match_brace
+
 __all__ = ["ParseError", "Timeout", "GREEK", "MAX_LEN", "MAX_EXP10", "load_sympy", "parse_latex",
-           "sympy_equal", "equations_equivalent", "run_with_timeout"]
+           "EXACT_REL_TOL", "sympy_equal", "equations_equivalent", "run_with_timeout"]
 
 MAX_LEN = 3000  # answers longer than this are compared as strings only (no parsing / sympy)
 MAX_EXP10 = 1000  # largest |n| accepted in 1e<n> / \times 10^{n}
 _MAX_POW_BITS = 200_000  # refuse to build exact integer powers larger than this (9^{9^{9^9}})
 _MAX_FACTORIAL = 5000
+# Relative difference, at 30 significant digits, below which two exact values are "equal": far above the
+# rounding noise of evaluating \sqrt{37-20\sqrt3} - (5-2\sqrt3), far below any decimal a model writes.
+EXACT_REL_TOL = 1e-20
 
 GREEK = ("alpha", "beta", "gamma", "delta", "epsilon", "varepsilon", "zeta", "eta", "theta", "vartheta",
          "iota", "kappa", "lambda", "mu", "nu", "xi", "rho", "sigma", "tau", "upsilon", "phi", "varphi",
@@ -415,6 +422,160 @@ def parse_latex(s: str, deadline: float = float("inf")):
 
 
 # ----------------------------------------------------------------------------------------------------
+# LaTeX string helpers for mdpo.grader: braces, macro arguments, digit groups, exact numbers
+# ----------------------------------------------------------------------------------------------------
+
+
+def _top_level_map(s: str, fn) -> str:
+    """Apply `fn` to the depth-0 stretches of `s` (outside any bracket)."""
+    out, depth, start = [], 0, 0
+    for i, c in enumerate(s):
+        if c in "([{" and not (i and s[i - 1] == "\\" and c != "{"):
+            if depth == 0:
+                out.append(fn(s[start:i]))
+                start = i
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+            if depth == 0:
+                out.append(s[start:i + 1])
+                start = i + 1
+            depth = max(depth, 0)
+    tail = s[start:]
+    out.append(fn(tail) if depth == 0 else tail)
+    return "".join(out)
+
+
+def _join_thousands(seg: str) -> str:
+    seg = re.sub(r"(?<![\d.,])\d{1,3}(?:,\d{3})+(?![\d,])", lambda m: m.group(0).replace(",", ""), seg)
+    return re.sub(r"(?<![\d.])\d{1,3}(?: \d{3})+(?![\d.])", lambda m: m.group(0).replace(" ", ""), seg)
+
+
+_ARGS_CMD_RE = re.compile(r"\\(frac|binom|sqrt)(?![a-zA-Z])")
+
+
+def _brace_args(s: str) -> str:
+    """`\\frac12` -> `\\frac{1}{2}`, `\\frac 59` -> `\\frac{5}{9}`, `\\sqrt3` -> `\\sqrt{3}` (one TeX token per arg)."""
+    out, i, n = [], 0, len(s)
+    while i < n:
+        m = _ARGS_CMD_RE.search(s, i)
+        if not m:
+            out.append(s[i:])
+            break
+        out.append(s[i:m.end()])
+        i = m.end()
+        nargs = 1 if m.group(1) == "sqrt" else 2
+        if nargs == 1:
+            j = i
+            while j < n and s[j] == " ":
+                j += 1
+            if j < n and s[j] == "[":
+                k = s.find("]", j)
+                if k < 0:
+                    continue
+                out.append(s[i:k + 1])
+                i = k + 1
+        for _ in range(nargs):
+            j = i
+            while j < n and s[j] == " ":
+                j += 1
+            if j >= n:
+                break
+            if s[j] == "{":
+                k = _match_brace(s, j)
+                if k is None:
+                    break
+                out.append(s[j:k + 1])
+                i = k + 1
+            elif s[j] == "\\":
+                mm = re.match(r"\\[a-zA-Z]+", s[j:])
+                tok = mm.group(0) if mm else s[j:j + 2]
+                out.append("{" + tok + "}")
+                i = j + len(tok)
+            else:
+                out.append("{" + s[j] + "}")
+                i = j + 1
+    return "".join(out)
+
+
+def _strip_outer_braces(s: str) -> str:
+    while len(s) >= 2 and s[0] == "{" and _match_brace(s, 0) == len(s) - 1:
+        s = s[1:-1].strip()
+    return s
+
+
+_DEC = r"(?:\d+(?:\.\d*)?|\.\d+)"
+
+
+_NUM_RE = re.compile(r"^(-?)(%s)(?:[eE]([+-]?\d+))?$" % _DEC)
+
+
+_SCI_RE = re.compile(r"^(-?)(%s)\\(?:times|cdot)10\^\{?(-?\d+)\}?$" % _DEC)
+
+
+_FRAC_RE = re.compile(r"^(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}$")
+
+
+_SLASH_RE = re.compile(r"^(-?)(\d+)/(\d+)$")
+
+
+_MIXED_RE = re.compile(r"^(-?)(\d+)(?:\\frac\{(\d+)\}\{(\d+)\}|\x00?(\d+)/(\d+))$")
+
+
+_REPEAT_RE = re.compile(r"^(-?)(\d*)\.(\d*)\\overline\{(\d+)\}$")
+
+
+def _to_number(c: str) -> Fraction | None:
+    """Exact value of a canonical numeric string (ints, decimals, 1e3, 1.2\\times10^{3}, a/b, \\frac{a}{b},
+    mixed numbers, 0.\\overline{3}); None for anything else."""
+    c = c.replace(" ", "\x00") if " " in c else c
+    m = _NUM_RE.match(c)
+    if m:
+        sign, mant, exp = m.groups()
+        if exp is not None and abs(int(exp)) > MAX_EXP10:
+            return None
+        v = Fraction(mant) * (Fraction(10) ** int(exp) if exp else 1)
+        return -v if sign else v
+    m = _SCI_RE.match(c)
+    if m:
+        sign, mant, exp = m.groups()
+        if abs(int(exp)) > MAX_EXP10:
+            return None
+        v = Fraction(mant) * Fraction(10) ** int(exp)
+        return -v if sign else v
+    m = _FRAC_RE.match(c) or _SLASH_RE.match(c)
+    if m:
+        sign, a, b = m.groups()
+        if int(b) == 0:
+            return None
+        v = Fraction(int(a), int(b))
+        return -v if sign else v
+    m = _MIXED_RE.match(c)
+    if m:
+        sign, whole = m.group(1), int(m.group(2))
+        a, b = (m.group(3), m.group(4)) if m.group(3) is not None else (m.group(5), m.group(6))
+        a, b = int(a), int(b)
+        if not 0 < a < b:  # only a proper fraction makes a mixed number; "3\frac{5}{2}" is a product
+            return None
+        v = whole + Fraction(a, b)
+        return -v if sign else v
+    m = _REPEAT_RE.match(c)
+    if m:
+        sign, ip, fp, rep = m.groups()
+        v = Fraction(int(ip or "0")) + (Fraction(int(fp), 10 ** len(fp)) if fp else 0)
+        v += Fraction(int(rep), (10 ** len(rep) - 1) * 10 ** len(fp))
+        return -v if sign else v
+    return None
+
+
+# A decimal literal with a nonzero fractional part ("3.14", "1.2e-5") is an approximation, the only kind of
+# number a tolerance applies to. Integers, fractions, 0.\overline{3} and "18.0" (normalised to 18) are exact.
+def _is_approx(c: str) -> bool:
+    """Whether the canonical answer `c` contains a decimal approximation (a tolerance may apply)."""
+    return "." in c and bool(re.search(r"\d\.\d|(?<!\d)\.\d", re.sub(r"\\overline\{\d+\}", "", c)))
+
+
+# ----------------------------------------------------------------------------------------------------
 # Comparison
 # ----------------------------------------------------------------------------------------------------
 
@@ -444,6 +605,7 @@ def _rand_points(symbols, k, seed=20240607):
 def sympy_equal(ea, eb, rel_tol: float, lenient: bool = False, deadline: float = float("inf")) -> bool:
     """Whether two sympy expressions are equal: numbers within relative tolerance `rel_tol` (`lenient` also
     accepts eb*100 and eb/100), expressions at 6 random points, else `simplify(ea - eb) == 0`.
+    `rel_tol=0` compares exactly (rationals as they are, other values to `EXACT_REL_TOL`).
 
     Never raises (a sympy error is False), except `Timeout` once `time.monotonic()` passes `deadline`.
     """
@@ -459,6 +621,12 @@ def _sympy_equal(ea, eb, rel_tol, lenient, deadline) -> bool:
         return True
     if ea.has(sp.nan, sp.zoo) or eb.has(sp.nan, sp.zoo):  # \frac{1}{0}-like junk is never an answer
         return False
+    if rel_tol <= 0:
+        # exact comparison: rationals (2^{20} is built exactly) compare as they are; irrational constants
+        # and expressions are evaluated at 30 digits, where only rounding noise is left (EXACT_REL_TOL)
+        if ea.is_Rational and eb.is_Rational:
+            return bool(ea == eb) or (lenient and (ea == eb * 100 or ea == eb / 100))
+        rel_tol = EXACT_REL_TOL
     syms = sorted(ea.free_symbols | eb.free_symbols, key=str)
     if not syms:
         va, vb = sp.N(ea, 30), sp.N(eb, 30)

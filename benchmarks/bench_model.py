@@ -35,8 +35,8 @@ MODEL_DIR = ROOT / "runs" / "gemma-3-270m"
 def build(impl: str, dtype: torch.dtype):
     """(model, forward returning all logits) for one implementation."""
     if impl == "mdpo":
-        from mdpo.model import Gemma
-        model = Gemma.from_pretrained(MODEL_DIR, dtype=dtype)
+        from mdpo.weights import load_pretrained
+        model = load_pretrained(MODEL_DIR, dtype=dtype)
         return model, (lambda x: model(x))
     import transformers
     model = transformers.AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=dtype)

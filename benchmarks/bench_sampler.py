@@ -36,9 +36,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 MODEL_DIR = ROOT / "runs" / "gemma-3-270m"
 
-from mdpo.model import Gemma  # noqa: E402
 from mdpo.sampler import Request, Sampler, SamplingParams  # noqa: E402
 from mdpo.tokenizer import Tokenizer  # noqa: E402
+from mdpo.weights import load_pretrained
 
 TEXT = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
         "How many clips did Natalia sell altogether in April and May? Weng earns $12 an hour for babysitting. "
@@ -218,7 +218,7 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|---|")
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
-        model = Gemma.from_pretrained(MODEL_DIR, dtype=dtype).eval()
+        model = load_pretrained(MODEL_DIR, dtype=dtype).eval()
         hf = transformers.AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=dtype).eval()
         for batch in args.batches:
             if batch == 1:

@@ -29,6 +29,7 @@ MODEL_DIR = ROOT / "runs" / "gemma-3-270m"
 
 from mdpo.logprobs import sequence_logprobs  # noqa: E402
 from mdpo.losses import dpo_loss  # noqa: E402
+from mdpo.weights import load_pretrained
 
 
 
@@ -41,8 +42,7 @@ def worker(impl: str, pairs: int, T: int, reps: int) -> dict:
     mask[:, T // 4:] = True
     ref = torch.zeros(2 * pairs)
     if impl == "mdpo":
-        from mdpo.model import Gemma
-        model = Gemma.from_pretrained(MODEL_DIR)
+        model = load_pretrained(MODEL_DIR)
 
         def logps():
             return sequence_logprobs(model, tokens, mask)[0]

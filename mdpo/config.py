@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import yaml
 
 from mdpo.atomic import atomic_open
+from mdpo.objectives import ObjectiveError, get_objective
 
 __all__ = [
     "ConfigError", "CHOICES", "ModelConfig", "DataConfig", "RolloutConfig", "FilterConfig",
@@ -38,17 +39,17 @@ class ConfigError(ValueError):
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "model.attn_impl": ("sdpa", "eager"),
-    "loss.type": ("mdpo", "mkto", "sft", "raft"),  # raft: SFT on correct rollouts (the paper's RAFT baseline)
     "loss.dpo_variant": ("sigmoid", "ipo", "hinge"),
     "loss.mask": ("model", "paper", "completion"),  # see mdpo/trajectory.py
     "reference.mode": ("previous", "sft"),
     "training.schedule": ("cosine", "linear", "constant"),
+    "metrics.tracker": ("none", "tensorboard", "wandb"),  # see mdpo/tracking.py
 }
 
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = "models/Gemma-7B-it-SFT3epoch"  # HF-layout folder (a preset name for random weights)
+    name_or_path: str = "RLHF4MATH/Gemma-7B-it-SFT3epoch"  # Hub id or HF-layout folder (a preset name: random weights)
     dtype: str = "bfloat16"  # one of CHOICES["model.dtype"]
     attn_impl: str = "sdpa"  # one of CHOICES["model.attn_impl"]
 
@@ -56,7 +57,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train: list[str] = field(default_factory=lambda: ["gsm8k", "math"])  # dataset names or JSONL paths
-    data_dir: str = "../shared/data"  # where named datasets live
+    data_dir: str | None = None  # where named datasets live; None: $MDPO_DATA, else ~/.cache/mdpo/data (fetched there)
     heldout: float = 1000  # prompts kept out of training to pick each iteration's checkpoint (< 1: a fraction)
     max_prompts: int | None = None  # cap on training prompts (None = all)
     prompts_per_iteration: int | None = None  # None: the prompts are split into `iterations` disjoint sets
@@ -74,6 +75,7 @@ class RolloutConfig:
     max_length: int = 2048  # total trajectory length in tokens, prompt included
     batch_size: int = 64  # prompts generated together
     executor_timeout: float = 20.0  # seconds per python tool call
+    empty_output: str = "Result is not defined"  # shown for a cell that prints nothing (the paper's text; mdpo.tools)
     compile: bool = False  # torch.compile the sampler's decode step (rollouts and evals; ~1 min compile per process)
     first_previous: str | None = None  # iteration 1's "previous model" for the n_previous samples (the paper: its
     #                                    1-epoch SFT checkpoint); None = iteration 1 draws all samples from the policy
@@ -91,11 +93,14 @@ class FilterConfig:
 
 @dataclass
 class LossConfig:
-    type: str = "mdpo"  # one of CHOICES["loss.type"]
+    type: str = "mdpo"  # a name in mdpo.objectives.OBJECTIVES: mdpo, mdpo_turn, simpo, mkto, sft, raft
     dpo_variant: str = "sigmoid"  # one of CHOICES["loss.dpo_variant"]
-    beta: float = 0.1  # KL-regularisation strength
+    beta: float = 0.1  # KL-regularisation strength (SimPO: reward scale)
     label_smoothing: float = 0.0  # conservative-DPO smoothing of the sigmoid loss
     nll_coef: float = 0.0  # weight of an NLL term on the chosen trajectory
+    average_logps: bool | None = None  # DPO on per-token average log-probs; null: on for ipo, off otherwise
+    simpo_gamma: float = 1.0  # SimPO's target reward margin
+    turn_discount: float = 1.0  # mdpo_turn: model turn k of K weighs turn_discount^(K - k)
     mask: str = "model"  # one of CHOICES["loss.mask"]: model = only model turns (M-DPO); completion = whole completion incl. tool output (single-turn baseline)
     desirable_weight: float = 1.0  # M-KTO weight of correct trajectories
     undesirable_weight: float = 1.0  # M-KTO weight of wrong trajectories
@@ -159,8 +164,10 @@ class CheckpointConfig:
 
 @dataclass
 class MetricsConfig:
-    log_every: int = 1  # steps between metric log lines
+    log_every: int = 1  # steps between metrics.jsonl lines (the last step is always logged)
     out_dir: str = "runs"  # outputs go under out_dir/<experiment name>
+    tracker: str = "none"  # one of CHOICES["metrics.tracker"]: also log metrics.jsonl / results.json scalars there
+    project: str = "mdpo"  # the W&B project of metrics.tracker wandb (runs are grouped by experiment name)
 
 
 @dataclass
@@ -311,8 +318,9 @@ def _set(cfg: ExperimentConfig, key: str, value: Any, where: str) -> None:
 
 
 # ---------------------------------------------------------------- public API
-def apply_overrides(cfg: ExperimentConfig, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """Return a copy of `cfg` with `section.key=value` overrides (values parsed as YAML) applied."""
+def apply_overrides(cfg: ExperimentConfig, overrides: Sequence[str] = (), source: str = "config") -> ExperimentConfig:
+    """Return a copy of `cfg` with `section.key=value` overrides (values parsed as YAML) applied, then check that
+    loss.type names an objective that reads every loss option set (errors name `source`)."""
     cfg = dataclasses.replace(cfg)  # shallow; sections are re-copied below
     for name in _SECTIONS:
         setattr(cfg, name, dataclasses.replace(getattr(cfg, name)))
@@ -326,6 +334,10 @@ def apply_overrides(cfg: ExperimentConfig, overrides: Sequence[str] = ()) -> Exp
         except yaml.YAMLError as exc:
             raise ConfigError(f"{where}: {_yaml_error(exc)}") from None
         _set(cfg, key.strip(), value, where)
+    try:
+        get_objective(cfg.loss)
+    except ObjectiveError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
     return cfg
 
 
@@ -354,7 +366,7 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Exper
             raise ConfigError(f"{path}: {section}: expected a mapping, got {_describe(body)}")
         for key, value in body.items():
             _set(cfg, f"{section}.{key}", value, str(path))
-    return apply_overrides(cfg, overrides)
+    return apply_overrides(cfg, overrides, source=str(path))
 
 
 def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:

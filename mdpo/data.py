@@ -39,11 +39,13 @@ import itertools
 import random
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from mdpo.atomic import atomic_open
-from mdpo.config import FilterConfig
 from mdpo.trajectory import Role, Trajectory, TrajectoryError, read_jsonl
+
+if TYPE_CHECKING:  # a hint only: mdpo.config imports the objectives, which import this module
+    from mdpo.config import FilterConfig
 
 # Filter names, in the order a dropped trajectory is attributed to them; each is a FilterConfig switch.
 FILTERS: tuple[str, ...] = ("no_tool_call", "long_answer", "overlong", "correct_after_error",
@@ -289,20 +291,22 @@ def verify_file(path, expected: dict) -> None:
 
 
 # ---------------------------------------------------------------- SFT data from chat messages
-OUTPUT_OPEN, OUTPUT_CLOSE = "```output\n", "\n```"
-
-
 def trajectory_from_turns(tok, question: str, turns: list[tuple[str, str | None]], prompt_id: str,
-                          sample_id: int = 0) -> Trajectory:
+                          sample_id: int = 0, empty_output: str | None = None, chat=None) -> Trajectory:
     """Token ids and roles of a written-out trajectory, laid out exactly as mdpo.sampler lays out a rollout.
 
     turns: [(model text, observation or None)]: a model turn ending in a ```python block is followed by the
-    interpreter's observation; the last turn (observation None) ends with the policy's own <end_of_turn>.
+    interpreter's raw observation; the last turn (observation None) ends with the policy's own <end_of_turn>.
     Each piece is tokenised on its own, as the sampler produces it (model turns are the policy's tokens; the
-    template and tool pieces are what the sampler injects), so SFT data and rollouts share one layout.
+    template and tool pieces are what the sampler injects, from the same mdpo.chat format), so SFT data and
+    rollouts share one layout. Observations go through mdpo.tools.observation_text, as in rollouts: cleaned,
+    and `empty_output` (None: mdpo.tools.EMPTY_OUTPUT, the paper's text) in place of an empty one.
     """
-    from mdpo.sampler import format_observation
+    from mdpo.chat import for_tokenizer
+    from mdpo.tools import EMPTY_OUTPUT, observation_text
 
+    chat = chat or for_tokenizer(tok)
+    empty = EMPTY_OUTPUT if empty_output is None else empty_output
     tokens: list[int] = []
     roles: list[int] = []
     turn_ids: list[int] = []
@@ -315,21 +319,26 @@ def trajectory_from_turns(tok, question: str, turns: list[tuple[str, str | None]
     add(tok.encode(tok.render_chat([{"role": "user", "content": question}])), Role.PROMPT, 0)
     for k, (text, observation) in enumerate(turns, start=1):
         if k > 1:
-            add(tok.encode("<start_of_turn>model\n"), Role.TEMPLATE, k)
+            add(tok.encode(chat.open(chat.model_role)), Role.TEMPLATE, k)
         add(tok.encode(text), Role.MODEL, k)
         if observation is None:
             add([tok.end_of_turn_id], Role.MODEL, k)  # the policy's own stop token is an action
         else:
-            add(tok.encode("<end_of_turn>\n"), Role.TEMPLATE, k)
-            add(tok.encode(format_observation(observation)), Role.TOOL, k)
+            add(tok.encode(chat.close), Role.TEMPLATE, k)
+            add(chat.tool_turn_ids(tok, observation_text(observation, empty)), Role.TOOL, k)
     return Trajectory(prompt_id, sample_id, tokens, roles, turn_ids, finish_reason="end_of_turn")
 
 
-def trajectory_from_messages(tok, messages: list[dict], prompt_id: str, where: str = "<messages>") -> Trajectory:
+def trajectory_from_messages(tok, messages: list[dict], prompt_id: str, where: str = "<messages>",
+                             empty_output: str | None = None) -> Trajectory:
     """A chat in the paper's SFT format (user question, then assistant turns, each code turn answered by a user
-    turn "```output\\n...\\n```") as a trajectory with roles. Raises DataError naming `where` on another shape."""
+    turn "```output\\n...\\n```") as a trajectory with roles (observations as in trajectory_from_turns).
+    Raises DataError naming `where` on another shape."""
+    from mdpo.chat import for_tokenizer
+
+    chat = for_tokenizer(tok)
     if not messages or messages[0].get("role") != "user" or len(messages) % 2 != 0:
-        raise DataError(f"{where}: expected user, assistant, (user ```output, assistant)* messages")
+        raise DataError(f"{where}: expected user, assistant, (user {chat.output_fence}, assistant)* messages")
     turns: list[tuple[str, str | None]] = []
     for i in range(1, len(messages), 2):
         m = messages[i]
@@ -338,12 +347,13 @@ def trajectory_from_messages(tok, messages: list[dict], prompt_id: str, where: s
         obs = None
         if i + 1 < len(messages):
             tool = messages[i + 1].get("content", "")
-            if messages[i + 1].get("role") != "user" or not (tool.startswith(OUTPUT_OPEN) and
-                                                                 tool.endswith(OUTPUT_CLOSE)):
-                raise DataError(f"{where}: message {i + 1} should be a user turn holding ```output ... ```")
-            obs = tool[len(OUTPUT_OPEN):-len(OUTPUT_CLOSE)]
+            if messages[i + 1].get("role") != "user" or not (tool.startswith(chat.output_open) and
+                                                                 tool.endswith(chat.output_close)):
+                raise DataError(f"{where}: message {i + 1} should be a user turn holding "
+                                f"{chat.output_open.strip()} ... {chat.output_close.strip()}")
+            obs = tool[len(chat.output_open):-len(chat.output_close)]
         turns.append((m["content"], obs))
-    return trajectory_from_turns(tok, messages[0]["content"], turns, prompt_id)
+    return trajectory_from_turns(tok, messages[0]["content"], turns, prompt_id, empty_output=empty_output, chat=chat)
 
 
 def convert_messages(src, dst, tokenizer_dir) -> int:
@@ -363,11 +373,18 @@ def convert_messages(src, dst, tokenizer_dir) -> int:
 
 
 def main(argv=None) -> int:
+    """`python -m mdpo.data --messages ... --tokenizer ... --out ...`, or `python -m mdpo.data fetch NAME...`."""
     import argparse
     import sys
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["fetch"]:  # prefetch datasets into the data dir (mdpo.datasets)
+        from mdpo.datasets import fetch_main
+
+        return fetch_main(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m mdpo.data",
-                                 description="Convert chat-format SFT data into mdpo trajectories (token ids + roles).")
+                                 description="Convert chat-format SFT data into mdpo trajectories (token ids + roles). "
+                                             "`python -m mdpo.data fetch gsm8k math math500` downloads datasets.")
     ap.add_argument("--messages", required=True, help='JSONL, one {"messages": [...]} per line')
     ap.add_argument("--tokenizer", required=True, help="folder with tokenizer.model (the model's)")
     ap.add_argument("--out", required=True, help="trajectory JSONL (sft.data of an experiment)")

@@ -7,7 +7,8 @@
 2. the pipeline of experiments/demo.yaml (mdpo.pipeline): SFT, then 3 iterations of M-DPO with the real
    sampler, interpreter, grader and trainer;
 3. a table of greedy accuracy on the held-out test problems per iteration, with 95% confidence intervals, and the
-   paired difference of the last iteration against SFT; runs/demo/accuracy.png if matplotlib is installed.
+   paired difference of the last iteration against SFT; with matplotlib (installed by `make install`),
+   runs/demo/accuracy.png and the pipeline's plots in runs/demo/run/ (mdpo/plots.py).
 
 Every stage is resumable: kill it at any point and rerun the same command.
 """
@@ -25,8 +26,10 @@ from mdpo import synth
 from mdpo.atomic import atomic_open, write_json_atomic
 from mdpo.config import ConfigError, load_config
 from mdpo.model import GemmaConfig, build_model
+from mdpo.plots import accuracy_series, plot_accuracy, wilson
 from mdpo.tokenizer import Tokenizer
 from mdpo.trajectory import read_trajectories, write_trajectories
+from mdpo.weights import save_pretrained
 
 EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "demo.yaml"
 
@@ -56,20 +59,10 @@ def prepare(out: Path, seed: int = 0) -> None:
     cfg = GemmaConfig(vocab_size=tok.vocab_size, **MODEL)
     tmp = out / "init.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    build_model(cfg, seed=seed).save_pretrained(tmp, tokenizer=tok)
+    save_pretrained(build_model(cfg, seed=seed), tmp, tokenizer=tok)
     shutil.rmtree(init, ignore_errors=True)
     tmp.replace(init)
     write_json_atomic(data / "done.json", {"sizes": SIZES, "model": MODEL, "seed": seed})
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion k / n."""
-    if n == 0:
-        return 0.0, 0.0
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
 
 
 def paired_difference(a: dict, b: dict, z: float = 1.96) -> tuple[float, float, float]:
@@ -90,7 +83,7 @@ def report(run: Path, iterations: int) -> dict:
         path = run / f"iter_{it}" / "eval" / "test.jsonl"
         graded[it] = {t.prompt_id: bool(t.correct) for t in read_trajectories(path)}
     results = json.loads((run / "results.json").read_text())
-    rows, out = [], {"iterations": {}}
+    out = {"iterations": {}}
     lines = ["| model | test accuracy | 95% CI | rollout accuracy | pairs | reward margin |",
              "| --- | --- | --- | --- | --- | --- |"]
     for it, g in graded.items():
@@ -106,7 +99,6 @@ def report(run: Path, iterations: int) -> dict:
                      + (f"{margin:.2f} |" if margin is not None else "- |"))
         out["iterations"][it] = {"accuracy": k / n, "ci": [lo, hi], "n": n, "rollout_accuracy": ro.get("correct_share"),
                                  "pairs": r.get("data", {}).get("examples"), "margin": margin}
-        rows.append((it, k / n, lo, hi, margin))
     mean, lo, hi = paired_difference(graded[0], graded[iterations])
     lines.append(f"\nIteration {iterations} - SFT: {100 * mean:+.1f} points (95% CI {100 * lo:+.1f} to {100 * hi:+.1f}, "
                  f"paired over {len(graded[0])} problems)")
@@ -115,31 +107,12 @@ def report(run: Path, iterations: int) -> dict:
     print(text)
     with atomic_open(run.parent / "report.md") as f:
         f.write(text + "\n")
-    plot(rows, run.parent / "accuracy.png")
+    # The same figure as the pipeline's run/accuracy.png (mdpo/plots.py), beside report.md; training.png and
+    # filters.png stay in run/.
+    if plot_accuracy(accuracy_series(results), run.parent / "accuracy.png",
+                     "demo: accuracy per iteration (0 = SFT; 95% Wilson intervals)"):
+        print(f"plots: {run.parent / 'accuracy.png'}, and accuracy / training / filters .png in {run}")
     return out
-
-
-def plot(rows, path: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(matplotlib not installed: no plot)")
-        return
-    its = [r[0] for r in rows]
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax[0].errorbar(its, [100 * r[1] for r in rows], yerr=[[100 * (r[1] - r[2]) for r in rows],
-                                                          [100 * (r[3] - r[1]) for r in rows]], marker="o", capsize=4)
-    ax[0].set(xlabel="iteration (0 = SFT)", ylabel="test accuracy (%)", xticks=its)
-    m = [(r[0], r[4]) for r in rows if r[4] is not None]
-    ax[1].plot([x for x, _ in m], [y for _, y in m], marker="o")
-    ax[1].set(xlabel="iteration", ylabel="reward margin (last step)", xticks=its)
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
-    print(f"plot: {path}")
 
 
 def main(argv=None) -> int:

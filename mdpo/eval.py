@@ -1,6 +1,10 @@
 """Evaluate a model as a tool-using math agent on GSM8K / MATH / MATH-500 or a JSONL file.
 
     python -m mdpo.eval --model DIR --data gsm8k --limit 100 --out runs/eval/gsm8k [--n 4 --temperature 0.7]
+    python -m mdpo.eval --model RLHF4MATH/Gemma-7B-it-SFT3epoch --data math500 --out runs/eval/m500
+
+--model is a folder or a Hugging Face Hub id (mdpo.hub); --data a dataset name, fetched into the data dir on
+first use (mdpo.datasets), or a file.
 
 Each problem is rendered with the model's chat template (no system prompt, as in the paper), sampled with
 the interpreter in the loop, graded (mdpo.grader), and written as one trajectory per line to
@@ -12,7 +16,6 @@ tool-use statistics. Bad flags or files exit with status 2 and one line naming t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections import Counter, defaultdict
@@ -21,72 +24,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mdpo.grader import extract_answer, gold_gsm8k, gold_math, is_equiv
-from mdpo.trajectory import Role, Trajectory, TrajectoryError
+from mdpo import faults
 from mdpo.atomic import atomic_open, write_json_atomic
-from mdpo.weights import CheckpointError, parse_dtype
-
-DATASETS = {
-    "gsm8k": "gsm8k/test.jsonl",
-    "math": "math/hendrycks_math/test.jsonl",
-    "math500": "math/prm800k_math_splits/test.jsonl",
-}
-TRAIN_DATASETS = {  # the same names in data.train mean the training splits
-    "gsm8k": "gsm8k/train.jsonl",
-    "math": "math/hendrycks_math/train.jsonl",
-}
+from mdpo.datasets import DatasetError, load_problems
+from mdpo.grader import extract_answer, is_equiv
+from mdpo.hub import HubError, resolve_model
+from mdpo.trajectory import Role, Trajectory, TrajectoryError
+from mdpo.weights import CheckpointError, load_pretrained, parse_dtype
 
 
 class EvalError(ValueError):
     """Bad input to the evaluation: the message names the flag, file or line."""
-
-
-def load_problems(data: str, data_dir: str, split: str = "test", skipped: list | None = None) -> list[dict]:
-    """Problems as dicts with id, question, gold (and level / subject where the data has them).
-
-    `data` is a dataset name (its `split` file under data_dir) or a JSONL path. Accepted rows: GSM8K
-    (question, answer with ####), MATH (problem, solution with \\boxed{}), MATH-500 / prepared files (answer),
-    and the paper's augmented prompt sets (idx, type, problem or question, solution). A row without a gold
-    answer is an error, unless `skipped` is a list: then its "file:line" is appended there and it is left out
-    (training prompts that cannot be graded teach nothing).
-    """
-    names = TRAIN_DATASETS if split == "train" else DATASETS
-    path = Path(data_dir) / names[data] if data in names else Path(data)
-    if not path.is_file():
-        raise EvalError(f"{path}: data file not found (--data {data!r}, --data-dir {data_dir!r})")
-    problems = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvalError(f"{path}:{i}: invalid JSON ({e.msg})") from None
-            question = row.get("question", row.get("problem"))
-            if not isinstance(question, str):
-                raise EvalError(f"{path}:{i}: no 'question' or 'problem' field")
-            if "####" in str(row.get("answer", "")):
-                gold = gold_gsm8k(row["answer"])  # GSM8K: the number after ####
-            elif row.get("answer") is None and "####" in str(row.get("solution", "")):
-                gold = gold_gsm8k(row["solution"])  # augmented GSM8K-style rows keep the #### rule
-            elif row.get("answer") is not None:
-                gold = str(row["answer"])  # MATH-500 and prepared files carry the answer itself
-            elif "solution" in row:
-                gold = gold_math(row["solution"])  # MATH: the last \boxed{} of the solution
-            else:
-                raise EvalError(f"{path}:{i}: no 'answer' or 'solution' field")
-            if gold is None or not gold.strip():
-                if skipped is not None:
-                    skipped.append(f"{path}:{i}")
-                    continue
-                raise EvalError(f"{path}:{i}: no gold answer (no \\boxed{{}} in the solution)")
-            level = row.get("level")
-            if isinstance(level, int):
-                level = f"Level {level}"
-            problems.append({"id": str(row.get("unique_id", row.get("idx", i - 1))), "question": question,
-                             "gold": gold, "level": level, "subject": row.get("type", row.get("subject"))})
-    return problems
 
 
 def final_turn_text(t: Trajectory, tokenizer) -> str:
@@ -101,6 +49,15 @@ def final_turn_text(t: Trajectory, tokenizer) -> str:
         return tokenizer.decode([i for i in model_ids if i not in tokenizer.stop_ids])
     template = [tok for tok, turn, r in zip(t.tokens, t.turns, t.roles) if turn == last and r == Role.TEMPLATE]
     return tokenizer.decode(template, skip_special_tokens=True)
+
+
+def grade_trajectory(t: Trajectory, gold: str, tokenizer) -> None:
+    """Set t.answer and t.correct. A trajectory that began writing the user's (the tool's) turn itself
+    (mdpo.sampler.MALFORMED_ENDINGS) is wrong whatever it answered: it invented its own observation."""
+    from mdpo.sampler import MALFORMED_ENDINGS
+
+    t.answer = extract_answer(final_turn_text(t, tokenizer))
+    t.correct = t.answer is not None and t.finish_reason not in MALFORMED_ENDINGS and is_equiv(t.answer, gold)
 
 
 def majority(answers: list[str | None]) -> str | None:
@@ -186,9 +143,11 @@ def read_done(path: Path) -> list[Trajectory]:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m mdpo.eval", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True, help="HF-layout folder with tokenizer.model")
-    ap.add_argument("--data", default="gsm8k", help="gsm8k, math, math500, or a JSONL path")
-    ap.add_argument("--data-dir", default="../shared/data", help="where gsm8k/ and math/ live")
+    ap.add_argument("--model", required=True, help="HF-layout folder with tokenizer.model, or a Hugging Face Hub id")
+    ap.add_argument("--data", default="gsm8k", help="gsm8k, math, math500, or a JSONL / Parquet path")
+    ap.add_argument("--data-dir", default=None,
+                    help="where gsm8k/ and math/ live (default: $MDPO_DATA, else ~/.cache/mdpo/data; missing files "
+                         "are downloaded there)")
     ap.add_argument("--limit", type=int, default=None, help="first N problems only")
     ap.add_argument("--n", type=int, default=1, help="samples per problem")
     ap.add_argument("--temperature", type=float, default=0.0)
@@ -215,21 +174,26 @@ def main(argv=None) -> int:
         if args.temperature < 0 or not 0 < args.top_p <= 1:
             raise EvalError("--temperature must be >= 0 and --top-p in (0, 1]")
         return run(args)
-    except (EvalError, CheckpointError, FileNotFoundError) as e:
+    except (EvalError, DatasetError, HubError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
-def sample_graded(model_path, problems: list[dict], path, n: int, params, batch_size: int = 8, seed: int = 0,
+def sample_graded(model_path, problems: list[dict], path, n: int | range, params, batch_size: int = 8, seed: int = 0,
                   timeout: float = 20.0, dtype=torch.float32, desc: str = "sample",
-                  compile: bool = False) -> list[Trajectory]:
+                  compile: bool = False, empty_output: str | None = None) -> list[Trajectory]:
     """`n` graded trajectories per problem, appended to the JSONL `path` one by one as they finish.
+
+    empty_output: what the model is shown when a cell prints nothing (None: mdpo.tools.EMPTY_OUTPUT, the paper's).
+
+    n: a count (sample ids 0..n-1) or a range of sample ids, so that two models' samples of one prompt can
+    carry distinct ids.
 
     Samples already in `path` (an earlier, interrupted run) are kept and only the missing ones are drawn, under
     their original sample ids, so a resumed run neither loses nor duplicates work. Returns all trajectories.
     """
     from mdpo.executor import ExecutorPool
-    from mdpo.model import Gemma
+    from mdpo.tools import PythonTool
     from mdpo.sampler import Request, Sampler
     from mdpo.tokenizer import Tokenizer
 
@@ -237,15 +201,16 @@ def sample_graded(model_path, problems: list[dict], path, n: int, params, batch_
     path.parent.mkdir(parents=True, exist_ok=True)
     done = read_done(path)
     ids = {p["id"] for p in problems}
-    done = [t for t in done if t.prompt_id in ids and t.sample_id < n]
+    sample_ids = range(n) if isinstance(n, int) else n
+    done = [t for t in done if t.prompt_id in ids and t.sample_id in sample_ids]
     finished = {(t.prompt_id, t.sample_id) for t in done}
-    todo = [(p, [s for s in range(n) if (p["id"], s) not in finished]) for p in problems]
+    todo = [(p, [s for s in sample_ids if (p["id"], s) not in finished]) for p in problems]
     todo = [(p, missing) for p, missing in todo if missing]
     if not todo:
         return done
     # Under torchrun each rank samples on its own GPU (the trainer set the current device); else the CPU.
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    model = Gemma.from_pretrained(model_path, dtype=dtype, device=device).eval()
+    model = load_pretrained(model_path, dtype=dtype, device=device).eval()
     tok = Tokenizer.from_pretrained(model_path)
     requests = [Request(p["id"], tok.encode(tok.render_chat([{"role": "user", "content": p["question"]}])),
                         n=len(missing), sample_ids=missing) for p, missing in todo]
@@ -254,12 +219,13 @@ def sample_graded(model_path, problems: list[dict], path, n: int, params, batch_
     with ExecutorPool(max_workers=batch_size, timeout=timeout) as pool, \
             open(path, "a", encoding="utf-8") as f, \
             tqdm(total=sum(len(m) for _, m in todo), desc=desc, unit="traj") as bar:
-        sampler = Sampler(model, tok, batch_size=batch_size, max_length=params.max_length, executor=pool,
+        # The paper's tool: the sandboxed interpreter (mdpo.tools makes what the model is shown of its output).
+        sampler = Sampler(model, tok, batch_size=batch_size, max_length=params.max_length,
+                          tool=PythonTool(pool, empty_output=empty_output),
                           seed=seed, model_name=str(model_path), compile=compile)
         for t in sampler.generate(requests, params):
-            t.answer = extract_answer(final_turn_text(t, tok))
-            t.correct = t.answer is not None and is_equiv(t.answer, gold[t.prompt_id])
-            f.write(t.to_json() + "\n")
+            grade_trajectory(t, gold[t.prompt_id], tok)
+            faults.write(f, t.to_json() + "\n", "rollout.append")
             f.flush()
             os.fsync(f.fileno())  # a finished trajectory survives a kill
             results.append(t)
@@ -271,12 +237,15 @@ def sample_graded(model_path, problems: list[dict], path, n: int, params, batch_
 def run(args) -> int:
     from mdpo.sampler import SamplingParams
 
+    model = resolve_model(args.model)  # before the data: a bad --model fails fast, without a download
+    if not Path(model).is_dir():
+        raise EvalError(f"--model {args.model}: no such folder")
     problems = load_problems(args.data, args.data_dir)[: args.limit]
     out = Path(args.out)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
                             max_new_tokens_per_turn=args.max_new_tokens, max_turns=args.max_turns,
                             max_length=args.max_length)
-    results = sample_graded(args.model, problems, out / "trajectories.jsonl", args.n, params,
+    results = sample_graded(model, problems, out / "trajectories.jsonl", args.n, params,
                             batch_size=args.batch_size, seed=args.seed, timeout=args.timeout,
                             dtype=parse_dtype(args.dtype), desc=f"eval {args.data}", compile=args.compile)
     metrics = compute_metrics(results, problems, args.n)

@@ -8,9 +8,13 @@ any sandbox (it "destroyed the conda env"); see shared/reference/grading-executo
 
 Observation text (``CellResult.observation``), paper defaults
 -------------------------------------------------------------
+These are the interpreter's raw results. What the model is shown is
+``mdpo.tools.observation_text`` of them (the one place that removes ANSI escapes and control
+characters and puts the paper's placeholder, ``mdpo.tools.EMPTY_OUTPUT``, in place of an empty
+output), applied by ``mdpo.tools.PythonTool`` in rollouts and by ``mdpo.data`` to SFT data.
+
 * ``ok``: the cell's output (stdout and stderr, interleaved, then the final expression's value),
-  stripped; ``""`` when there is none (the paper's driver substituted a placeholder string:
-  that is the caller's choice). Longer than ``Limits.max_output_chars``: head and tail are kept
+  stripped; ``""`` when there is none. Longer than ``Limits.max_output_chars``: head and tail are kept
   around a ``... [N characters cut] ...`` line (cut while written, so huge prints cost no memory).
 * ``error`` / ``memory`` (an exception; ``memory`` is a ``MemoryError``): only the last traceback
   line, e.g. ``NameError: name 'x' is not defined``. ``Limits(full_traceback=True)`` shows the
@@ -81,36 +85,18 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import os
-import re
 import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass, replace
 
-from mdpo.sandbox import _describe, _ready, _recv_frame, _send_frame, _Worker
+from mdpo.sandbox import Limits, Worker, describe_exit, poll_ready, recv_frame, send_frame
 
 __all__ = ["Limits", "CellResult", "Session", "ExecutorPool", "run_cells", "sandbox_mode"]
 
 STATUSES = ("ok", "error", "timeout", "memory", "crashed")
 TIMEOUT_OBSERVATION = "Timeout Error"
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Per-cell limits and observation options (the defaults follow the paper where it has one)."""
-
-    timeout: float = 20.0  # wall-clock seconds per cell (paper: 20 s)
-    cpu_time: float | None = None  # CPU seconds per cell (RLIMIT_CPU soft limit); None: timeout + 1
-    memory_bytes: int = 2 * 1024**3  # address space per process (RLIMIT_AS)
-    file_size_bytes: int = 16 * 1024**2  # largest file the worker may write (RLIMIT_FSIZE)
-    disk_bytes: int = 64 * 1024**2  # private tmpfs for the working dir and /tmp (namespaces mode)
-    max_processes: int = 4  # processes + threads of the worker's uid (RLIMIT_NPROC, namespaces mode)
-    max_open_files: int = 64  # RLIMIT_NOFILE
-    max_output_chars: int = 2000  # observation length; head and tail are kept around a marker
-    recursion_limit: int = 100_000  # cap on sys.setrecursionlimit (C stack is raised to 256 MiB)
-    full_traceback: bool = False  # errors show output + full traceback instead of the last line
-    sandbox: str = "auto"  # "auto" | "namespaces" | "rlimits"
 
 
 @dataclass
@@ -128,9 +114,6 @@ class CellResult:
 
 # --------------------------------------------------------------------------------------------
 # Observation text (host side)
-
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
-
 
 def _render(pieces: list, max_chars: int) -> str:
     """Join text pieces (str, or int = that many hidden chars); keep head and tail around a marker."""
@@ -164,8 +147,9 @@ def _render(pieces: list, max_chars: int) -> str:
 
 
 def _clean(text: str) -> str:
-    # Lone surrogates (print("\ud800")) would break tokenizers downstream.
-    return _ANSI.sub("", text).encode("utf-8", "replace").decode("utf-8")
+    # Lone surrogates (print("\ud800")) would break JSON and tokenizers downstream. Escapes and control
+    # characters are removed later, where the model's view is made (mdpo.tools.observation_text).
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,7 +173,7 @@ class Session:
 
     def __init__(self, limits: Limits | None = None, **overrides):
         self.limits = replace(limits or Limits(), **overrides)
-        self._worker: _Worker | None = None
+        self._worker: Worker | None = None
         self._lock = threading.Lock()
         self._lost = False  # the previous worker died: the next cell reports restarted=True
         self._closed = False
@@ -210,19 +194,19 @@ class Session:
             self._ensure()
         return self
 
-    def _ensure(self) -> _Worker:
+    def _ensure(self) -> Worker:
         if self._closed:
             raise RuntimeError("session is closed")
         if self._worker is None:
             mode = sandbox_mode(self.limits)
             try:
-                self._worker = _Worker(self.limits, mode)
+                self._worker = Worker(self.limits, mode)
                 _MODE[mode] = True
             except RuntimeError:
                 if self.limits.sandbox != "auto" or mode != "namespaces" or _MODE.get(mode):
                     raise
                 _MODE[mode] = False  # this machine cannot: fall back for good
-                self._worker = _Worker(self.limits, "rlimits")
+                self._worker = Worker(self.limits, "rlimits")
         return self._worker
 
     def _drop(self) -> None:
@@ -245,7 +229,7 @@ class Session:
                 os.ftruncate(w.out, 0)
                 deadline = time.monotonic() + timeout
                 per_cell = {"max_output_chars": keep, "timeout": timeout}
-                _send_frame(w.cmd, {"code": code, "limits": per_cell}, deadline)
+                send_frame(w.cmd, {"code": code, "limits": per_cell}, deadline)
                 res = self._wait(w, deadline)
             except (OSError, TimeoutError):
                 res = None
@@ -254,21 +238,21 @@ class Session:
                 return self._finish(res, w, elapsed, restarted)
             return self._dead(w, res == "timeout", elapsed, restarted)
 
-    def _wait(self, w: _Worker, deadline: float):
+    def _wait(self, w: Worker, deadline: float):
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 return "timeout"
-            ready = _ready([w.resp, w.status], left)
+            ready = poll_ready([w.resp, w.status], left)
             if w.resp in ready:
                 try:
-                    return _recv_frame(w.resp, deadline + 1.0)
+                    return recv_frame(w.resp, deadline + 1.0)
                 except TimeoutError:
                     return "timeout"
             if w.status in ready:
                 return None  # died without answering
 
-    def _finish(self, res: dict, w: _Worker, elapsed: float, restarted: bool) -> CellResult:
+    def _finish(self, res: dict, w: Worker, elapsed: float, restarted: bool) -> CellResult:
         keep = self.limits.max_output_chars
         pieces = [p for p in res.get("pieces", []) if isinstance(p, (str, int))]
         output = _clean(_render(pieces + w.output(keep), keep))
@@ -285,7 +269,7 @@ class Session:
             self._drop()
         return CellResult(status, obs, output, error, tb, elapsed, restarted)
 
-    def _dead(self, w: _Worker, timed_out: bool, elapsed: float, restarted: bool) -> CellResult:
+    def _dead(self, w: Worker, timed_out: bool, elapsed: float, restarted: bool) -> CellResult:
         keep = self.limits.max_output_chars
         # A worker that died on its own: init reports how within milliseconds. One that sent
         # garbage is still alive: the kill below ends it and there is no exit status.
@@ -297,7 +281,7 @@ class Session:
             self._drop()
             return CellResult("timeout", TIMEOUT_OBSERVATION, output, TIMEOUT_OBSERVATION, "",
                               elapsed, restarted)
-        reason = _describe(ex[0]) if ex else "the interpreter stopped answering"
+        reason = describe_exit(ex[0]) if ex else "the interpreter stopped answering"
         self._drop()
         obs = f"Crashed: {reason}. The interpreter was restarted and all variables were lost."
         return CellResult("crashed", obs, output, reason, "", elapsed, restarted)

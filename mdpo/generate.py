@@ -14,7 +14,7 @@ import time
 import torch
 
 from mdpo.model import Gemma, KVCache
-from mdpo.weights import CheckpointError, parse_dtype
+from mdpo.weights import CheckpointError, load_pretrained, parse_dtype
 
 
 @torch.no_grad()
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     from mdpo.tokenizer import Tokenizer
 
     try:
-        model = Gemma.from_pretrained(args.model, dtype=parse_dtype(args.dtype)).eval()
+        model = load_pretrained(args.model, dtype=parse_dtype(args.dtype)).eval()
         tok = Tokenizer.from_pretrained(args.model)
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -89,17 +89,20 @@ def sequence_logprobs(model: Gemma, tokens: torch.Tensor, loss_mask: torch.Tenso
     Args:
         tokens: (B, T) right-padded token ids.
         loss_mask: (B, T) bool, True at the tokens whose log-probs count (the policy's own tokens). Token t
-            is predicted from position t - 1, so position 0 can never count.
+            is predicted from position t - 1, so position 0 can never count. A float mask weights each
+            token's log-prob instead (0 = not counted): per-turn weights of a turn-weighted objective.
     Returns:
-        (sums (B,) fp32, counts (B,) int64): summed log-probs and the number of tokens summed per row.
+        (sums (B,) fp32, counts (B,) int64): (weighted) summed log-probs and the number of tokens summed per row.
     """
     if tokens.shape != loss_mask.shape:
         raise ValueError(f"tokens {tuple(tokens.shape)} and loss_mask {tuple(loss_mask.shape)} differ in shape")
     hidden = model(tokens, positions=positions, return_hidden=True)  # (B, T, d)
-    select = loss_mask[:, 1:].bool()  # (B, T-1): target token t+1 predicted at position t
+    select = loss_mask[:, 1:] != 0  # (B, T-1): target token t+1 predicted at position t
     h = hidden[:, :-1][select]  # (M, d)
     targets = tokens[:, 1:][select]  # (M,)
     rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None].expand_as(select)[select]  # (M,)
     lp = token_logprobs(h, model.embed_tokens.weight, targets, model.config.final_softcap, chunk_size)
+    if loss_mask.is_floating_point():
+        lp = lp * loss_mask[:, 1:][select].float()
     sums = torch.zeros(tokens.shape[0], dtype=torch.float32, device=tokens.device).index_add(0, rows, lp)
     return sums, select.sum(-1)

@@ -12,8 +12,9 @@ is what turns DPO into M-DPO (and KTO into M-KTO): the interpreter's tokens neve
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+
+from mdpo.distributed import all_reduce_mean
 
 DPO_TYPES = ("sigmoid", "ipo", "hinge")
 
@@ -71,12 +72,8 @@ def kto_kl_estimate(policy_kl: torch.Tensor, ref_kl: torch.Tensor) -> torch.Tens
     Averaged across data-parallel ranks when torch.distributed is initialised, detached (z0 is a baseline,
     not a path for gradients) and clamped at 0 (a KL divergence cannot be negative; the estimate can).
     """
-    kl = (policy_kl.detach() - ref_kl.detach()).float().mean()
-    if dist.is_available() and dist.is_initialized():
-        # SUM then divide: gloo has no AVG reduction.
-        dist.all_reduce(kl, op=dist.ReduceOp.SUM)
-        kl = kl / dist.get_world_size()
-    return kl.clamp(min=0)
+    kl = all_reduce_mean((policy_kl.detach().double() - ref_kl.detach().double()).mean())
+    return kl.clamp(min=0).float()
 
 
 def kto_loss(policy: torch.Tensor, ref: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor | float,
@@ -92,12 +89,11 @@ def kto_loss(policy: torch.Tensor, ref: torch.Tensor, desirable: torch.Tensor, k
     losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (r - kl))),
                          undesirable_weight * (1 - torch.sigmoid(beta * (kl - r))))
     rewards = beta * r.detach()
-    metrics = {"kl": kl, "logps/policy": policy.detach().mean()}
-    # Means over an empty class would be NaN; report them only when the batch has that class.
-    if desirable.any():
-        metrics["rewards/chosen"] = rewards[desirable].mean()
-    if (~desirable).any():
-        metrics["rewards/rejected"] = rewards[~desirable].mean()
+    # Class means as (sum, count): a micro-batch may hold one class only, and the trainer divides the global
+    # sums by the global counts.
+    metrics = {"kl": kl, "logps/policy": policy.detach().mean(),
+               "rewards/chosen": (rewards[desirable].sum(), desirable.sum()),
+               "rewards/rejected": (rewards[~desirable].sum(), (~desirable).sum())}
     return losses, metrics
 
 
@@ -108,5 +104,21 @@ def sft_loss(policy: torch.Tensor, tokens: torch.Tensor):
     the whole batch rather than a mean of per-sequence means.
     """
     losses = -policy
-    n = tokens.sum().clamp(min=1)
-    return losses, {"nll": losses.detach().sum() / n, "tokens": tokens.sum().detach().float()}
+    # (sum, count) pairs: the trainer turns them into the global token mean and tokens per sequence.
+    return losses, {"nll": (losses.detach().sum(), tokens.sum()), "tokens": (tokens.sum(), len(tokens))}
+
+
+def simpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, chosen_tokens: torch.Tensor,
+               rejected_tokens: torch.Tensor, beta: float = 2.0, gamma: float = 1.0):
+    """SimPO (Meng et al. 2024, eq. 6): -log sigmoid(beta pi_c / |y_c| - beta pi_r / |y_r| - gamma).
+
+    Reference-free: the implicit reward is the policy's length-normalised log-likelihood, and gamma is a
+    target reward margin. Token counts are those of the masked (model) tokens.
+    """
+    rc = beta * policy_chosen / chosen_tokens
+    rr = beta * policy_rejected / rejected_tokens
+    losses = -F.logsigmoid(rc - rr - gamma)
+    rc, rr = rc.detach(), rr.detach()
+    return losses, {"rewards/chosen": rc.mean(), "rewards/rejected": rr.mean(), "rewards/margin": (rc - rr).mean(),
+                    "rewards/accuracy": (rc > rr).float().mean(), "logps/chosen": policy_chosen.detach().mean(),
+                    "logps/rejected": policy_rejected.detach().mean()}

@@ -463,22 +463,6 @@ class Gemma(nn.Module):
         elem = (dtype or self.embed_tokens.weight.dtype).itemsize
         return 2 * c.num_layers * c.num_kv_heads * c.head_dim * elem
 
-    # --- checkpoints (implemented in mdpo/weights.py) ---
-
-    @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device="cpu", attn_impl: str = "sdpa"):
-        """Load an HF-layout folder (config.json + safetensors), strictly."""
-        from mdpo.weights import load_pretrained
-        return load_pretrained(path, dtype=dtype, device=device, attn_impl=attn_impl)
-
-    def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None,
-                        tokenizer=None):
-        """Write config.json + safetensors (+ the tokenizer's files) in the Hugging Face layout."""
-        from mdpo.weights import save_pretrained
-        save_pretrained(self, path, max_shard_bytes=max_shard_bytes, dtype=dtype)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(path)
-
 
 def build_model(config: GemmaConfig, device="cpu", dtype: torch.dtype = torch.float32, attn_impl: str = "sdpa",
                 init: bool = True, seed: int | None = None) -> Gemma:

@@ -23,6 +23,9 @@ Everything lands in OUT (metrics.out_dir/NAME unless --out):
     iter_t/eval/SET.jsonl     test-set trajectories of the selected model
     results.json              one record per iteration (rollout accuracy, filter counts, pairs, training
                               metrics, selection, test accuracy); printed as a table at the end
+    accuracy.png, training.png, filters.png   plots of results.json and the metrics.jsonl files (mdpo/plots.py),
+                              redrawn after every iteration when matplotlib is installed
+    tensorboard/, wandb/      metrics.tracker's copy of results.json (and iter_t/train/ holds the trainer's)
 
 Faults: sampling stages append one finished trajectory at a time and resume where they stopped; the trainer
 resumes from its last checkpoint; every other output is written to a temporary name and renamed. A rerun skips
@@ -35,32 +38,31 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import random
 import shutil
 import sys
 from pathlib import Path
 
-import torch.distributed as dist
-
+from mdpo import faults
 from mdpo.atomic import atomic_open, write_json_atomic
-from mdpo.config import ConfigError, ExperimentConfig, load_config, save_config
-from mdpo.data import (DataError, apply_filters, build_kto, build_pairs, build_raft, file_digest, pair_stats,
-                       split_heldout, verify_file, write_pairs)
-from mdpo.eval import EvalError, compute_metrics, load_problems, sample_graded
+from mdpo.checkpoint import discard, replace_folder
+from mdpo.config import ConfigError, ExperimentConfig, LossConfig, load_config, save_config
+from mdpo.data import DataError, apply_filters, file_digest, pair_stats, split_heldout, verify_file
+from mdpo.distributed import barrier, run_cli, world
+from mdpo.datasets import DatasetError, load_problems
+from mdpo.eval import EvalError, compute_metrics, sample_graded
+from mdpo.hub import HubError, resolve_model_ranks
 from mdpo.sampler import SamplingParams
-from mdpo.train import TrainError, run_cli, train, world
-from mdpo.trajectory import read_trajectories, write_trajectories
+from mdpo.objectives import get_objective
+from mdpo.plots import plot_run
+from mdpo.tracking import check_tracker, iteration_scalars, open_tracker
+from mdpo.train import TrainError, train
+from mdpo.trajectory import read_trajectories
 from mdpo.weights import CheckpointError
 
 
 class PipelineError(RuntimeError):
     """The pipeline cannot go on; the message names the stage and the file."""
-
-
-def barrier():
-    if world()[1] > 1:
-        dist.barrier()
 
 
 # ---------------------------------------------------------------- stages and their record
@@ -137,26 +139,29 @@ def write_jsonl(path: Path, rows: list[dict]):
 
 
 # ---------------------------------------------------------------- sampling across ranks
-def sample(model: str, problems: list[dict], path: Path, n: int, params: SamplingParams, cfg: ExperimentConfig,
+def sample(model: str, problems: list[dict], path: Path, n: int | range, params: SamplingParams, cfg: ExperimentConfig,
            desc: str, batch_size: int, seed: int):
     """sample_graded on this rank's share of `problems`; the shares are then merged into `path` (rank 0)."""
     rank, ws = world()
     if ws == 1:
         return sample_graded(model, problems, path, n, params, batch_size=batch_size, seed=seed,
-                             timeout=cfg.rollout.executor_timeout, desc=desc, compile=cfg.rollout.compile)
+                             timeout=cfg.rollout.executor_timeout, desc=desc, compile=cfg.rollout.compile,
+                             empty_output=cfg.rollout.empty_output)
     part = path.with_name(f"{path.stem}.rank{rank}.jsonl")
     # The same seed on every rank: a sample's randomness depends on (seed, prompt, sample id) only, so the
     # trajectories do not depend on the number of ranks.
     sample_graded(model, problems[rank::ws], part, n, params, batch_size=batch_size, seed=seed,
-                  timeout=cfg.rollout.executor_timeout, desc=desc, compile=cfg.rollout.compile)
+                  timeout=cfg.rollout.executor_timeout, desc=desc, compile=cfg.rollout.compile,
+                  empty_output=cfg.rollout.empty_output)
     barrier()
     if rank == 0:
         parts = [path.with_name(f"{path.stem}.rank{r}.jsonl") for r in range(ws)]
         with atomic_open(path) as f:
             for p in parts:
-                f.write(p.read_text(encoding="utf-8"))
+                faults.write(f, p.read_text(encoding="utf-8"), "merge.write")
         for p in parts:
             p.unlink()
+            faults.maybe_kill("merge.unlink")
     barrier()
     return list(read_trajectories(path))
 
@@ -182,6 +187,8 @@ def accuracy(trajectories) -> float:
 class Pipeline:
     def __init__(self, cfg: ExperimentConfig, out: Path):
         self.cfg, self.out = cfg, out
+        self.objective = get_objective(cfg.loss)
+        check_tracker(cfg)
         self.rank = world()[0]
         if self.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
@@ -189,11 +196,25 @@ class Pipeline:
         barrier()
         self.stages = Stages(out)
         self.results = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
+        self.tracker = None
 
     def record(self, key: str, value):
+        """Store iteration `key`'s results in results.json, send them to metrics.tracker and redraw the plots."""
         self.results[key] = value
         if self.rank == 0:
             write_json_atomic(self.out / "results.json", self.results)
+            # The tracker and the plots are views of results.json: neither must stop a long run.
+            try:
+                if self.tracker is None:  # opened on first use: constructing a Pipeline starts no W&B run
+                    self.tracker = open_tracker(self.cfg, self.out, "pipeline")
+                self.tracker.log(iteration_scalars(value), int(key.split("_")[1]))
+            except Exception as e:
+                print(f"metrics.tracker {self.cfg.metrics.tracker}: not logged: {type(e).__name__}: {e}",
+                      file=sys.stderr)
+            try:
+                plot_run(self.out, self.cfg.rollout.temperature)
+            except Exception as e:
+                print(f"plots not drawn: {type(e).__name__}: {e}", file=sys.stderr)
 
     def prompts(self) -> list[dict]:
         path = self.out / "prompts.jsonl"
@@ -213,7 +234,7 @@ class Pipeline:
         folder = self.out / "sft"
         if not self.stages.done("sft"):
             c = copy.deepcopy(cfg)
-            c.loss.type, c.loss.mask = "sft", "model"
+            c.loss = LossConfig(type="sft", mask="model")  # the iteration loss's options are not SFT's
             c.optimizer.lr = cfg.sft.lr
             c.training.epochs, c.training.global_batch_size = cfg.sft.epochs, cfg.sft.global_batch_size
             c.training.micro_batch_size = min(cfg.training.micro_batch_size, cfg.sft.global_batch_size)
@@ -244,14 +265,15 @@ class Pipeline:
         cfg, d = self.cfg, self.out / f"iter_{it}"
         n_prev = cfg.rollout.n_previous if previous else 0
         n_cur = cfg.rollout.n_current + (0 if previous else cfg.rollout.n_previous)
-        jobs = [("rollout", policy, n_cur, d / "rollout.jsonl", 0)]
+        # Sample ids are unique per prompt across both models: the previous model's follow the policy's.
+        jobs = [("rollout", policy, range(n_cur), d / "rollout.jsonl", 0)]
         if n_prev:
-            jobs.append(("rollout_prev", previous, n_prev, d / "rollout_prev.jsonl", 1))
+            jobs.append(("rollout_prev", previous, range(n_cur, n_cur + n_prev), d / "rollout_prev.jsonl", 1))
         trajs = []
-        for name, model, n, path, salt in jobs:
+        for name, model, ids, path, salt in jobs:
             stage = f"{name}_{it}"
             if not self.stages.done(stage):
-                sample(model, prompts, path, n, rollout_params(cfg), cfg, f"iter {it} {name}",
+                sample(model, prompts, path, ids, rollout_params(cfg), cfg, f"iter {it} {name}",
                        cfg.rollout.batch_size, cfg.training.seed + 1000 * it + salt)
                 self.stages.finish(stage, [path])
             # Files are in the order rows finished, which a resumed run changes: sort, so that the filters'
@@ -267,27 +289,14 @@ class Pipeline:
             return path, rec["info"]
         kept, removed = apply_filters(trajs, cfg.filters, cfg.rollout.max_length)
         seed = cfg.training.seed + it
-        kind = cfg.loss.type
-        if kind == "mdpo":
-            pairs = build_pairs(kept, cfg.loss.pairs_per_prompt, seed)
-            rows = len(pairs)
-            if self.rank == 0:
-                write_pairs(path, pairs)
-        elif kind == "mkto":
-            examples = build_kto(build_pairs(kept, cfg.loss.pairs_per_prompt, seed), seed)
-            rows = len(examples)
-            if self.rank == 0:
-                write_trajectories(path, examples)
-        elif kind == "raft":
-            examples = build_raft(kept, cfg.loss.pairs_per_prompt, seed)
-            rows = len(examples)
-            if self.rank == 0:
-                write_trajectories(path, examples)
-        else:
-            raise PipelineError(f"loss.type {kind!r} is not an iterative method; use --stage sft for SFT")
+        if not self.objective.iterative:
+            raise PipelineError(f"loss.type {cfg.loss.type!r} is not an iterative method; use --stage sft for SFT")
+        rows = self.objective.build(kept, seed)
+        if self.rank == 0:
+            self.objective.write(path, rows)
         barrier()
         info = {"rollout": pair_stats(trajs), "filters": removed, "after_filters": pair_stats(kept),
-                "examples": rows}
+                "examples": len(rows)}
         if self.rank == 0:
             write_json_atomic(d / "data_stats.json", info)
         return path, self.stages.finish(stage, [path], info)["info"]
@@ -334,11 +343,10 @@ class Pipeline:
             tmp = d / "policy.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(best, tmp)
-            shutil.rmtree(d / "policy", ignore_errors=True)
-            os.replace(tmp, d / "policy")
+            replace_folder(tmp, d / "policy")
             for c in cands[:-1]:
                 if c != best:
-                    shutil.rmtree(c, ignore_errors=True)  # unselected exports: a 7B one is 17 GB
+                    discard(c)  # unselected exports: a 7B one is 17 GB
         barrier()
         info = {"scores": scores, "chosen": best.name, "heldout": len(problems)}
         if self.rank == 0:
@@ -361,6 +369,9 @@ class Pipeline:
             self.record(f"iter_{it}", {"data": data_info, "train": train_info, "select": sel,
                                        "eval": self.evaluate(new, it)})
             policy, previous = new, policy
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None
         if self.rank == 0:
             print(table(self.results, cfg))
         return self.results
@@ -396,6 +407,10 @@ def main(argv=None) -> int:
 
     def body():
         cfg = load_config(args.config, args.overrides)
+        # Hub ids become local snapshot folders once, here; every stage then reads folders.
+        cfg.model.name_or_path = resolve_model_ranks(cfg.model.name_or_path)
+        if cfg.rollout.first_previous:
+            cfg.rollout.first_previous = resolve_model_ranks(cfg.rollout.first_previous)
         p = Pipeline(cfg, Path(args.out or Path(cfg.metrics.out_dir) / cfg.name))
         if args.stage == "sft":
             if not cfg.sft.data:
@@ -404,7 +419,8 @@ def main(argv=None) -> int:
         else:
             p.run()
 
-    return run_cli(body, (ConfigError, TrainError, CheckpointError, PipelineError, DataError, EvalError))
+    return run_cli(body, (ConfigError, TrainError, CheckpointError, PipelineError, DataError, EvalError,
+                                 DatasetError, HubError))
 
 
 if __name__ == "__main__":

@@ -11,9 +11,25 @@ cache slot p of its row, so rows of any lengths decode together. One loop iterat
            alone; nothing already in the cache is recomputed.
 4. decode: all rows with one queued token advance in one batched (B, 1) forward.
 
-A row pauses when its model turn closes a ```python block: the code goes to the executor and the other rows
-keep decoding. Every token is recorded with its role (mdpo.trajectory.Role), so the trainer's mask comes
-from how a token was produced, never from re-reading text.
+A row pauses when its model turn makes a tool call (mdpo.tools: a closed ```python block for the interpreter):
+the call goes to the tool and the other rows keep decoding. The turn markup around the tool's observation comes
+from the chat format (mdpo.chat). Every token is recorded with its role (mdpo.trajectory.Role), so the
+trainer's mask comes from how a token was produced, never from re-reading text.
+
+How a model turn ends (finish_reason when the trajectory ends there):
+* `<end_of_turn>` ("end_of_turn") or `<eos>` ("eos"): the turn is over. Inside an open call block,
+  `<end_of_turn>` closes the block as well: the call runs and the trajectory goes on.
+* a closed call: the tool runs, its observation is injected, the next model turn starts.
+* `<start_of_turn>` ("start_of_turn"): the model began a turn of its own, the first step of writing the
+  user's turn (and so the tool's output) itself. The paper stops generation at this string; mdpo ends the
+  trajectory there and runs no open block, so a made-up observation never follows it.
+* "```output" written by the model outside a call ("output_fence", only with a tool): a made-up output block.
+  The paper stops generation at this string; mdpo ends the trajectory there, as soon as the fence is decoded.
+  (A "```output" right after a call cannot happen: the row pauses as soon as the call's closing fence is.)
+Unlike the paper, which drops a stop string from its text, mdpo keeps these tokens as the policy's actions
+(role MODEL): they were sampled, and token-exact trajectories are what the loss trains on. Neither ending is a
+truncation; a trajectory that ends this way should count as a loser whatever its answer, so that the loss
+pushes the marker down (grading's decision: MALFORMED_ENDINGS names them).
 """
 
 from __future__ import annotations
@@ -26,13 +42,15 @@ from typing import Callable, Iterator
 
 import torch
 
+from mdpo.chat import ChatFormat, for_tokenizer
+from mdpo.extraction import LIMIT_MESSAGE
 from mdpo.model import Gemma, KVCache
 from mdpo.packed import is_fresh, pack_for_cpu, should_pack
+from mdpo.tools import STOP, PythonTool, Tool, ToolResult
 from mdpo.trajectory import Role, Trajectory
 
-CODE_OPEN = "```python"
-CODE_CLOSE = "```"
-MAX_CALLS_TEXT = "\nReach max function call limit."  # the paper's closing text after the last allowed call
+MAX_CALLS_TEXT = "\n" + LIMIT_MESSAGE  # the paper's closing text after the last allowed call
+MALFORMED_ENDINGS = ("start_of_turn", "output_fence")  # finish reasons of a turn that began a fake user turn
 
 
 @dataclass
@@ -57,11 +75,6 @@ class Request:
     sample_ids: list[int] | None = None  # ids of the n samples (default 0..n-1); a resumed job draws only the missing
 
 
-def format_observation(observation: str) -> str:
-    """The user turn that carries interpreter output, as the paper formats Gemma turns."""
-    return f"<start_of_turn>user\n```output\n{observation}\n```<end_of_turn>\n"
-
-
 @dataclass
 class _Row:
     req: int
@@ -76,8 +89,7 @@ class _Row:
     turn: int = 1
     turn_tokens: int = 0
     turn_text: str = ""
-    code_start: int = -1  # index in turn_text where the open ```python block's code begins, -1 if none
-    scan_from: int = 0
+    finder: object = None  # the tool's call finder for this turn (mdpo.tools.FenceFinder); None without a tool
     future: cf.Future | None = None
     closed_by_eot: bool = False
     tool_status: list = field(default_factory=list)  # executor status of each call (ok, error, timeout, ...)
@@ -91,15 +103,18 @@ def decode_step(net, tokens, positions, cache, kv_len: int, rows):
 
 
 class Sampler:
-    """Samples trajectories from `model`, running code blocks with `executor` if one is given.
+    """Samples trajectories from `model`, running the model's tool calls with `tool` if one is given.
 
     Args:
         model: a Gemma (eval mode, any dtype/device).
         tokenizer: a mdpo Tokenizer (stop ids, incremental decoding, observation encoding).
         batch_size: number of slots decoded together.
         max_length: KV cache length; no trajectory grows beyond it.
-        executor: object with submit(key, code) -> Future[result with .observation] and release(key)
-            (mdpo.executor.ExecutorPool). None: code blocks are not run.
+        tool: a mdpo.tools.Tool (finds a call in the model's turn, runs it, makes the observation), e.g.
+            PythonTool(pool) for the paper's interpreter. None: no calls are made.
+        executor: shorthand for tool=PythonTool(executor) (an ExecutorPool, or any object with
+            submit(key, code) -> Future and release(key)).
+        chat: the turn markup (mdpo.chat.ChatFormat); None: the tokenizer's family's.
         seed: seed of the sampling generator.
         choose: testing hook, (prompt_id, sample_id, generated ids) -> forced token id or None.
         pack: run a oneDNN-packed twin of the model (mdpo.packed): about 2x faster decoding on CPU, at the cost
@@ -115,12 +130,16 @@ class Sampler:
 
     def __init__(self, model: Gemma, tokenizer, batch_size: int = 8, max_length: int = 2048, executor=None,
                  seed: int = 0, choose: Callable | None = None, model_name: str = "", pack: bool | None = None,
-                 compile: bool = False):
+                 compile: bool = False, tool: Tool | None = None, chat: ChatFormat | None = None):
         self.model = model
         self.tok = tokenizer
         self.B = batch_size
         self.max_length = max_length
-        self.executor = executor
+        if executor is not None:
+            if tool is not None:
+                raise ValueError("pass tool= or executor=, not both")
+            tool = PythonTool(executor)
+        self.tool = tool
         self.choose = choose
         self.model_name = model_name
         w = model.embed_tokens.weight
@@ -134,16 +153,25 @@ class Sampler:
         self._step = torch.compile(decode_step, dynamic=True, options={"emulate_precision_casts": True}) \
             if compile else decode_step
         self.cache = KVCache(model.config, batch_size, max_length, self.dtype, self.device)
-        self.stop_ids = set(tokenizer.stop_ids)
-        self.eot_id = tokenizer.end_of_turn_id
+        self.chat = c = chat or for_tokenizer(tokenizer)
+        self.eot_id = self._single_id(c.end_turn)
+        self.sot_id = self._single_id(c.start_turn)  # sampled: ends the trajectory (module docstring)
+        self.stop_ids = set(tokenizer.stop_ids) | {i for i in (self.eot_id, self.sot_id) if i is not None}
         self.tokenizer_id = hashlib.sha256(tokenizer.model_proto).hexdigest()[:16]
         self.stats = {"forward_calls": 0, "prefill_tokens": 0, "extend_tokens": 0, "decode_steps": 0,
                       "sampled_tokens": 0, "tool_calls": 0}
         # Encoded once: the template pieces injected around every tool turn.
-        self._close_turn = tokenizer.encode("<end_of_turn>\n")
-        self._newline = tokenizer.encode("\n")
-        self._open_model = tokenizer.encode("<start_of_turn>model\n")
+        self._close_turn = tokenizer.encode(c.close)
+        self._after_eot = tokenizer.encode(c.close[len(c.end_turn):])  # the model wrote <end_of_turn> itself
+        self._open_model = tokenizer.encode(c.open(c.model_role))
         self._max_calls = tokenizer.encode(MAX_CALLS_TEXT)
+
+    def _single_id(self, marker: str) -> int | None:
+        ids = self.tok.encode(marker)
+        return ids[0] if len(ids) == 1 and ids[0] in self.tok.special_ids else None
+
+    def _new_finder(self):
+        return self.tool.finder(self.chat.output_fence) if self.tool is not None else None
 
     # --- public ---
 
@@ -213,7 +241,7 @@ class Sampler:
             for slot, sample_id in zip(slots, group):
                 rows[slot] = _Row(req=req, sample_id=sample_id, params=p, tokens=list(prompt),
                                   roles=[Role.PROMPT] * n, turns=[0] * n, logprobs=[0.0] * n, length=n,
-                                  stream=self.tok.decode_stream(),
+                                  stream=self.tok.decode_stream(), finder=self._new_finder(),
                                   gen=self._row_generator(requests[req].prompt_id, sample_id))
             toks, lps = self._sample([rows[s] for s in slots], logits.expand(len(slots), -1), requests)
             for slot, t, lp in zip(slots, toks, lps):
@@ -228,11 +256,10 @@ class Sampler:
             fut, row.future = row.future, None
             try:
                 result = fut.result()
-                observation = result.observation
-                row.tool_status.append(getattr(result, "status", "ok"))
-            except Exception as e:  # the executor itself failed: report it as the observation, keep going
-                observation = f"{type(e).__name__}: {e}"
-                row.tool_status.append("crashed")
+            except Exception as e:  # the tool itself failed: report it as the observation, keep going
+                result = ToolResult(f"{type(e).__name__}: {e}", "crashed")
+            observation = self.tool.observation(result)
+            row.tool_status.append(getattr(result, "status", "ok"))
             done = self._inject(row, observation)
             if done:
                 yield self._finish(rows, i, done, self._requests)
@@ -339,51 +366,38 @@ class Sampler:
         row.logprobs.append(logprob)
         row.turn_tokens += 1
         if token in self.stop_ids:
-            if token == self.eot_id and row.code_start >= 0 and self.executor is not None:
-                # <end_of_turn> inside an open ```python block ends the block too: run what was written.
-                row.closed_by_eot = True
-                return self._start_tool(row, row.turn_text[row.code_start:], requests)
+            if token == self.sot_id:
+                return "start_of_turn"
+            if token == self.eot_id and row.finder is not None:
+                code = row.finder.open_call(row.turn_text)
+                if code is not None:  # <end_of_turn> inside an open block ends the block too: run what was written
+                    row.closed_by_eot = True
+                    return self._start_tool(row, code, requests)
             return "eos" if token != self.eot_id else "end_of_turn"
         row.turn_text += row.stream.step(token)
-        if self.executor is not None:
-            code = self._closed_block(row)
-            if code is not None:
-                return self._start_tool(row, code, requests)
+        if row.finder is not None:
+            call = row.finder.feed(row.turn_text)
+            if call is not None:
+                return "output_fence" if call is STOP else self._start_tool(row, call, requests)
         if len(row.tokens) >= self.max_length or len(row.tokens) >= row.params.max_length:
             return "max_length"
         if row.turn_tokens >= row.params.max_new_tokens_per_turn:
             return "max_new_tokens"
         return None
 
-    def _closed_block(self, row: _Row) -> str | None:
-        """The code of a ```python block the current turn has just closed, else None (tracks open blocks)."""
-        text = row.turn_text
-        if row.code_start < 0:
-            i = text.find(CODE_OPEN, row.scan_from)
-            if i < 0:
-                row.scan_from = max(0, len(text) - len(CODE_OPEN))  # a fence may straddle tokens
-                return None
-            row.code_start = i + len(CODE_OPEN)
-            row.scan_from = row.code_start
-        j = text.find(CODE_CLOSE, row.scan_from)
-        if j < 0:
-            row.scan_from = max(row.code_start, len(text) - len(CODE_CLOSE))
-            return None
-        return text[row.code_start:j]
-
     def _start_tool(self, row: _Row, code: str, requests) -> str | None:
         if len(row.tokens) >= self.max_length:
             return "max_length"
         key = (requests[row.req].prompt_id, row.sample_id)
-        row.future = self.executor.submit(key, code.strip("\n"))
+        row.future = self.tool.submit(key, code.strip("\n"))
         self.stats["tool_calls"] += 1
         return None
 
     def _inject(self, row: _Row, observation: str) -> str | None:
         """Queue the tool turn after a paused row's code; returns a finish reason if the row ends here."""
-        close = self._newline if row.closed_by_eot else self._close_turn
+        close = self._after_eot if row.closed_by_eot else self._close_turn
         pieces = [(close, Role.TEMPLATE, row.turn),
-                  (self.tok.encode(format_observation(observation)), Role.TOOL, row.turn)]
+                  (self.chat.tool_turn_ids(self.tok, observation), Role.TOOL, row.turn)]
         last_call = row.turn >= row.params.max_turns
         if last_call:
             pieces.append((self._open_model + self._max_calls, Role.TEMPLATE, row.turn + 1))
@@ -403,8 +417,7 @@ class Sampler:
         row.turn += 1
         row.turn_tokens = 0
         row.turn_text = ""
-        row.code_start = -1
-        row.scan_from = 0
+        row.finder = self._new_finder()
         row.closed_by_eot = False
         row.stream = self.tok.decode_stream()
         return None
@@ -413,8 +426,8 @@ class Sampler:
         row = rows[slot]
         rows[slot] = None
         req = requests[row.req]
-        if self.executor is not None:
-            self.executor.release((req.prompt_id, row.sample_id))
+        if self.tool is not None:
+            self.tool.release((req.prompt_id, row.sample_id))
         return Trajectory(prompt_id=req.prompt_id, sample_id=row.sample_id, tokens=row.tokens,
                           roles=[int(r) for r in row.roles], turns=row.turns, logprobs=row.logprobs,
                           finish_reason=reason, model=self.model_name, tokenizer=self.tokenizer_id,

@@ -29,13 +29,30 @@ import tempfile
 import threading
 import time
 import traceback
-from dataclasses import asdict
-from typing import TYPE_CHECKING
+from dataclasses import asdict, dataclass
 
-if TYPE_CHECKING:  # annotations only: this file must run as a script without the package
-    from mdpo.executor import Limits
+# The host side's public names, used by mdpo.executor. Nothing here imports mdpo.executor (no cycle):
+# the limits live here because the worker receives them, and executor re-exports them.
+__all__ = ["Limits", "Worker", "poll_ready", "send_frame", "recv_frame", "describe_exit"]
 
 _THIS_FILE = os.path.abspath(__file__)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-cell limits and observation options (the defaults follow the paper where it has one)."""
+
+    timeout: float = 20.0  # wall-clock seconds per cell (paper: 20 s)
+    cpu_time: float | None = None  # CPU seconds per cell (RLIMIT_CPU soft limit); None: timeout + 1
+    memory_bytes: int = 2 * 1024**3  # address space per process (RLIMIT_AS)
+    file_size_bytes: int = 16 * 1024**2  # largest file the worker may write (RLIMIT_FSIZE)
+    disk_bytes: int = 64 * 1024**2  # private tmpfs for the working dir and /tmp (namespaces mode)
+    max_processes: int = 4  # processes + threads of the worker's uid (RLIMIT_NPROC, namespaces mode)
+    max_open_files: int = 64  # RLIMIT_NOFILE
+    max_output_chars: int = 2000  # observation length; head and tail are kept around a marker
+    recursion_limit: int = 100_000  # cap on sys.setrecursionlimit (C stack is raised to 256 MiB)
+    full_traceback: bool = False  # errors show output + full traceback instead of the last line
+    sandbox: str = "auto"  # "auto" | "namespaces" | "rlimits"
 
 
 # --------------------------------------------------------------------------------------------
@@ -45,7 +62,7 @@ _HDR = struct.Struct(">I")
 _MAX_FRAME = 16 * 1024**2
 
 
-def _ready(fds: list[int], timeout: float, write: bool = False) -> list[int]:
+def poll_ready(fds: list[int], timeout: float, write: bool = False) -> list[int]:
     """The fds of ``fds`` ready within ``timeout`` s (poll: select breaks above fd 1023)."""
     if timeout <= 0:
         return []
@@ -55,14 +72,14 @@ def _ready(fds: list[int], timeout: float, write: bool = False) -> list[int]:
     return [fd for fd, _ in p.poll(timeout * 1000)]
 
 
-def _send_frame(fd: int, obj, deadline: float | None = None) -> None:
+def send_frame(fd: int, obj, deadline: float | None = None) -> None:
     data = json.dumps(obj).encode()
     data = _HDR.pack(len(data)) + data
     view = memoryview(data)
     while view:
         if deadline is not None:
             left = deadline - time.monotonic()
-            if not _ready([fd], left, write=True):
+            if not poll_ready([fd], left, write=True):
                 raise TimeoutError("worker did not read its request")
         view = view[os.write(fd, view):]
 
@@ -72,7 +89,7 @@ def _read_exact(fd: int, n: int, deadline: float | None) -> bytes | None:
     while len(buf) < n:
         if deadline is not None:
             left = deadline - time.monotonic()
-            if not _ready([fd], left):
+            if not poll_ready([fd], left):
                 raise TimeoutError
         chunk = os.read(fd, n - len(buf))
         if not chunk:
@@ -81,7 +98,7 @@ def _read_exact(fd: int, n: int, deadline: float | None) -> bytes | None:
     return bytes(buf)
 
 
-def _recv_frame(fd: int, deadline: float | None = None):
+def recv_frame(fd: int, deadline: float | None = None):
     """Read one length-prefixed JSON frame; None on EOF or garbage (never unpickles)."""
     hdr = _read_exact(fd, 4, deadline)
     if hdr is None:
@@ -413,15 +430,15 @@ def _worker_loop(req: dict, cmd: int, resp: int, ns: bool) -> None:
     g = main.__dict__
     g["__builtins__"] = __builtins__
     me = os.getpid()
-    _send_frame(resp, {"ready": True})
+    send_frame(resp, {"ready": True})
     for n in itertools.count(1):
-        msg = _recv_frame(cmd)
+        msg = recv_frame(cmd)
         if msg is None:
             os._exit(0)
         lim = dict(req["limits"], **msg.get("limits", {}))  # per-cell timeout / output size
         res = _run_cell(msg["code"], n, g, lim, me, ns)
         res["cpu"] = sum(R.getrusage(R.RUSAGE_SELF)[:2])
-        _send_frame(resp, res)
+        send_frame(resp, res)
 
 
 def _monitor(req: dict, fds: list[int], zygote_sock: socket.socket) -> None:
@@ -457,7 +474,7 @@ def _monitor(req: dict, fds: list[int], zygote_sock: socket.socket) -> None:
                     _worker_loop(req, *_setup_worker(req, [cmd, resp, out], ns), ns)
                 except BaseException as e:  # noqa: BLE001
                     try:
-                        _send_frame(4, {"ready": False, "error": f"{type(e).__name__}: {e}"})
+                        send_frame(4, {"ready": False, "error": f"{type(e).__name__}: {e}"})
                     except BaseException:  # noqa: BLE001
                         pass
                 os._exit(1)
@@ -594,7 +611,7 @@ atexit.register(_Zygote.shutdown)
 _uids = itertools.count()
 
 
-class _Worker:
+class Worker:
     """One live sandboxed process: fds, pids, kill."""
 
     def __init__(self, limits: Limits, mode: str):
@@ -634,7 +651,7 @@ class _Worker:
             else:
                 self.worker_pid = int(val)
         try:
-            hello = _recv_frame(self.resp, deadline)
+            hello = recv_frame(self.resp, deadline)
         except TimeoutError:
             hello = None
         if not hello or not hello.get("ready"):
@@ -644,7 +661,7 @@ class _Worker:
     def _status_line(self, deadline: float) -> str | None:
         while b"\n" not in self._status_buf:
             left = deadline - time.monotonic()
-            if not _ready([self.status], left):
+            if not poll_ready([self.status], left):
                 return None
             chunk = os.read(self.status, 4096)
             if not chunk:
@@ -703,7 +720,7 @@ class _Worker:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def _describe(status: int) -> str:
+def describe_exit(status: int) -> str:
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         try:

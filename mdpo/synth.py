@@ -16,7 +16,9 @@ The teacher that writes the SFT trajectories is imperfect in the ways the paper'
 Trajectories are built token by token with roles exactly as mdpo.sampler records them (model turn, the
 `<end_of_turn>\\n` template, the ```output tool turn, the `<start_of_turn>model\\n` template), so SFT data and
 rollouts share one layout. Observations are computed here, in-process, with the executor's rules (printed output;
-last traceback line on an exception); a test checks them against the real sandboxed executor.
+last traceback line on an exception); a test checks them against the real sandboxed executor. What the model is
+shown of them (cleaned; the paper's placeholder for an empty output) is made by mdpo.tools.observation_text inside
+trajectory_from_turns, the same function the sampler's tool uses.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ import random
 import traceback
 from dataclasses import dataclass
 
-from mdpo.sampler import format_observation
+from mdpo.chat import GEMMA
 from mdpo.data import trajectory_from_turns
+from mdpo.sampler import MAX_CALLS_TEXT
+from mdpo.tools import observation_text
 from mdpo.trajectory import Trajectory
 
 NAMES = ["Ava", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivan", "Jade", "Kai", "Lena", "Milo", "Nora",
@@ -139,15 +143,17 @@ def teacher_turns(problem: dict, rng: random.Random, cfg: TeacherConfig) -> list
     return out + [(ANSWER.format(x=final), None)]
 
 
-def build_trajectory(tok, problem: dict, turns: list[tuple[str, str | None]], sample_id: int = 0) -> Trajectory:
-    """Token ids and roles of a scripted trajectory (mdpo.data.trajectory_from_turns), labelled as the teacher's."""
-    t = trajectory_from_turns(tok, problem["question"], turns, problem["id"], sample_id)
+def build_trajectory(tok, problem: dict, turns: list[tuple[str, str | None]], sample_id: int = 0,
+                     empty_output: str | None = None) -> Trajectory:
+    """Token ids and roles of a scripted trajectory (mdpo.data.trajectory_from_turns), labelled as the teacher's.
+    empty_output: shown for a cell that prints nothing (None: the paper's text, as in the demo's rollouts)."""
+    t = trajectory_from_turns(tok, problem["question"], turns, problem["id"], sample_id, empty_output=empty_output)
     t.model = "teacher"
     return t
 
 
 def teacher_trajectories(tok, problems: list[dict], seed: int, cfg: TeacherConfig | None = None,
-                         per_problem: int = 1) -> list[Trajectory]:
+                         per_problem: int = 1, empty_output: str | None = None) -> list[Trajectory]:
     """SFT data: `per_problem` teacher trajectories for each problem, graded against the gold answer."""
     cfg = cfg or TeacherConfig()
     rng = random.Random(seed)
@@ -155,7 +161,7 @@ def teacher_trajectories(tok, problems: list[dict], seed: int, cfg: TeacherConfi
     for p in problems:
         for s in range(per_problem):
             turns = teacher_turns(p, rng, cfg)
-            t = build_trajectory(tok, p, turns, s)
+            t = build_trajectory(tok, p, turns, s, empty_output)
             t.answer = turns[-1][0][len("The answer is \\boxed{"):-2]
             t.correct = t.answer == p["gold"]
             out.append(t)
@@ -172,8 +178,9 @@ def corpus(problems: list[dict], seed: int, cfg: TeacherConfig | None = None) ->
         for text, obs in teacher_turns(p, rng, cfg):
             texts.append(text)
             if obs is not None:
-                texts.append(format_observation(obs))
-    texts.append("<start_of_turn>user\n<end_of_turn>\n<start_of_turn>model\nReach max function call limit.")
+                texts.append(GEMMA.tool_turn_text(observation_text(obs)))
+    # The markup of a turn-limit ending: "<start_of_turn>user\n<end_of_turn>\n<start_of_turn>model\nReach max ..."
+    texts.append(GEMMA.turn(GEMMA.user_role, "") + GEMMA.open(GEMMA.model_role) + MAX_CALLS_TEXT.lstrip("\n"))
     return texts
 
 
@@ -189,7 +196,7 @@ def train_tokenizer(texts: list[str], vocab_size: int = 1024, whole_numbers: int
     """
     import sentencepiece as spm
 
-    specials = [f"<unused{i}>" for i in range(102)] + ["<start_of_turn>", "<end_of_turn>"]
+    specials = [f"<unused{i}>" for i in range(102)] + [GEMMA.start_turn, GEMMA.end_turn]
     # "\u2581" is SentencePiece's space: " 47" is one piece, the same token in "has 47 stamps" and in "n = 47".
     specials += ["\u2581" + str(i) for i in range(whole_numbers)]
     buf = io.BytesIO()

@@ -33,6 +33,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
+from mdpo.chat import FORMATS
+
 __all__ = [
     "Tokenizer",
     "DecodeStream",
@@ -484,12 +486,15 @@ class Tokenizer:
 
     # ---- encode / decode ---------------------------------------------------------------------
 
-    def encode(self, text: str, bos: bool = False) -> list[int]:
+    def encode(self, text: str, bos: bool = False, special: bool = True) -> list[int]:
         """Token ids of `text`; special-token strings in it become their ids (as in transformers).
 
         `bos=True` prepends `<bos>` unless the text already starts with it (transformers would add a
-        second one; Gemma was never trained on a double BOS).
+        second one; Gemma was never trained on a double BOS). `special=False`: the text is data, not
+        markup (interpreter output): special-token strings in it are spelled as ordinary tokens.
         """
+        if not special:
+            return self.encode_parts([(text, False)], bos=bos)
         ids: list[int] = []
         if self._added_re is None:
             ids = self.sp.encode(text) if text else []
@@ -504,6 +509,44 @@ class Tokenizer:
                 pos = m.end()
             if pos < len(text):
                 ids.extend(self.sp.encode(text[pos:]))
+        if bos and self.bos_id >= 0 and not (ids and ids[0] == self.bos_id):
+            ids.insert(0, self.bos_id)
+        return ids
+
+    def encode_parts(self, parts: Sequence[tuple[str, bool]], bos: bool = False) -> list[int]:
+        """`encode` of the joined texts of (text, special) parts, except that a special-token string
+        touching a part with special=False never becomes its id (`special_ids`): it is cut after its
+        first character and spelled by SentencePiece. Parts without such strings tokenize exactly as
+        `encode` of the whole text does, so markup and data can be encoded together, token-exact.
+        """
+        text = "".join(t for t, _ in parts)
+        plain, pos = [], 0  # character ranges where special ids are not allowed
+        for t, allowed in parts:
+            if not allowed and t:
+                plain.append((pos, pos + len(t)))
+            pos += len(t)
+        if not plain or self._added_re is None:
+            return self.encode(text, bos=bos)
+        ids: list[int] = []
+        seg = pos = 0  # seg: start of the text not yet encoded; pos: where the next search starts
+        while (m := self._added_re.search(text, pos)) is not None:
+            s, e = m.span()
+            if s == e:
+                pos = s + 1
+                continue
+            tid = self._added[m.group()]
+            if tid in self.special_ids and any(a < e and s < b for a, b in plain):
+                # Encode up to and including its first character on its own: no piece can then match
+                # the whole string, and the search goes on inside it (it may hide a real marker).
+                ids.extend(self.sp.encode(text[seg:s + 1]))
+                seg = pos = s + 1
+                continue
+            if s > seg:
+                ids.extend(self.sp.encode(text[seg:s]))
+            ids.append(tid)
+            seg = pos = e
+        if seg < len(text):
+            ids.extend(self.sp.encode(text[seg:]))
         if bos and self.bos_id >= 0 and not (ids and ids[0] == self.bos_id):
             ids.insert(0, self.bos_id)
         return ids
@@ -553,6 +596,7 @@ class Tokenizer:
             raise ValueError("render_chat needs at least one message")
         bos = self._piece_or_none(self.bos_id) or ""
         out = [bos]
+        chat = FORMATS[template]  # the turn strings; the official templates' logic is transcribed below
         if template == "gemma":
             # Gemma 1/2 were not trained with a system turn; the official template refuses it.
             if messages[0]["role"] == "system":
@@ -560,11 +604,11 @@ class Tokenizer:
             for i, message in enumerate(messages):
                 if (message["role"] == "user") != (i % 2 == 0):
                     raise ValueError(_ALTERNATION_ERROR)
-                role = "model" if message["role"] == "assistant" else message["role"]
+                role = chat.model_role if message["role"] == "assistant" else message["role"]
                 # `'\n' + message['content'] | trim`: the filter binds tighter than `+`, so only the
                 # content is stripped.
                 content = _gemma_content(message.get("content"))
-                out.append("<start_of_turn>" + role + "\n" + content + "<end_of_turn>\n")
+                out.append(chat.turn(role, content))
         else:
             loop_messages = messages
             first_user_prefix = ""
@@ -577,12 +621,12 @@ class Tokenizer:
             for i, message in enumerate(loop_messages):
                 if (message["role"] == "user") != (i % 2 == 0):
                     raise ValueError(_ALTERNATION_ERROR)
-                role = "model" if message["role"] == "assistant" else message["role"]
+                role = chat.model_role if message["role"] == "assistant" else message["role"]
                 prefix = first_user_prefix if i == 0 else ""
                 content = _gemma3_content(message.get("content"))
-                out.append("<start_of_turn>" + role + "\n" + prefix + content + "<end_of_turn>\n")
+                out.append(chat.turn(role, prefix + content))
         if add_generation_prompt:
-            out.append("<start_of_turn>model\n")
+            out.append(chat.open(chat.model_role))
         return "".join(out)
 
     def __repr__(self) -> str:

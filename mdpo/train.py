@@ -1,65 +1,60 @@
-"""Preference (M-DPO, M-KTO) and SFT training: one process, or many under torchrun with FSDP2.
+"""Training for every objective (M-DPO, M-KTO, SimPO, SFT, RAFT, ...): one process, or many under torchrun with FSDP2.
 
-    python -m mdpo.train CONFIG --data PAIRS.jsonl --out DIR [--resume] [section.key=value ...]
-    torchrun --nproc_per_node 8 -m mdpo.train CONFIG --data PAIRS.jsonl --out DIR
+    python -m mdpo.train CONFIG --data FILE.jsonl --out DIR [--resume] [section.key=value ...]
+    torchrun --nproc_per_node 8 -m mdpo.train CONFIG --data FILE.jsonl --out DIR
 
-Data: for loss.type mdpo, one JSON object per line {"chosen": trajectory, "rejected": trajectory} (the
-trajectory records of mdpo.trajectory); for mkto, one trajectory per line whose `correct` field labels it
-desirable or not; for sft, one trajectory per line. Reference log-probs are computed
-once, before training, with the starting model and this trainer's own forward (the reference is fixed within
-an iteration, so no reference model is held during training); they are stored in OUT/reference.jsonl.
+loss.type names an objective (mdpo/objectives.py), which says what a line of FILE is (pairs, labelled
+trajectories or sequences), whether it needs reference log-probs and what its loss is; nothing here depends on
+which objective runs. Reference log-probs are computed once, before training, with the reference model and this
+trainer's own forward (the reference is fixed within an iteration, so no reference model is held during
+training), and stored in OUT/reference.jsonl under a key of everything they depend on.
 
 Each optimiser step takes training.global_batch_size examples in a seeded order; each rank takes every
-world-th of them and runs them in micro-batches. Per-example losses are summed and divided by the global
-batch size, and the ranks' gradients add up to that (see the backward call), so the update is the same for
+world-th of them and runs them in micro-batches. Per-example losses are summed and divided by the objective's
+global normaliser, and the ranks' gradients add up to that (see `train_step`), so the update is the same for
 any number of processes.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
-import os
 import random
-import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
-from mdpo.config import ConfigError, ExperimentConfig, load_config, save_config
-from mdpo.logprobs import sequence_logprobs
-from mdpo.losses import dpo_loss, kto_kl_estimate, kto_loss, sft_loss
-from mdpo.model import Gemma
-from mdpo.trajectory import Trajectory, TrajectoryError, read_jsonl
 from mdpo.atomic import atomic_open, write_json_atomic
-from mdpo.weights import CheckpointError
+from mdpo import faults
+from mdpo.checkpoint import (checkpoint_dirs, export, load_checkpoint, peak_memory_gb, remove_leftovers,
+                             save_checkpoint)
+from mdpo.config import ConfigError, ExperimentConfig, load_config, save_config
+from mdpo.distributed import all_reduce_sum, barrier, run_cli, world
+from mdpo.hub import HubError, resolve_model_ranks
+from mdpo.logprobs import sequence_logprobs
+from mdpo.model import Gemma
+from mdpo.objectives import Batch, Example, Objective, ObjectiveError, get_objective
+from mdpo.tracking import Tracker, check_tracker, job_of, open_tracker, scalars
+from mdpo.trajectory import Trajectory, TrajectoryError, read_jsonl
+from mdpo.weights import CheckpointError, load_pretrained
 
 
 class TrainError(RuntimeError):
     """Training cannot go on; the message says why and what was kept."""
 
 
-@dataclass
-class Example:
-    """One training unit: a (chosen, rejected) pair for DPO, or one trajectory for SFT."""
-
-    seqs: list[Trajectory]
-    ref: list[float] | None = None
-    tokens: int = 0  # trained tokens of the first sequence (the SFT loss's normaliser)
-
-
-def load_examples(path, kind: str, mask: str, max_length: int, vocab_size: int) -> tuple[list[Example], dict]:
-    """Read pairs (mdpo) or trajectories (sft); drop unusable ones and count why."""
+# ---------------------------------------------------------------- data
+def load_examples(path, objective: Objective, mask: str, max_length: int, vocab_size: int):
+    """Read the objective's training file; drop unusable examples and count why. Returns (examples, dropped)."""
     examples, dropped = [], {"empty_mask": 0, "too_long": 0}
     for where, d in read_jsonl(path, TrainError):
         try:
-            if kind == "mdpo":
+            if objective.data == "pairs":
                 if not isinstance(d, dict) or "chosen" not in d or "rejected" not in d:
                     raise TrainError(f"{where}: a pair needs 'chosen' and 'rejected'")
                 seqs = [Trajectory.from_dict(d[k], where) for k in ("chosen", "rejected")]
@@ -71,8 +66,9 @@ def load_examples(path, kind: str, mask: str, max_length: int, vocab_size: int) 
             if t.tokens and max(t.tokens) >= vocab_size:
                 raise TrainError(f"{where}: token id {max(t.tokens)} >= the model's vocabulary ({vocab_size}); "
                                  "was this data made with another tokenizer?")
-        if kind == "mkto" and seqs[0].correct is None:
-            raise TrainError(f"{where}: M-KTO needs each trajectory's 'correct' label (desirable or not)")
+        if objective.data == "labelled" and seqs[0].correct is None:
+            raise TrainError(f"{where}: loss.type {objective.name} needs each trajectory's 'correct' label "
+                             "(desirable or not)")
         # Truncation policy: an example longer than max_length is dropped whole (cutting it would drop
         # its final answer, which is what made it chosen or rejected), and counted.
         if any(len(t.tokens) > max_length for t in seqs):
@@ -81,66 +77,82 @@ def load_examples(path, kind: str, mask: str, max_length: int, vocab_size: int) 
             dropped["empty_mask"] += 1  # nothing to train on: the loss would be a constant
         else:
             examples.append(Example(seqs, tokens=sum(seqs[0].loss_mask(mask)[1:])))
-    if kind == "mkto":
-        add_kl_sequences(examples)
+    try:
+        objective.prepare(examples)
+    except ObjectiveError as e:
+        raise TrainError(f"{path}: {e}") from None
     return examples, dropped
 
 
-def add_kl_sequences(examples: list[Example]):
-    """Give each KTO example its mismatched sequence for the KL estimate z0 (paper eq. 15, as in KTO).
-
-    Example i's prompt is followed by example (i + 1)'s completion, roles included (so its tool turns stay
-    masked). The partner is fixed by file order, not by batch, so the reference log-probs can be computed
-    once before training.
-    """
-    n = len(examples)
-    for i, ex in enumerate(examples):
-        a, b = ex.seqs[0], examples[(i + 1) % n].seqs[0]
-        pa, pb = a.prompt_len, b.prompt_len
-        ex.seqs.append(Trajectory(a.prompt_id, -1, a.tokens[:pa] + b.tokens[pb:], a.roles[:pa] + b.roles[pb:],
-                                  a.turns[:pa] + b.turns[pb:]))
-
-
-def batch_tensors(seqs: list[Trajectory], mask: str, device):
-    """Right-padded (N, T) tokens and the (N, T) loss mask."""
+def batch_tensors(seqs: list[Trajectory], mask: str, device, objective: Objective | None = None):
+    """Right-padded (N, T) tokens and the (N, T) loss mask (float token weights if the objective has them)."""
     T = max(len(t.tokens) for t in seqs)
     tokens = torch.zeros(len(seqs), T, dtype=torch.long)
-    loss_mask = torch.zeros(len(seqs), T, dtype=torch.bool)
-    for i, t in enumerate(seqs):
+    masks = [t.loss_mask(mask) for t in seqs]
+    weights = [objective.token_weights(t, m) for t, m in zip(seqs, masks)] if objective else [None] * len(seqs)
+    weighted = any(w is not None for w in weights)
+    loss_mask = torch.zeros(len(seqs), T, dtype=torch.float32 if weighted else torch.bool)
+    for i, (t, m, w) in enumerate(zip(seqs, masks, weights)):
         tokens[i, : len(t.tokens)] = torch.tensor(t.tokens)
-        loss_mask[i, : len(t.tokens)] = torch.tensor(t.loss_mask(mask))
+        loss_mask[i, : len(t.tokens)] = torch.tensor(w if w is not None else m, dtype=loss_mask.dtype)
     return tokens.to(device), loss_mask.to(device)
 
 
-def world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+# ---------------------------------------------------------------- reference log-probs
+def model_identity(path) -> dict:
+    """What identifies a checkpoint folder without reading its weights: path, config, weight files' size and time."""
+    p = Path(path).resolve()
+    files = sorted(p.glob("*.safetensors")) if p.is_dir() else []
+    config = (p / "config.json").read_bytes() if (p / "config.json").is_file() else b""
+    return {"path": str(p), "config_sha256": hashlib.sha256(config).hexdigest(),
+            "weights": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
 
 
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    if world()[1] > 1:
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)  # SUM: gloo has no AVG
-    return x
+def reference_key(cfg: ExperimentConfig, objective: Objective, data, reference: str, dtype: torch.dtype) -> dict:
+    """Everything the stored reference log-probs depend on; a different key means they must be recomputed."""
+    h = hashlib.sha256()
+    with open(data, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"data_sha256": h.hexdigest(), "reference": model_identity(reference), "mask": cfg.loss.mask,
+            "dtype": str(dtype).removeprefix("torch."), "max_length": cfg.rollout.max_length,
+            **objective.reference_key()}
+
+
+def _stale(old: dict | None, key: dict) -> str:
+    if old is None:
+        return "it has no key (written by an older mdpo)"
+    diff = [k for k in sorted(set(old) | set(key)) if old.get(k) != key.get(k)]
+    return "its " + ", ".join(diff) + " differ" if diff else ""
 
 
 @torch.no_grad()
-def reference_logprobs(model: Gemma, examples: list[Example], mask: str, micro: int, cache: Path, device):
-    """Fill each example's reference log-probs with the starting model; cached in `cache` (one line each)."""
+def reference_logprobs(model: Gemma, objective: Objective, examples: list[Example], mask: str, micro: int,
+                       cache: Path, key: dict, device) -> None:
+    """Fill each example's reference log-probs with `model`, cached in `cache` under `key`.
+
+    The file is a key line, then one line per example. A file whose key differs (other data, reference model,
+    mask, dtype or objective) is recomputed, and that is said on stderr.
+    """
     rank, ws = world()
     if cache.is_file():
-        vals = [json.loads(line) for line in cache.read_text().splitlines() if line.strip()]
-        if len(vals) == len(examples):
-            for ex, v in zip(examples, vals):
+        lines = [json.loads(line) for line in cache.read_text().splitlines() if line.strip()]
+        old = lines[0].get("key") if lines and isinstance(lines[0], dict) else None
+        why = _stale(old, key)
+        if not why and len(lines) - 1 == len(examples):
+            for ex, v in zip(examples, lines[1:]):
                 ex.ref = v
             return
+        if rank == 0:
+            print(f"{cache}: stale reference log-probs ({why or 'row count differs'}); recomputing", file=sys.stderr)
     model.eval()
-    out = torch.zeros(len(examples), len(examples[0].seqs), dtype=torch.float64)
+    width = len(objective.reference_sequences(examples[0]))
+    out = torch.zeros(len(examples), width, dtype=torch.float64)
     mine = list(range(rank, len(examples), ws))
     for s in tqdm(range(0, len(mine), micro), desc="reference log-probs", disable=rank != 0):
         idx = mine[s:s + micro]
-        seqs = [t for i in idx for t in examples[i].seqs]
-        tokens, lm = batch_tensors(seqs, mask, device)
+        seqs = [t for i in idx for t in objective.reference_sequences(examples[i])]
+        tokens, lm = batch_tensors(seqs, mask, device, objective)
         sums, _ = sequence_logprobs(model, tokens, lm)
         out[idx] = sums.double().view(len(idx), -1).cpu()
     all_reduce_sum(out)
@@ -148,10 +160,12 @@ def reference_logprobs(model: Gemma, examples: list[Example], mask: str, micro: 
         ex.ref = v
     if rank == 0:
         with atomic_open(cache) as f:
-            f.write("".join(json.dumps(v) + "\n" for v in out.tolist()))
+            faults.write(f, json.dumps({"key": key}) + "\n" + "".join(json.dumps(v) + "\n" for v in out.tolist()),
+                         "reference.write")
     model.train()
 
 
+# ---------------------------------------------------------------- optimisation
 def lr_lambda(cfg: ExperimentConfig, total: int):
     warm, kind = cfg.training.warmup_steps, cfg.training.schedule
 
@@ -181,74 +195,99 @@ def shard(model: Gemma):
     return model
 
 
-def checkpoint_dirs(out: Path) -> list[Path]:
-    ckpts = [p for p in (out / "checkpoints").glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")]
-    return sorted(ckpts, key=lambda p: int(p.name.split("_")[1]))
+class Step:
+    """One optimiser step's forward/backward over this rank's share of a global batch."""
+
+    def __init__(self, cfg: ExperimentConfig, objective: Objective, model, ref_model, device):
+        self.cfg, self.obj, self.model, self.ref_model, self.device = cfg, objective, model, ref_model, device
+
+    def logprobs(self, examples: list[Example], k: int | None = None):
+        """(policy, reference, counts, padded tokens) of the examples' trained sequences: the reference online
+        from the frozen copy or from the stored values, in the same order. With k: (policy, reference) of each
+        example's k-th reference sequence, without gradients, one micro-batch at a time."""
+        if k is not None:
+            mb = self.cfg.training.micro_batch_size
+            with torch.no_grad():
+                parts = [self._logprobs([self.obj.reference_sequences(ex)[k] for ex in examples[s:s + mb]],
+                                        [[ex.ref[k]] if ex.ref else None for ex in examples[s:s + mb]])
+                         for s in range(0, len(examples), mb)]
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        seqs = [t for ex in examples for t in self.obj.sequences(ex)]
+        per = len(seqs) // len(examples)
+        return self._logprobs(seqs, [ex.ref[:per] if ex.ref else None for ex in examples])
+
+    def _logprobs(self, seqs: list[Trajectory], stored: list):
+        tokens, lm = batch_tensors(seqs, self.cfg.loss.mask, self.device, self.obj)
+        policy, counts = sequence_logprobs(self.model, tokens, lm)
+        ref = None
+        if self.obj.reference and self.ref_model is not None:
+            with torch.no_grad():
+                ref = sequence_logprobs(self.ref_model, tokens, lm)[0]
+        elif self.obj.reference:
+            ref = torch.tensor([v for row in stored for v in row], device=self.device, dtype=torch.float32)
+        return policy, ref, counts, tokens.numel()
+
+    def __call__(self, batch: list[Example], mine: list[Example]) -> tuple[dict, int]:
+        """Accumulate gradients for this rank's examples; returns the global metric sums and tokens seen."""
+        ws = world()[1]
+        norm = self.obj.normaliser(batch)  # the same on every rank, without communication
+        state = self.obj.step_state(self.logprobs, mine)
+        sums: dict[str, list[float]] = {}
+        tokens_seen = 0
+        mb = self.cfg.training.micro_batch_size
+        for s in range(0, len(mine), mb):  # mine is never empty: G is a multiple of world x micro batch
+            exs = mine[s:s + mb]
+            policy, ref, counts, n = self.logprobs(exs)
+            tokens_seen += n
+            losses, metrics = self.obj.loss(Batch(policy, ref, counts, exs, state))
+            # FSDP averages gradients over ranks (gloo cannot sum with a pre-scale, so its divide factor
+            # cannot be set to 1); multiplying by the world size turns that average back into the sum
+            # of every rank's share of (sum of per-example losses) / (global normaliser).
+            (losses.sum() * ws / norm).backward()
+            metrics["loss"] = (losses.detach().sum(), norm / len(batch) * len(exs))
+            for key, v in metrics.items():
+                # A scalar is a mean over the micro-batch's examples; a pair is (sum, count) of a finer mean.
+                total, count = v if isinstance(v, tuple) else (v * len(exs), len(exs))
+                acc = sums.setdefault(key, [0.0, 0.0])
+                acc[0] += float(total)
+                acc[1] += float(count)
+        keys = sorted(sums)
+        packed = torch.tensor([x for k in keys for x in sums[k]] + [float(tokens_seen)], dtype=torch.float64)
+        all_reduce_sum(packed)
+        out = {k: packed[2 * i].item() / packed[2 * i + 1].item() if packed[2 * i + 1].item() else float("nan")
+               for i, k in enumerate(keys)}
+        return out, int(packed[-1].item())
 
 
-def save_checkpoint(out: Path, step: int, model, opt, sched, keep: int):
-    """torch.distributed.checkpoint into step_N.tmp, renamed to step_N when every rank has written."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+class MetricsLog:
+    """metrics.jsonl on rank 0: lines of steps after `start` (a killed run redoes them) are dropped on open.
 
-    rank, _ = world()
-    final = out / "checkpoints" / f"step_{step}"
-    tmp = final.with_name(final.name + ".tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if world()[1] > 1:
-        dist.barrier()
-    msd, osd = get_state_dict(model, opt)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
-    if world()[1] > 1:
-        dist.barrier()
-    if rank == 0:
-        torch.save({"step": step, "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
-                    "py_rng": random.getstate()}, tmp / "trainer_state.pt")
-        os.replace(tmp, final)  # the rename is the commit point: a kill before it leaves the old one
-        for old in checkpoint_dirs(out)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    if world()[1] > 1:
-        dist.barrier()
+    tracker: gets every line written, without its step key (metrics.tracker; see mdpo/tracking.py).
+    """
 
+    def __init__(self, path: Path, start: int, every: int, rank: int, tracker: Tracker | None = None):
+        self.every, self.f, self.tracker = max(1, every), None, tracker or Tracker()
+        if rank != 0:
+            return
+        kept = [ln for ln in path.read_text().splitlines(keepends=True)
+                if ln.endswith("\n") and json.loads(ln)["step"] <= start] if path.is_file() else []
+        with atomic_open(path) as f:
+            f.writelines(kept)
+        self.f = open(path, "a", encoding="utf-8")
 
-def load_checkpoint(path: Path, model, opt, sched) -> int:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    def write(self, row: dict, last: bool) -> None:
+        if self.f and (row["step"] % self.every == 0 or last):
+            faults.write(self.f, json.dumps(row) + "\n", "metrics.write")
+            self.f.flush()
+            self.tracker.log(scalars({k: v for k, v in row.items() if k != "step"}), row["step"])
 
-    msd, osd = get_state_dict(model, opt)
-    state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    extra = torch.load(path / "trainer_state.pt", weights_only=False)
-    sched.load_state_dict(extra["scheduler"])
-    torch.set_rng_state(extra["rng"])
-    random.setstate(extra["py_rng"])
-    return extra["step"]
+    def close(self):
+        if self.f:
+            self.f.close()
+        self.tracker.close()
 
 
-def export(model, folder: Path, source: str):
-    """The weights as an HF-layout folder (+ the source's tokenizer), written beside and renamed into place."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if world()[0] != 0:
-        return
-    with torch.device("meta"):
-        plain = Gemma(model.config)
-    plain = plain.to_empty(device="cpu")
-    plain.load_state_dict(sd, strict=True)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tok = None
-    if (Path(source) / "tokenizer.model").is_file():
-        from mdpo.tokenizer import Tokenizer
-        tok = Tokenizer.from_pretrained(source)
-    plain.save_pretrained(tmp, tokenizer=tok)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)  # a folder under its final name is always complete
-
-
+# ---------------------------------------------------------------- orchestration
 def train(cfg: ExperimentConfig, data: str, out, resume: bool = False, max_steps: int | None = None,
           reference: str | None = None, export_every: int = 0) -> dict:
     """Run training; returns the last step's metrics. Works with or without an initialised process group.
@@ -261,38 +300,20 @@ def train(cfg: ExperimentConfig, data: str, out, resume: bool = False, max_steps
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(cfg.training.seed)
     random.seed(cfg.training.seed)
-    kind = "sft" if cfg.loss.type == "raft" else cfg.loss.type  # RAFT is SFT on correct rollouts
+    objective = get_objective(cfg.loss)
+    check_tracker(cfg)
     reference = reference or cfg.model.name_or_path
-    model = Gemma.from_pretrained(cfg.model.name_or_path, dtype=torch.float32, device=device,
-                                  attn_impl=cfg.model.attn_impl)
-    examples, dropped = load_examples(data, kind, cfg.loss.mask, cfg.rollout.max_length, model.config.vocab_size)
+    dtype = torch.float32
+    model = load_pretrained(cfg.model.name_or_path, dtype=dtype, device=device, attn_impl=cfg.model.attn_impl)
+    examples, dropped = load_examples(data, objective, cfg.loss.mask, cfg.rollout.max_length, model.config.vocab_size)
     G = cfg.training.global_batch_size
-    if G % (ws * cfg.training.micro_batch_size):
-        # Every rank must run the same number of micro-batches, or FSDP's collectives would wait forever.
-        raise TrainError(f"training.global_batch_size {G} is not a multiple of world size {ws} x "
-                         f"training.micro_batch_size {cfg.training.micro_batch_size}")
-    if len(examples) < G:
-        raise TrainError(f"{data}: {len(examples)} usable examples, fewer than one global batch ({G}); "
-                         f"dropped {dropped}")
+    check_batch(cfg, len(examples), data, dropped)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-    if ws > 1:
-        dist.barrier()
-    ref_model = None
-    if kind in ("mdpo", "mkto") and cfg.reference.online:
-        # The option the paper's code used: a frozen copy evaluated next to the policy at every step.
-        ref_model = Gemma.from_pretrained(reference, dtype=torch.float32, device=device,
-                                          attn_impl=cfg.model.attn_impl).eval().requires_grad_(False)
-        if ws > 1:
-            shard(ref_model)
-    elif kind in ("mdpo", "mkto"):
-        ref = model
-        if Path(reference).resolve() != Path(cfg.model.name_or_path).resolve():
-            ref = Gemma.from_pretrained(reference, dtype=torch.float32, device=device, attn_impl=cfg.model.attn_impl)
-        reference_logprobs(ref, examples, cfg.loss.mask, cfg.training.micro_batch_size, out / "reference.jsonl",
-                           device)
-        del ref
+        remove_leftovers(out, cfg.checkpoint.keep)  # a killed run's half-written checkpoints and exports
+    barrier()
+    ref_model = setup_reference(cfg, objective, model, examples, data, reference, dtype, out, device)
     if ws > 1:
         shard(model)
     model.activation_checkpointing = cfg.training.activation_checkpointing
@@ -310,74 +331,20 @@ def train(cfg: ExperimentConfig, data: str, out, resume: bool = False, max_steps
     orders = [random.Random(cfg.training.seed + e).sample(range(len(examples)), len(examples))
               for e in range(math.ceil(cfg.training.epochs) + 1)]
     end = total if max_steps is None else min(total, max_steps)
-    metrics_f = None
-    if rank == 0:
-        # Keep the lines of the steps before `start` only: a killed run may have logged steps it must redo.
-        path = out / "metrics.jsonl"
-        kept = [ln for ln in path.read_text().splitlines(keepends=True)
-                if ln.endswith("\n") and json.loads(ln)["step"] <= start] if path.is_file() else []
-        with atomic_open(path) as f:
-            f.writelines(kept)
-        metrics_f = open(path, "a", encoding="utf-8")
+    log = MetricsLog(out / "metrics.jsonl", start, cfg.metrics.log_every, rank,
+                     open_tracker(cfg, out, job_of(out), start + 1))
+    step_fn = Step(cfg, objective, model, ref_model, device)
     last = {}
     bar = tqdm(range(start, end), initial=start, total=total, desc="train", disable=rank != 0)
     for step in bar:
         t0 = time.perf_counter()
         epoch, k = divmod(step, steps_per_epoch)
-        batch = orders[epoch][k * G:(k + 1) * G]
-        mine = batch[rank::ws]
-        # Normaliser of the summed per-example losses: the global batch size, or for SFT its number of trained
-        # tokens (a token-level mean over the whole batch, the same on every rank without communication).
-        norm = G if kind != "sft" else sum(examples[i].tokens for i in batch)
-        sums = {}
-        tokens_seen = 0
-        mb = cfg.training.micro_batch_size
-        if kind == "mkto":
-            kl = kto_reference_point(model, ref_model, examples, mine, cfg.loss.mask, mb, device)
-        for s in range(0, len(mine), mb):  # mine is never empty: G is a multiple of world x micro batch
-            idx = mine[s:s + mb]
-            # DPO: chosen, rejected of each pair (interleaved); KTO: the trajectory only (its KL partner was
-            # used above); SFT: the trajectory.
-            seqs = [t for i in idx for t in (examples[i].seqs if kind == "mdpo" else examples[i].seqs[:1])]
-            tokens, lm = batch_tensors(seqs, cfg.loss.mask, device)
-            lp, counts = sequence_logprobs(model, tokens, lm)
-            tokens_seen += tokens.numel()
-            if kind != "sft":
-                # Reference log-probs in the same (flat) order as lp: online from the frozen copy, or stored.
-                if ref_model is not None:
-                    with torch.no_grad():
-                        ref = sequence_logprobs(ref_model, tokens, lm)[0]
-                else:
-                    per = len(seqs) // len(idx)
-                    ref = torch.tensor([examples[i].ref[k] for i in idx for k in range(per)], device=device,
-                                       dtype=torch.float32)
-            if kind == "mdpo":
-                losses, m = dpo_loss(lp[0::2], lp[1::2], ref[0::2], ref[1::2], beta=cfg.loss.beta,
-                                     loss_type=cfg.loss.dpo_variant, label_smoothing=cfg.loss.label_smoothing,
-                                     nll_coef=cfg.loss.nll_coef, chosen_tokens=counts[0::2])
-            elif kind == "mkto":
-                desirable = torch.tensor([bool(examples[i].seqs[0].correct) for i in idx], device=device)
-                losses, m = kto_loss(lp, ref, desirable, kl, beta=cfg.loss.beta,
-                                     desirable_weight=cfg.loss.desirable_weight,
-                                     undesirable_weight=cfg.loss.undesirable_weight)
-                m = {k: v for k, v in m.items() if k in ("kl", "logps/policy")}  # class means can be empty
-            else:
-                losses, m = sft_loss(lp, counts)
-            # FSDP averages gradients over ranks (gloo cannot sum with a pre-scale, so its divide factor
-            # cannot be set to 1); multiplying by the world size turns that average back into the sum
-            # of every rank's share of (sum of per-example losses) / (global batch size).
-            (losses.sum() * ws / norm).backward()
-            for key, v in m.items():
-                sums[key] = sums.get(key, 0.0) + float(v) * len(idx)
-            sums["loss"] = sums.get("loss", 0.0) + float(losses.detach().sum())
-        packed = torch.tensor([sums.get(k, 0.0) for k in sorted(METRIC_KEYS[kind])] + [float(tokens_seen)],
-                              dtype=torch.float64)
-        all_reduce_sum(packed)
-        loss = packed[sorted(METRIC_KEYS[kind]).index("loss")].item() / norm
-        if not math.isfinite(loss):
+        batch = [examples[i] for i in orders[epoch][k * G:(k + 1) * G]]
+        metrics, tokens_seen = step_fn(batch, batch[rank::ws])
+        if not math.isfinite(metrics["loss"]):
             kept = checkpoint_dirs(out)
-            raise TrainError(f"non-finite loss ({loss}) at step {step}; stopped before the update; last good "
-                             f"checkpoint: {kept[-1] if kept else 'none'}")
+            raise TrainError(f"non-finite loss ({metrics['loss']}) at step {step}; stopped before the update; "
+                             f"last good checkpoint: {kept[-1] if kept else 'none'}")
         # grad_clip 0 = off: the norm is still computed (inf threshold) for the log.
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip or float("inf"))
         if hasattr(grad_norm, "full_tensor"):
@@ -386,103 +353,73 @@ def train(cfg: ExperimentConfig, data: str, out, resume: bool = False, max_steps
         sched.step()
         opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
-        last = {k: packed[i].item() / G for i, k in enumerate(sorted(METRIC_KEYS[kind]))}
-        last["loss"] = loss
-        last.update(step=step + 1, lr=sched.get_last_lr()[0], grad_norm=float(grad_norm),
-                    tokens_per_s=packed[-1].item() / dt, step_time_s=dt, peak_mem_gb=peak_memory_gb(device))
+        last = dict(metrics, step=step + 1, lr=sched.get_last_lr()[0], grad_norm=float(grad_norm),
+                    tokens_per_s=tokens_seen / dt, step_time_s=dt, peak_mem_gb=peak_memory_gb(device))
         if device.type == "cuda":
             # Model FLOPs utilisation against the H100's dense bf16 peak, from the padded batch's tokens.
-            flops = model.flops_per_token(tokens.shape[1]) * packed[-1].item() / dt / ws  # per GPU
-            last["mfu"] = flops / 989e12
-        if rank == 0:
-            metrics_f.write(json.dumps(last) + "\n")
-            metrics_f.flush()
-            bar.set_postfix(loss=f"{loss:.4f}")
+            seq = max(len(t.tokens) for ex in batch for t in objective.sequences(ex))
+            last["mfu"] = model.flops_per_token(seq) * tokens_seen / dt / ws / 989e12
+        log.write(last, step + 1 == end)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}")
         if export_every and (step + 1) % export_every == 0 and step + 1 < total:
             export(model, out / "exports" / f"step_{step + 1}", cfg.model.name_or_path)
         if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 and step + 1 < end:
             save_checkpoint(out, step + 1, model, opt, sched, cfg.checkpoint.keep)
     bar.close()
-    if metrics_f:
-        metrics_f.close()
+    log.close()
     if end == total:
         export(model, out / "final", cfg.model.name_or_path)
         if rank == 0:
             write_json_atomic(out / "summary.json", {"steps": total, "examples": len(examples), "dropped": dropped,
                                                      "last": last})
-    if ws > 1:
-        dist.barrier()  # rank 0 writes the exports: no rank returns before they are complete
+    barrier()  # rank 0 writes the exports: no rank returns before they are complete
     return last
 
 
-@torch.no_grad()
-def kto_reference_point(model, ref_model, examples, mine, mask, mb, device) -> torch.Tensor:
-    """z0 for this step: mean policy-minus-reference log-ratio of the KL sequences of the global batch."""
-    policy, ref = [], []
-    for s in range(0, len(mine), mb):
-        idx = mine[s:s + mb]
-        tokens, lm = batch_tensors([examples[i].seqs[1] for i in idx], mask, device)
-        policy.append(sequence_logprobs(model, tokens, lm)[0])
-        if ref_model is not None:
-            ref.append(sequence_logprobs(ref_model, tokens, lm)[0])
-        else:
-            ref.append(torch.tensor([examples[i].ref[1] for i in idx], device=device))
-    # Every rank holds G / world examples, so the mean of the rank means is the global-batch mean.
-    return kto_kl_estimate(torch.cat(policy), torch.cat(ref))
+def check_batch(cfg: ExperimentConfig, n: int, data, dropped: dict) -> None:
+    G, ws, mb = cfg.training.global_batch_size, world()[1], cfg.training.micro_batch_size
+    if G % (ws * mb):
+        # Every rank must run the same number of micro-batches, or FSDP's collectives would wait forever.
+        raise TrainError(f"training.global_batch_size {G} is not a multiple of world size {ws} x "
+                         f"training.micro_batch_size {mb}")
+    if n < G:
+        raise TrainError(f"{data}: {n} usable examples, fewer than one global batch ({G}); dropped {dropped}")
 
 
-def peak_memory_gb(device) -> float:
-    """Peak accelerator memory allocated, or on the CPU the process's peak resident memory."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20
-    return float("nan")
-
-
-METRIC_KEYS = {
-    "mdpo": {"loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen",
-             "logps/rejected"},
-    "sft": {"loss", "nll"},
-    "mkto": {"loss", "kl", "logps/policy"},
-}
-
-
-def init_distributed() -> None:
-    """Join the torchrun process group when launched by torchrun (NCCL on GPUs, gloo on CPUs)."""
-    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def run_cli(body, errors: tuple) -> int:
-    """A CLI's body inside the torchrun process group: 0 on success, 2 and one line on `errors`."""
-    init_distributed()
-    try:
-        body()
-    except errors as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+def setup_reference(cfg, objective, model, examples, data, reference, dtype, out, device):
+    """The frozen reference model (reference.online), or None after storing its log-probs in the examples."""
+    if not objective.reference:
+        return None
+    load = lambda: load_pretrained(reference, dtype=dtype, device=device, attn_impl=cfg.model.attn_impl)  # noqa: E731
+    if cfg.reference.online:
+        # The option the paper's code used: a frozen copy evaluated next to the policy at every step.
+        ref_model = load().eval().requires_grad_(False)
+        if world()[1] > 1:
+            shard(ref_model)
+        return ref_model
+    same = Path(reference).resolve() == Path(cfg.model.name_or_path).resolve()
+    key = reference_key(cfg, objective, data, reference, dtype)
+    reference_logprobs(model if same else load(), objective, examples, cfg.loss.mask,
+                       cfg.training.micro_batch_size, out / "reference.jsonl", key, device)
+    return None
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mdpo.train", description="M-DPO / M-KTO / SFT training.")
     ap.add_argument("config", help="experiment YAML")
     ap.add_argument("overrides", nargs="*", help="section.key=value")
-    ap.add_argument("--data", required=True, help="pairs JSONL (mdpo) or trajectories JSONL (sft)")
+    ap.add_argument("--data", required=True, help="the objective's training JSONL (pairs or trajectories)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     ap.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (for testing)")
     args = ap.parse_intermixed_args(argv)  # overrides may come after the options
-    return run_cli(lambda: train(load_config(args.config, args.overrides), args.data, args.out, resume=args.resume,
-                                 max_steps=args.max_steps), (ConfigError, TrainError, CheckpointError))
+
+    def body():
+        cfg = load_config(args.config, args.overrides)
+        cfg.model.name_or_path = resolve_model_ranks(cfg.model.name_or_path)  # a Hub id becomes its local snapshot
+        train(cfg, args.data, args.out, resume=args.resume, max_steps=args.max_steps)
+
+    return run_cli(body, (ConfigError, TrainError, CheckpointError, HubError))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ scanning for token patterns: every token carries the role it was produced with.
 Roles:
     PROMPT    the rendered prompt (`<bos><start_of_turn>user\\n{question}<end_of_turn>\\n<start_of_turn>model\\n`)
     MODEL     a token the policy sampled
-    TOOL      the interpreter's turn: `<start_of_turn>user\\n```output\\n{observation}\\n```<end_of_turn>\\n`
+    TOOL      the tool's turn: `<start_of_turn>user\\n```output\\n{observation}\\n```<end_of_turn>\\n` (the markup is
+              mdpo.chat's, the observation text mdpo.tools.observation_text's, encoded as plain text)
     TEMPLATE  chat-template tokens the sampler injects around a model turn: the `<end_of_turn>\\n` that closes
               a model turn ending in a code block, and the `<start_of_turn>model\\n` header of the next one
 
@@ -58,7 +59,7 @@ class Trajectory:
     roles: list[int]
     turns: list[int]  # 0 for the prompt, then 1, 2, ... for each model turn and the tool turn after it
     logprobs: list[float] | None = None  # sampler's log-prob per token (0.0 where not sampled)
-    finish_reason: str = ""  # eos, end_of_turn, max_turns, max_new_tokens, max_length
+    finish_reason: str = ""  # eos, end_of_turn, start_of_turn, output_fence, max_turns, max_new_tokens, max_length
     answer: str | None = None
     correct: bool | None = None
     model: str = ""  # which policy sampled it (path or name)

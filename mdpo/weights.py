@@ -268,8 +268,10 @@ def load_pretrained(path, dtype: torch.dtype = torch.float32, device="cpu", attn
     return model
 
 
-def save_pretrained(model: Gemma, path, max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None):
-    """Write config.json and safetensors (sharded with an index above max_shard_bytes) into `path`.
+def save_pretrained(model: Gemma, path, max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None,
+                    tokenizer=None):
+    """Write config.json and safetensors (sharded with an index above max_shard_bytes) into `path`, and the
+    tokenizer's files when one is given: a folder transformers loads.
 
     Each file is written to a temporary name and renamed into place, config.json last, so a crash never
     leaves a folder that looks complete but is not.
@@ -307,7 +309,9 @@ def save_pretrained(model: Gemma, path, max_shard_bytes: int = 5 * 2**30, dtype:
         index = {"metadata": {"total_size": total},
                  "weight_map": {n: names[i] for i, shard in enumerate(shards) for n in shard}}
         write_json_atomic(path / INDEX_FILE, index)
-    write_json_atomic(path / CONFIG_NAME, config_to_hf(model.config, dtype))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    write_json_atomic(path / CONFIG_NAME, config_to_hf(model.config, dtype))  # last: the folder is complete
 
 
 def parse_dtype(name: str) -> torch.dtype:

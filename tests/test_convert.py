@@ -13,7 +13,7 @@ gguf = pytest.importorskip("gguf")
 
 from mdpo.convert import BLOCK_NAMES, convert_gguf, main  # noqa: E402
 from mdpo.model import Gemma, GemmaConfig, build_model  # noqa: E402
-from mdpo.weights import CheckpointError  # noqa: E402
+from mdpo.weights import CheckpointError, load_pretrained  # noqa: E402
 from test_tokenizer import _tiny_vocab  # noqa: E402
 
 
@@ -86,7 +86,7 @@ def test_converted_gguf_computes_the_original_logits(tmp_path, preset, arch):
         assert model.config.rope_local_base == 10_000.0 and model.config.query_pre_attn_scalar == 16
     src = write_gguf(tmp_path / "m.gguf", model, arch)
     out = convert_gguf(src, tmp_path / "hf")
-    back = Gemma.from_pretrained(out)
+    back = load_pretrained(out)
     assert back.config == model.config
     tokens = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -98,7 +98,7 @@ def test_norm_offset_is_undone(tmp_path):
     # Written without the +1, the import must give different logits: the offset really is subtracted.
     model = random_tiny("tiny-gemma3")
     out = convert_gguf(write_gguf(tmp_path / "m.gguf", model, "gemma3", norm_offset=0.0), tmp_path / "hf")
-    back = Gemma.from_pretrained(out)
+    back = load_pretrained(out)
     assert torch.allclose(back.norm.weight, model.norm.weight - 1.0)
 
 
@@ -128,4 +128,4 @@ def test_cli_errors_exit_2(tmp_path, capsys):
     assert main(["--gguf", str(good), "--out", str(tmp_path / "o"), "--dtype", "float64"]) == 2
     assert "unknown dtype 'float64'" in capsys.readouterr().err
     assert main(["--gguf", str(good), "--out", str(tmp_path / "o"), "--dtype", "bfloat16"]) == 0
-    assert Gemma.from_pretrained(tmp_path / "o", dtype=torch.bfloat16).config.family == "gemma"
+    assert load_pretrained(tmp_path / "o", dtype=torch.bfloat16).config.family == "gemma"

@@ -288,16 +288,21 @@ def test_pairs_file_round_trip(tmp_path):
 
 
 def test_written_files_load_in_the_trainer(tmp_path):
+    from mdpo.config import LossConfig
+    from mdpo.objectives import get_objective
     from mdpo.train import load_examples
+
+    def obj(name):
+        return get_objective(LossConfig(type=name))
 
     pairs = sample_pairs()
     write_pairs(tmp_path / "pairs.jsonl", pairs)
-    examples, dropped = load_examples(tmp_path / "pairs.jsonl", "mdpo", "model", 64, 1000)
+    examples, dropped = load_examples(tmp_path / "pairs.jsonl", obj("mdpo"), "model", 64, 1000)
     assert len(examples) == 2 and dropped == {"empty_mask": 0, "too_long": 0}
     assert examples[0].seqs == list(pairs[0])
     # KTO data is one trajectory per line; the None-labelled loser must load (the loader needs a label).
     write_trajectories(tmp_path / "kto.jsonl", build_kto(pairs, seed=0))
-    examples, _ = load_examples(tmp_path / "kto.jsonl", "mkto", "model", 64, 1000)
+    examples, _ = load_examples(tmp_path / "kto.jsonl", obj("mkto"), "model", 64, 1000)
     assert len(examples) == 4
 
 

@@ -1,4 +1,4 @@
-"""python -m mdpo.eval: data loading, metrics against hand counts, resume, and clear errors."""
+"""python -m mdpo.eval: metrics against hand counts, resume, and clear errors."""
 
 import json
 
@@ -8,6 +8,7 @@ from mdpo import eval as ev
 from mdpo.model import GemmaConfig, build_model
 from mdpo.tokenizer import Tokenizer
 from mdpo.trajectory import Role, Trajectory, read_trajectories
+from mdpo.weights import save_pretrained
 
 DATA = [
     {"question": "What is 2+3?", "answer": "2+3=<<2+3=5>>5\n#### 5"},
@@ -22,7 +23,7 @@ def tiny_dir(gemma3_dir, tmp_path_factory):
     tok = Tokenizer.from_pretrained(gemma3_dir)
     model = build_model(GemmaConfig.from_name("tiny-gemma3", vocab_size=262144), seed=0)
     d = tmp_path_factory.mktemp("tiny") / "model"
-    model.save_pretrained(d, tokenizer=tok)
+    save_pretrained(model, d, tokenizer=tok)
     return d
 
 
@@ -31,25 +32,7 @@ def write_jsonl(path, rows):
     return path
 
 
-def test_load_problems_formats(tmp_path):
-    probs = ev.load_problems(str(write_jsonl(tmp_path / "d.jsonl", DATA)), "unused")
-    assert [p["gold"] for p in probs] == ["5", "1234", "\\frac34"]
-    assert probs[2]["level"] == "Level 2" and probs[2]["subject"] == "Algebra"
-    with pytest.raises(ev.EvalError, match=r"d2.jsonl:2: no 'question' or 'problem' field"):
-        ev.load_problems(str(write_jsonl(tmp_path / "d2.jsonl", [DATA[0], {"q": 1}])), "x")
-    with pytest.raises(ev.EvalError, match="data file not found"):
-        ev.load_problems("gsm8k", str(tmp_path / "nowhere"))
-
-
-def test_real_datasets_load_when_present():
-    from pathlib import Path
-    data_dir = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    if not data_dir.is_dir():
-        pytest.skip("shared/data not present")
-    assert len(ev.load_problems("gsm8k", str(data_dir))) == 1319
-    m500 = ev.load_problems("math500", str(data_dir))
-    assert len(m500) == 500 and m500[0]["level"].startswith("Level ")
-    assert len(ev.load_problems("math", str(data_dir))) == 5000
+# Problem loading (names, files, downloads) moved to mdpo.datasets: tests/test_datasets.py.
 
 
 def traj(pid, sid, correct, answer, statuses=(), turns=1):
@@ -132,3 +115,14 @@ def test_summary_prints_each_metric_once(tiny_dir, tmp_path, capsys):
     m = json.loads((out / "metrics.json").read_text())
     lines = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith("pass@")]
     assert lines == [["pass@1", f"{100 * m['pass@1']:.1f}%"]]  # n = 1: pass@1 and pass@n are one metric
+
+
+def test_a_trajectory_that_wrote_the_tool_turn_itself_is_wrong(gemma3_dir):
+    """finish_reason start_of_turn / output_fence: the model invented the interpreter's turn; its answer, even a
+    right one, does not count (the same trajectory ending at <end_of_turn> does)."""
+    tok = Tokenizer.from_pretrained(gemma3_dir)
+    ids = tok.encode("The answer is $\\boxed{5}$.")
+    for reason, correct in (("end_of_turn", True), ("start_of_turn", False), ("output_fence", False)):
+        t = Trajectory("p", 0, [2] + ids, [0] + [Role.MODEL] * len(ids), [0] + [1] * len(ids), finish_reason=reason)
+        ev.grade_trajectory(t, "5", tok)
+        assert t.answer == "5" and t.correct is correct, reason

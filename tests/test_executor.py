@@ -339,3 +339,21 @@ def test_limits_defaults():
     with pytest.raises(TypeError):
         Session(no_such_limit=1)
     assert threading.main_thread().is_alive()
+
+
+def test_executor_and_sandbox_import_each_other_in_one_direction_only():
+    """sandbox.py (run as a script by the zygote) imports nothing from mdpo; executor uses only its public names."""
+    import ast
+    from pathlib import Path
+
+    import mdpo.sandbox
+
+    src = Path(mdpo.sandbox.__file__)
+    mods = [n.module if isinstance(n, ast.ImportFrom) else a.name for n in ast.walk(ast.parse(src.read_text()))
+            if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names]
+    assert not [m for m in mods if m and m.split(".")[0] == "mdpo"]
+    tree = ast.parse((src.parent / "executor.py").read_text())
+    used = [a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "mdpo.sandbox"
+            for a in n.names]
+    assert used and not [name for name in used if name.startswith("_")]
+    assert Limits is mdpo.sandbox.Limits  # one definition, re-exported

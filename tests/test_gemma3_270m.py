@@ -9,8 +9,9 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
 from mdpo.generate import greedy_generate  # noqa: E402
-from mdpo.model import Gemma, GemmaConfig  # noqa: E402
+from mdpo.model import GemmaConfig  # noqa: E402
 from mdpo.tokenizer import Tokenizer  # noqa: E402
+from mdpo.weights import load_pretrained, save_pretrained
 
 
 def long_text(seed=0, sentences=60):
@@ -28,7 +29,7 @@ def long_text(seed=0, sentences=60):
 
 @pytest.fixture(scope="module")
 def ours(gemma3_dir):
-    return Gemma.from_pretrained(gemma3_dir, attn_impl="eager").eval()
+    return load_pretrained(gemma3_dir, attn_impl="eager").eval()
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +83,7 @@ def test_greedy_continuation_matches_transformers(ours, ref, tok):
 
 
 def test_save_then_transformers_loads_same_logits(ours, tmp_path, long_ids):
-    ours.save_pretrained(tmp_path)
+    save_pretrained(ours, tmp_path)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32,
                                                                  attn_implementation="eager").eval()
     ids = long_ids[:, :96]
@@ -91,7 +92,7 @@ def test_save_then_transformers_loads_same_logits(ours, tmp_path, long_ids):
 
 
 def test_bf16_matches_transformers_bf16_and_agrees_with_fp32(gemma3_dir, ours, long_ids):
-    half = Gemma.from_pretrained(gemma3_dir, dtype=torch.bfloat16).eval()
+    half = load_pretrained(gemma3_dir, dtype=torch.bfloat16).eval()
     ref16 = transformers.AutoModelForCausalLM.from_pretrained(gemma3_dir, dtype=torch.bfloat16).eval()
     with torch.no_grad():
         fp32 = ours(long_ids)
@@ -118,11 +119,11 @@ def test_bf16_checkpoint_run_in_fp32_keeps_top1(ours, long_ids, tmp_path):
     (docs/LOG.md), in mdpo and in transformers alike.
     """
     from safetensors import safe_open
-    ours.save_pretrained(tmp_path, dtype=torch.bfloat16)
+    save_pretrained(ours, tmp_path, dtype=torch.bfloat16)
     for f in tmp_path.glob("*.safetensors"):
         with safe_open(str(f), "pt") as st:
             assert all(st.get_slice(k).get_dtype() == "BF16" for k in st.keys())
-    back = Gemma.from_pretrained(tmp_path, dtype=torch.float32, attn_impl="eager").eval()
+    back = load_pretrained(tmp_path, dtype=torch.float32, attn_impl="eager").eval()
     with torch.no_grad():
         ref, got = ours(long_ids), back(long_ids)
     assert (got - ref).abs().max().item() > 0  # the weights really were rounded

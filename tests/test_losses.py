@@ -89,8 +89,9 @@ def test_kto_hand_values_and_weights():
     sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
     expected = [2.0 * (1 - sig(0.1 * (1 - 0.5))), 0.5 * (1 - sig(0.1 * (0.5 - 1))), 0.5 * (1 - sig(0.1 * (0.5 + 2)))]
     assert losses.tolist() == pytest.approx(expected, abs=1e-7)
-    assert m["rewards/chosen"].item() == pytest.approx(0.1)
-    assert m["rewards/rejected"].item() == pytest.approx((0.1 - 0.2) / 2)
+    # Class means as (sum, count), so that the trainer can average them over the global batch.
+    assert [float(x) for x in m["rewards/chosen"]] == pytest.approx([0.1, 1])
+    assert [float(x) for x in m["rewards/rejected"]] == pytest.approx([0.1 - 0.2, 2])
     losses.sum().backward()
     # d/dpolicy of w (1 - sigmoid(beta (r - z0))) = -w beta s (1 - s) for desirable rows.
     s = sig(0.05)
@@ -126,4 +127,5 @@ def test_kto_kl_estimate_averages_across_ranks():
 def test_sft_loss():
     policy = t(-6.0, -2.0)
     losses, m = sft_loss(policy, torch.tensor([3, 1]))
-    assert losses.tolist() == [6.0, 2.0] and m["nll"].item() == pytest.approx(2.0)
+    assert losses.tolist() == [6.0, 2.0] and [float(x) for x in m["nll"]] == [8.0, 4.0]  # (sum, tokens)
+    assert [float(x) for x in m["tokens"]] == [4.0, 2.0]  # (tokens, sequences)

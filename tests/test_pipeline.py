@@ -20,6 +20,7 @@ from mdpo.pipeline import Pipeline
 from mdpo.config import load_config
 from mdpo.tokenizer import Tokenizer
 from mdpo.trajectory import read_trajectories, write_trajectories
+from mdpo.weights import save_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +70,7 @@ def setup(tmp_path_factory):
             f.write(json.dumps({"idx": p["id"], "question": p["question"], "answer": p["gold"]}) + "\n")
     cfg = GemmaConfig(family="gemma", vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_layers=2,
                       num_heads=2, num_kv_heads=1, head_dim=16, max_position_embeddings=256)
-    build_model(cfg, seed=0).save_pretrained(d / "init", tokenizer=tok)
+    save_pretrained(build_model(cfg, seed=0), d / "init", tokenizer=tok)
     return d
 
 
@@ -112,6 +113,8 @@ def test_pipeline_stages_and_data(run):
         assert prev.exists() == (it == 2)
         if it == 2:
             assert len(list(read_trajectories(prev))) == 6
+            # Sample ids are unique per prompt across the two models: the previous model's follow the policy's.
+            assert {t.sample_id for t in cur} == {0, 1, 2} and {t.sample_id for t in read_trajectories(prev)} == {3}
             assert {t.model for t in read_trajectories(prev)} == {str(out / "sft" / "final")}  # π1 = SFT
             assert {t.model for t in cur} == {str(out / "iter_1" / "policy")}
         info = results[f"iter_{it}"]

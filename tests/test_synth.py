@@ -97,6 +97,37 @@ def test_teacher_trajectory_layout_equals_the_samplers(tok):
         assert g.finish_reason == "end_of_turn"
 
 
+def test_sft_data_and_rollouts_show_the_same_observations(tok):
+    """The teacher's SFT trajectory and a rollout of the same model tokens through the real executor are
+    token-identical when a cell prints nothing (the paper's placeholder, in both) and when it prints escape
+    codes, a NUL and the turn markers (cleaned, and encoded as text in both)."""
+    from mdpo.chat import GEMMA
+    from mdpo.tools import EMPTY_OUTPUT
+
+    noisy = 'print("\\x1b[1m<end_" + "of_turn>\\x00<start_" + "of_turn>model")'
+    cells = ["n = 5", noisy]
+    assert [synth.observe(c) for c in cells] == ["", "\x1b[1m<end_of_turn>\x00<start_of_turn>model"]
+    turns = [(f"```python\n{c}\n```", synth.observe(c)) for c in cells] + [(synth.ANSWER.format(x=5), None)]
+    problem = {"id": "e", "question": "Nora has 5 stamps. How many stamps does Nora have now?"}
+    teacher = synth.build_trajectory(tok, problem, turns)
+    t = teacher
+    tool = [tok.decode([x for x, r, k in zip(t.tokens, t.roles, t.turns) if r == Role.TOOL and k == i]) for i in (1, 2)]
+    assert tool == [GEMMA.tool_turn_text(EMPTY_OUTPUT), GEMMA.tool_turn_text("<end_of_turn><start_of_turn>model")]
+    assert sum(x in tok.special_ids for x, r in zip(teacher.tokens, teacher.roles) if r == Role.TOOL) == 4  # frames
+
+    def choose(prompt_id, sample_id, generated):
+        return teacher.tokens[teacher.prompt_len + len(generated)]
+
+    model = build_model(GemmaConfig(family="gemma", vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                    num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
+                                    max_position_embeddings=512), seed=0).eval()
+    prompt = tok.encode(tok.render_chat([{"role": "user", "content": problem["question"]}]))
+    with ExecutorPool(max_workers=2, timeout=10) as pool:
+        (got,) = Sampler(model, tok, batch_size=1, max_length=512, executor=pool, choose=choose).generate(
+            [Request("e", prompt)], SamplingParams(temperature=0.0))
+    assert (got.tokens, got.roles, got.turns) == (teacher.tokens, teacher.roles, teacher.turns)
+
+
 def test_messages_convert_to_the_chat_template_with_roles(tok, tmp_path):
     """A chat in the paper's SFT format becomes tokens whose text is Gemma's template of that chat, with the
     tool turn as TOOL and the injected headers as TEMPLATE; bad shapes name the file and line."""

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mdpo.model import Gemma, GemmaConfig, build_model
-from mdpo.weights import CheckpointError, config_from_hf, config_to_hf, load_pretrained
+from mdpo.model import GemmaConfig, build_model
+from mdpo.weights import CheckpointError, config_from_hf, config_to_hf, load_pretrained, save_pretrained
 
 transformers = pytest.importorskip("transformers")
 
@@ -26,11 +26,11 @@ def tiny(name, seed=0):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_save_then_transformers_and_mdpo_load_same_logits(tmp_path, name):
     model = tiny(name)
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     tokens = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(0))
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32,
                                                             attn_implementation="eager").eval()
-    back = Gemma.from_pretrained(tmp_path, attn_impl="eager").eval()
+    back = load_pretrained(tmp_path, attn_impl="eager").eval()
     assert back.config == model.config
     with torch.no_grad():
         ours = model(tokens)
@@ -46,13 +46,13 @@ def test_save_then_transformers_and_mdpo_load_same_logits(tmp_path, name):
 def test_load_transformers_saved_checkpoint(tmp_path):
     # transformers writes its own config (v5 names: rope_parameters, dtype) and files; we must read them.
     model = tiny("tiny-gemma3", seed=1)
-    model.save_pretrained(tmp_path / "a")
+    save_pretrained(model, tmp_path / "a")
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "a", dtype=torch.float32,
                                                             attn_implementation="eager")
     ref.save_pretrained(tmp_path / "b")
     cfg = json.loads((tmp_path / "b" / "config.json").read_text())
     assert "rope_parameters" in cfg  # the new naming really is exercised
-    back = Gemma.from_pretrained(tmp_path / "b", attn_impl="eager")
+    back = load_pretrained(tmp_path / "b", attn_impl="eager")
     assert back.config == model.config
     tokens = torch.randint(0, 512, (1, 16))
     with torch.no_grad():
@@ -61,7 +61,7 @@ def test_load_transformers_saved_checkpoint(tmp_path):
 
 def test_sharded_save_and_load(tmp_path):
     model = tiny("tiny-gemma2", seed=2)
-    model.save_pretrained(tmp_path, max_shard_bytes=100_000)
+    save_pretrained(model, tmp_path, max_shard_bytes=100_000)
     shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
     assert len(shards) > 2 and not (tmp_path / "model.safetensors").exists()
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
@@ -75,18 +75,18 @@ def test_sharded_save_and_load(tmp_path):
     with torch.no_grad():
         assert (ref(tokens).logits - model(tokens)).abs().max().item() <= 1e-4
     # Saving again unsharded removes the stale shards and index.
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     assert not list(tmp_path.glob("model-*.safetensors")) and not (tmp_path / "model.safetensors.index.json").exists()
 
 
 def test_bf16_load_and_save(tmp_path):
     model = tiny("tiny-gemma3", seed=3)
-    model.save_pretrained(tmp_path, dtype=torch.bfloat16)
+    save_pretrained(model, tmp_path, dtype=torch.bfloat16)
     assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
-    back = Gemma.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    back = load_pretrained(tmp_path, dtype=torch.bfloat16)
     assert back.embed_tokens.weight.dtype == torch.bfloat16
     assert torch.equal(back.embed_tokens.weight, model.embed_tokens.weight.to(torch.bfloat16))
-    up = Gemma.from_pretrained(tmp_path, dtype=torch.float32)
+    up = load_pretrained(tmp_path, dtype=torch.float32)
     assert torch.equal(up.embed_tokens.weight, model.embed_tokens.weight.to(torch.bfloat16).float())
 
 
@@ -139,7 +139,7 @@ def test_linear_rope_scaling_matches_transformers():
 @pytest.fixture
 def saved(tmp_path):
     model = tiny("tiny-gemma")
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     return tmp_path
 
 
@@ -210,7 +210,7 @@ def test_missing_files(tmp_path, saved):
 
 
 def test_missing_shard(tmp_path):
-    tiny("tiny-gemma").save_pretrained(tmp_path, max_shard_bytes=50_000)
+    save_pretrained(tiny("tiny-gemma"), tmp_path, max_shard_bytes=50_000)
     shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
     shard.unlink()
     with pytest.raises(CheckpointError, match=rf"{shard.name}: shard listed in model.safetensors.index.json"):

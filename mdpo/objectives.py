@@ -1,0 +1,292 @@
+"""Training objectives: one object per objective, the only place that knows what a loss trains on.
+
+An objective declares
+    data        what one line of its training file is: "pairs" ({"chosen", "rejected"} trajectories),
+                "labelled" (one trajectory whose `correct` field is its label) or "sequences" (one trajectory);
+    reference   whether it needs reference log-probs (computed once before training, or online);
+    options     the loss.* config keys it reads: a key it ignores, set away from its default, is a config
+                error rather than a silently dropped option;
+and implements
+    build       the iteration's training rows from the filtered rollouts (the pipeline's data stage);
+    loss        per-example losses (the trainer divides their sum by `normaliser`) and a metrics dict.
+The trainer (mdpo/train.py) and the pipeline (mdpo/pipeline.py) dispatch on nothing else.
+
+A new loss is one subclass here plus one entry in OBJECTIVES; SimPO and TurnMDPO below are that example.
+Metric values are scalar tensors (means over the micro-batch's examples) or (sum, count) pairs for means over
+a subset (M-KTO's class means) or over tokens; the trainer aggregates both exactly over the global batch. A
+loss must return the same metric names on every call (ranks reduce them in one packed tensor).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mdpo.data import build_kto, build_pairs, build_raft, write_pairs
+from mdpo.losses import dpo_loss, kto_kl_estimate, kto_loss, sft_loss, simpo_loss
+from mdpo.trajectory import Trajectory, write_trajectories
+
+
+@dataclass
+class Example:
+    """One training unit: its sequences (a pair's chosen and rejected, or one trajectory) and their reference."""
+
+    seqs: list[Trajectory]
+    ref: list[float] | None = None  # reference log-probs of `seqs`, in order
+    tokens: int = 0  # trained tokens of the first sequence (the SFT normaliser)
+
+
+@dataclass
+class Batch:
+    """What `Objective.loss` sees for one micro-batch, in the order of `Objective.sequences`."""
+
+    policy: torch.Tensor  # (N,) the policy's summed log-probs of the trained sequences
+    ref: torch.Tensor | None  # (N,) the reference's, or None for a reference-free objective
+    counts: torch.Tensor  # (N,) tokens in each sum
+    examples: list[Example]
+    state: dict = field(default_factory=dict)  # from Objective.step_state (M-KTO's z0)
+
+
+class ObjectiveError(ValueError):
+    """An objective's options or data do not fit it; mdpo.config reports it as a ConfigError naming the file."""
+
+
+class Objective(abc.ABC):
+    name = ""
+    data = "pairs"
+    reference = True
+    iterative = True  # the pipeline can build its data from rollouts (`build`)
+    options: tuple[str, ...] = ()
+
+    def __init__(self, cfg):  # the `loss` section (mdpo.config.LossConfig)
+        self.cfg = cfg
+
+    # ---- configuration
+    def check(self) -> None:
+        """Reject loss.* options this objective would ignore (set away from their defaults)."""
+        default = type(self.cfg)()
+        used = {"type", "mask", *self.options}
+        for f in dataclasses.fields(self.cfg):
+            if f.name not in used and getattr(self.cfg, f.name) != getattr(default, f.name):
+                raise ObjectiveError(f"loss.{f.name}: not used by loss.type {self.name!r} (it reads "
+                                  f"{', '.join('loss.' + o for o in sorted(used))}); remove it")
+
+    def reference_key(self) -> dict:
+        """What, beyond data, mask, model and dtype, the stored reference log-probs depend on."""
+        return {"objective": self.name}
+
+    # ---- data
+    def build(self, kept: list[Trajectory], seed: int) -> list:
+        """This iteration's training rows from the filtered, graded rollouts."""
+        raise ObjectiveError(f"loss.type {self.name!r} is not an iterative method; use --stage sft for SFT")
+
+    def write(self, path, rows: list) -> None:
+        """Write `build`'s rows as this objective's training file, atomically."""
+        if self.data == "pairs":
+            write_pairs(path, rows)
+        else:
+            write_trajectories(path, rows)
+
+    def prepare(self, examples: list[Example]) -> None:
+        """Complete the examples once after loading (M-KTO adds its KL sequences)."""
+
+    def sequences(self, ex: Example) -> list[Trajectory]:
+        """The sequences a training step runs through the policy for `ex`."""
+        return ex.seqs
+
+    def reference_sequences(self, ex: Example) -> list[Trajectory]:
+        """The sequences whose reference log-probs `ex` needs (stored in ex.ref in this order)."""
+        return ex.seqs
+
+    def token_weights(self, t: Trajectory, mask: list[bool]) -> list[float] | None:
+        """Per-token weights of the summed log-probs, or None for the plain mask (weight 1 where trained)."""
+        return None
+
+    # ---- the step
+    def normaliser(self, examples: list[Example]) -> float:
+        """Divisor of the global batch's summed per-example losses."""
+        return float(len(examples))
+
+    def step_state(self, logprobs, examples: list[Example]) -> dict:
+        """Per-step state computed before the micro-batches; `logprobs(examples, k)` gives the policy's and the
+        reference's summed log-probs of each example's k-th reference sequence."""
+        return {}
+
+    @abc.abstractmethod
+    def loss(self, b: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Per-example losses (B,) and a metrics dict for one micro-batch."""
+
+
+# ---------------------------------------------------------------- preference pairs
+class MDPO(Objective):
+    """M-DPO (paper eq. 14) and its variants: sigmoid (+cDPO smoothing), IPO, hinge; optional + NLL."""
+
+    name = "mdpo"
+    options = ("dpo_variant", "beta", "label_smoothing", "nll_coef", "average_logps", "pairs_per_prompt")
+
+    def check(self) -> None:
+        super().check()
+        c = self.cfg
+        if c.dpo_variant != "sigmoid" and c.label_smoothing:
+            raise ObjectiveError(f"loss.label_smoothing: only the sigmoid DPO loss smooths labels, "
+                              f"not dpo_variant {c.dpo_variant!r}; remove it")
+
+    @property
+    def average(self) -> bool:
+        """Per-token average log-probs: on by default for IPO, whose target 1/(2 beta) is on that scale
+        (Azar et al. 2023; TRL's IPO), off for the paper's summed M-DPO."""
+        a = self.cfg.average_logps
+        return self.cfg.dpo_variant == "ipo" if a is None else a
+
+    def reference_key(self) -> dict:
+        return super().reference_key() | self._weights_key()
+
+    def _weights_key(self) -> dict:
+        return {}
+
+    def build(self, kept, seed):
+        return build_pairs(kept, self.cfg.pairs_per_prompt, seed)
+
+    def loss(self, b: Batch):
+        c = self.cfg
+        pol, ref, n = b.policy, b.ref, b.counts.clamp(min=1).float()
+        if self.average:
+            pol, ref = pol / n, ref / n
+        # Averaged log-probs are already per token: the NLL term divides by 1.
+        return dpo_loss(pol[0::2], pol[1::2], ref[0::2], ref[1::2], beta=c.beta, loss_type=c.dpo_variant,
+                        label_smoothing=c.label_smoothing, nll_coef=c.nll_coef,
+                        chosen_tokens=torch.ones_like(n[0::2]) if self.average else n[0::2])
+
+
+class TurnMDPO(MDPO):
+    """Turn-weighted M-DPO: model turn k of a K-turn trajectory counts with weight turn_discount^(K - k).
+
+    Every log-prob in the M-DPO ratio is weighted by its turn (read from the token's turn index), so the
+    final answer's turn has weight 1 and earlier turns are discounted: credit shifts towards the turns
+    closest to the outcome. turn_discount = 1 is M-DPO exactly.
+    """
+
+    name = "mdpo_turn"
+    options = MDPO.options + ("turn_discount",)
+
+    def _weights_key(self) -> dict:
+        return {"turn_discount": self.cfg.turn_discount}
+
+    def token_weights(self, t, mask):
+        last = max((k for k, m in zip(t.turns, mask) if m), default=0)
+        g = self.cfg.turn_discount
+        return [g ** (last - k) if m else 0.0 for k, m in zip(t.turns, mask)]
+
+
+class SimPO(MDPO):
+    """SimPO (Meng et al. 2024, eq. 6): reference-free, length-normalised pairwise loss with a margin.
+
+    -log sigmoid(beta / |y_w| log pi(y_w) - beta / |y_l| log pi(y_l) - gamma), over the masked (model) tokens.
+    """
+
+    name = "simpo"
+    reference = False
+    options = ("beta", "simpo_gamma", "pairs_per_prompt")
+
+    def check(self) -> None:
+        Objective.check(self)
+
+    def reference_key(self) -> dict:
+        return Objective.reference_key(self)
+
+    def loss(self, b: Batch):
+        n = b.counts.clamp(min=1).float()
+        return simpo_loss(b.policy[0::2], b.policy[1::2], n[0::2], n[1::2], beta=self.cfg.beta,
+                          gamma=self.cfg.simpo_gamma)
+
+
+# ---------------------------------------------------------------- labelled trajectories
+class MKTO(Objective):
+    """M-KTO (paper eq. 15): each trajectory against the reference point z0, from mismatched sequences."""
+
+    name = "mkto"
+    data = "labelled"
+    options = ("beta", "desirable_weight", "undesirable_weight", "pairs_per_prompt")
+
+    def build(self, kept, seed):
+        return build_kto(build_pairs(kept, self.cfg.pairs_per_prompt, seed), seed)
+
+    def prepare(self, examples):
+        """Give example i a KL sequence: its prompt followed by the completion of the next example (in file
+        order, cyclically) whose prompt differs, roles and turns included, so its tool turns stay masked.
+
+        z0 estimates KL(policy || reference) from completions that do not answer the prompt (KTO, sec. 4);
+        another sample of the same prompt would answer it. The partner is fixed by file order, not by batch,
+        so the reference log-probs can be computed once before training.
+        """
+        n = len(examples)
+        for i, ex in enumerate(examples):
+            a = ex.seqs[0]
+            b = next((examples[(i + k) % n].seqs[0] for k in range(1, n)
+                      if examples[(i + k) % n].seqs[0].prompt_id != a.prompt_id), None)
+            if b is None:
+                raise ObjectiveError(f"M-KTO needs trajectories of at least two prompts for its KL estimate; "
+                                  f"all {n} are of prompt {a.prompt_id!r}")
+            pa, pb = a.prompt_len, b.prompt_len
+            ex.seqs.append(Trajectory(a.prompt_id, -1, a.tokens[:pa] + b.tokens[pb:], a.roles[:pa] + b.roles[pb:],
+                                      a.turns[:pa] + b.turns[pb:], meta={"kl_partner": b.prompt_id}))
+
+    def sequences(self, ex):
+        return ex.seqs[:1]  # the KL sequence enters through z0 only
+
+    def step_state(self, logprobs, examples):
+        """z0 for this step: the global batch's mean policy-minus-reference log-ratio on the KL sequences,
+        detached (a baseline, not a path for gradients) and clamped at 0 (a KL cannot be negative)."""
+        with torch.no_grad():
+            policy, ref = logprobs(examples, 1)
+        # Every rank holds G / world examples, so the mean of the rank means is the global-batch mean.
+        return {"kl": kto_kl_estimate(policy, ref)}
+
+    def loss(self, b: Batch):
+        desirable = torch.tensor([bool(ex.seqs[0].correct) for ex in b.examples], device=b.policy.device)
+        c = self.cfg
+        return kto_loss(b.policy, b.ref, desirable, b.state["kl"], beta=c.beta,
+                        desirable_weight=c.desirable_weight, undesirable_weight=c.undesirable_weight)
+
+
+# ---------------------------------------------------------------- sequences
+class SFT(Objective):
+    """Masked NLL over the model's tokens, a token mean over the global batch (the SFT stage)."""
+
+    name = "sft"
+    data = "sequences"
+    reference = False
+    iterative = False  # trains on given trajectories (sft.data), not on the policy's own rollouts
+
+    def normaliser(self, examples):
+        return float(sum(ex.tokens for ex in examples))
+
+    def loss(self, b: Batch):
+        return sft_loss(b.policy, b.counts)
+
+
+class RAFT(SFT):
+    """RAFT (paper section 5.4): SFT on at most pairs_per_prompt correct rollouts per prompt."""
+
+    name = "raft"
+    iterative = True
+    options = ("pairs_per_prompt",)
+
+    def build(self, kept, seed):
+        return build_raft(kept, self.cfg.pairs_per_prompt, seed)
+
+
+OBJECTIVES: dict[str, type[Objective]] = {o.name: o for o in (MDPO, TurnMDPO, SimPO, MKTO, SFT, RAFT)}
+
+
+def get_objective(cfg) -> Objective:
+    """The objective that loss.type names, with its options checked; ObjectiveError names the key."""
+    if cfg.type not in OBJECTIVES:
+        raise ObjectiveError(f"loss.type: must be one of {', '.join(map(repr, OBJECTIVES))}, got {cfg.type!r}")
+    obj = OBJECTIVES[cfg.type](cfg)
+    obj.check()
+    return obj

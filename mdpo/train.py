@@ -318,18 +318,14 @@ def train(cfg: ExperimentConfig, data: str, out, resume: bool = False, max_steps
         shard(model)
     model.activation_checkpointing = cfg.training.activation_checkpointing
     model.train()
-    o = cfg.optimizer
-    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     steps_per_epoch = len(examples) // G
     total = max(1, int(cfg.training.epochs * steps_per_epoch))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
+    opt, sched = make_optimizer(cfg, model, total)
     start = 0
     ckpts = checkpoint_dirs(out)
     if resume and ckpts:
         start = load_checkpoint(ckpts[-1], model, opt, sched)
-    # Data order: one seeded permutation per epoch, so a resumed run sees exactly the same batches.
-    orders = [random.Random(cfg.training.seed + e).sample(range(len(examples)), len(examples))
-              for e in range(math.ceil(cfg.training.epochs) + 1)]
+    orders = data_orders(cfg, len(examples))
     end = total if max_steps is None else min(total, max_steps)
     log = MetricsLog(out / "metrics.jsonl", start, cfg.metrics.log_every, rank,
                      open_tracker(cfg, out, job_of(out), start + 1))
@@ -345,15 +341,9 @@ def train(cfg: ExperimentConfig, data: str, out, resume: bool = False, max_steps
             kept = checkpoint_dirs(out)
             raise TrainError(f"non-finite loss ({metrics['loss']}) at step {step}; stopped before the update; "
                              f"last good checkpoint: {kept[-1] if kept else 'none'}")
-        # grad_clip 0 = off: the norm is still computed (inf threshold) for the log.
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip or float("inf"))
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        grad_norm = apply_update(cfg, model, opt, sched)
         dt = time.perf_counter() - t0
-        last = dict(metrics, step=step + 1, lr=sched.get_last_lr()[0], grad_norm=float(grad_norm),
+        last = dict(metrics, step=step + 1, lr=sched.get_last_lr()[0], grad_norm=grad_norm,
                     tokens_per_s=tokens_seen / dt, step_time_s=dt, peak_mem_gb=peak_memory_gb(device))
         if device.type == "cuda":
             # Model FLOPs utilisation against the H100's dense bf16 peak, from the padded batch's tokens.
@@ -374,6 +364,30 @@ def train(cfg: ExperimentConfig, data: str, out, resume: bool = False, max_steps
                                                      "last": last})
     barrier()  # rank 0 writes the exports: no rank returns before they are complete
     return last
+
+
+def make_optimizer(cfg: ExperimentConfig, model, total: int):
+    """AdamW and its warmup + decay schedule over `total` steps."""
+    o = cfg.optimizer
+    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
+
+
+def data_orders(cfg: ExperimentConfig, n: int) -> list[list[int]]:
+    """One seeded permutation per epoch, so a resumed run sees exactly the same batches."""
+    return [random.Random(cfg.training.seed + e).sample(range(n), n) for e in range(math.ceil(cfg.training.epochs) + 1)]
+
+
+def apply_update(cfg: ExperimentConfig, model, opt, sched) -> float:
+    """Clip, step the optimizer and the schedule, clear the gradients; returns the pre-clip global grad norm."""
+    # grad_clip 0 = off: the norm is still computed (inf threshold) for the log.
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip or float("inf"))
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return float(grad_norm)
 
 
 def check_batch(cfg: ExperimentConfig, n: int, data, dropped: dict) -> None:

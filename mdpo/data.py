@@ -18,7 +18,8 @@ the extracted `answer` and the executor's per-call status (`meta["tool_status"]`
 Nothing is decoded. Where we deviate from the paper, and why:
 
 - "Tool output contains 'error'" is the executor's status of that call (error, timeout, memory, crashed),
-  not a substring search: a program may legitimately print the word "error", and a crash may not.
+  not a substring search: a program may legitimately print the word "error", and a crash may not. A
+  trajectory with tool turns but no recorded status is a DataError while that filter is on, never a silent keep.
 - The paper also drops winners whose last output contains "none" and trajectories with an empty
   "Execution error" output. Both need the decoded text; we do not apply them.
 - The paper's pre-filter drops *any* trajectory with a boxed answer right after an error, losers included.
@@ -80,6 +81,12 @@ def _drop_reason(t: Trajectory, cfg: FilterConfig, max_length: int) -> str | Non
     if cfg.overlong and (len(t.tokens) > max_length or t.finish_reason in TRUNCATED_REASONS):
         return "overlong"
     status = t.meta.get("tool_status") if isinstance(t.meta, dict) else None
+    if cfg.correct_after_error and status is None and Role.TOOL in t.roles:
+        # The sampler records a status for every call. Without one the filter cannot tell a winner after a
+        # failed cell from a clean one, and keeping it (the old default) let the filter do nothing unnoticed.
+        raise DataError(f"trajectory {t.prompt_id}/{t.sample_id} called the tool but has no meta['tool_status'] "
+                        "(not written by mdpo.sampler?): filters.correct_after_error cannot be applied; "
+                        "resample it or set filters.correct_after_error: false")
     if cfg.correct_after_error and t.correct is True and status and status[-1] != "ok":
         return "correct_after_error"
     return None

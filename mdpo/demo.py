@@ -1,6 +1,7 @@
 """The embedded default: M-DPO improving a tiny math agent on 2 CPU cores, with nothing downloaded.
 
     python -m mdpo.demo [--out runs/demo] [section.key=value ...]      (make demo)
+    python -m mdpo.demo --out DIR --size sft=200 --arch num_layers=1 ...  (smaller data / model: SIZES, MODEL)
 
 1. data: synthetic word problems whose answers need Python (mdpo.synth), a SentencePiece tokenizer trained on
    them, a randomly initialised tiny Gemma (Gemma 1 architecture), and imperfect teacher trajectories for SFT;
@@ -45,24 +46,45 @@ def write_problems(path: Path, problems: list[dict]):
             f.write(json.dumps({"idx": p["id"], "question": p["question"], "answer": p["gold"]}) + "\n")
 
 
-def prepare(out: Path, seed: int = 0) -> None:
-    """Synthetic data, tokenizer, initial model and SFT trajectories under out/ (skipped when already there)."""
+def prepare(out: Path, seed: int = 0, sizes: dict | None = None, model: dict | None = None) -> None:
+    """Synthetic data, tokenizer, initial model and SFT trajectories under out/ (skipped when already there).
+
+    sizes / model: entries replacing SIZES / MODEL (the tests run the demo at a tiny size); the defaults are
+    the demo's.
+    """
+    sizes, model = {**SIZES, **(sizes or {})}, {**MODEL, **(model or {})}
     data, init = out / "data", out / "init"
+    record = {"sizes": sizes, "model": model, "seed": seed}
     if (data / "done.json").is_file() and (init / "config.json").is_file():
+        # A resumed demo must not mix data of one size with a run of another.
+        done = json.loads((data / "done.json").read_text())
+        if done != record:
+            raise ConfigError(f"{data} was prepared with {done}, not {record}: use another --out")
         return
     data.mkdir(parents=True, exist_ok=True)
-    sft_problems = synth.make_problems(SIZES["sft"], seed + 1, "sft")
-    tok = Tokenizer(synth.train_tokenizer(synth.corpus(sft_problems[: SIZES["tokenizer_corpus"]], seed + 2)))
+    sft_problems = synth.make_problems(sizes["sft"], seed + 1, "sft")
+    tok = Tokenizer(synth.train_tokenizer(synth.corpus(sft_problems[: sizes["tokenizer_corpus"]], seed + 2)))
     write_trajectories(data / "sft.jsonl", synth.teacher_trajectories(tok, sft_problems, seed + 3))
-    write_problems(data / "prompts.jsonl", synth.make_problems(SIZES["prompts"], seed + 4, "train"))
-    write_problems(data / "test.jsonl", synth.make_problems(SIZES["test"], seed + 5, "test"))
-    cfg = GemmaConfig(vocab_size=tok.vocab_size, **MODEL)
+    write_problems(data / "prompts.jsonl", synth.make_problems(sizes["prompts"], seed + 4, "train"))
+    write_problems(data / "test.jsonl", synth.make_problems(sizes["test"], seed + 5, "test"))
+    cfg = GemmaConfig(vocab_size=tok.vocab_size, **model)
     tmp = out / "init.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_pretrained(build_model(cfg, seed=seed), tmp, tokenizer=tok)
     shutil.rmtree(init, ignore_errors=True)
     tmp.replace(init)
-    write_json_atomic(data / "done.json", {"sizes": SIZES, "model": MODEL, "seed": seed})
+    write_json_atomic(data / "done.json", record)
+
+
+def parse_sizes(items: list[str], defaults: dict, flag: str) -> dict:
+    """--size / --arch KEY=INT entries, checked against the keys of `defaults`."""
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or key not in defaults or not value.strip().lstrip("-").isdigit():
+            raise ConfigError(f"{flag} {item!r}: expected KEY=INT with KEY one of {', '.join(defaults)}")
+        out[key] = int(value)
+    return out
 
 
 def paired_difference(a: dict, b: dict, z: float = 1.96) -> tuple[float, float, float]:
@@ -119,6 +141,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mdpo.demo", description="M-DPO on a synthetic task, on a CPU.")
     ap.add_argument("overrides", nargs="*", help="section.key=value for experiments/demo.yaml")
     ap.add_argument("--out", default="runs/demo")
+    # Smaller data or model than the demo's (tests, a quick look); the defaults are SIZES and MODEL above.
+    ap.add_argument("--size", action="append", default=[], metavar="KEY=N", help=f"replace SIZES[KEY] {SIZES}")
+    ap.add_argument("--arch", action="append", default=[], metavar="KEY=N", help=f"replace MODEL[KEY] {MODEL}")
     args = ap.parse_intermixed_args(argv)  # overrides may come after the options
     import torch
 
@@ -131,7 +156,7 @@ def main(argv=None) -> int:
         cfg = load_config(EXPERIMENT, [f"model.name_or_path={out / 'init'}", f"sft.data={out / 'data' / 'sft.jsonl'}",
                                        f"data.train=[{out / 'data' / 'prompts.jsonl'}]",
                                        f"eval.sets=[{out / 'data' / 'test.jsonl'}]", *args.overrides])
-        prepare(out)
+        prepare(out, sizes=parse_sizes(args.size, SIZES, "--size"), model=parse_sizes(args.arch, MODEL, "--arch"))
         Pipeline(cfg, out / "run").run()
         summary = report(out / "run", cfg.training.iterations)
     except (ConfigError, PipelineError, TrainError) as e:

@@ -192,7 +192,7 @@ def sample_graded(model_path, problems: list[dict], path, n: int | range, params
     Samples already in `path` (an earlier, interrupted run) are kept and only the missing ones are drawn, under
     their original sample ids, so a resumed run neither loses nor duplicates work. Returns all trajectories.
     """
-    from mdpo.executor import ExecutorPool
+    from mdpo.executor import ExecutorPool, announce_sandbox
     from mdpo.tools import PythonTool
     from mdpo.sampler import Request, Sampler
     from mdpo.tokenizer import Tokenizer
@@ -216,6 +216,7 @@ def sample_graded(model_path, problems: list[dict], path, n: int | range, params
                         n=len(missing), sample_ids=missing) for p, missing in todo]
     gold = {p["id"]: p["gold"] for p in problems}
     results = list(done)
+    announce_sandbox()  # which isolation the cells get, printed once per process (the pipeline's run did it first)
     with ExecutorPool(max_workers=batch_size, timeout=timeout) as pool, \
             open(path, "a", encoding="utf-8") as f, \
             tqdm(total=sum(len(m) for _, m in todo), desc=desc, unit="traj") as bar:

@@ -30,7 +30,9 @@ What is isolated
 Processes: host -> *zygote* (started once per host process; math, cmath, fractions, decimal,
 itertools, numpy, sympy ... imported and exercised, so ``import sympy`` in a cell is free) ->
 per worker a root *monitor* -> *init* -> the *worker*. Two modes, picked by ``Limits.sandbox``
-("auto" uses ``namespaces`` when it works here, else ``rlimits``).
+("auto" uses ``namespaces`` when it works here, else ``rlimits``; the environment variable
+``MDPO_SANDBOX=rlimits`` or ``=namespaces`` overrides "auto", e.g. to try the fallback as root).
+``announce_sandbox`` prints the mode in use once per process (mdpo.eval and the pipeline call it).
 
 ``namespaces`` (needs root; measured on this project's 2-core VM: ~25 ms to start a worker from
 the warm zygote, ~0.25 ms per trivial cell):
@@ -54,7 +56,10 @@ the warm zygote, ~0.25 ms per trivial cell):
 ``rlimits`` (fallback without root or namespaces): same process structure and uid as the host,
 plus Python-level guards: sockets, ``fork``/``exec``/``subprocess``/``os.system``, new threads,
 ``os.kill`` of other processes and writes/deletions outside the working directory raise
-``PermissionError``. They are bypassable (ctypes, ``posix`` internals): a seat belt, not a sandbox.
+``PermissionError``. They are bypassable (ctypes, ``posix`` internals, ``_io.open``): a seat belt, not a
+sandbox. A cell reads whatever the user may read, there is no disk quota (``RLIMIT_FSIZE`` bounds each
+file only), and for a non-root user ``RLIMIT_NPROC`` counts all of that user's processes (as root it is not
+set). tests/test_executor.py runs the hostile cells in this mode too, and as a real unprivileged user.
 
 Both modes: ``RLIMIT_AS`` (``memory_bytes``), ``RLIMIT_FSIZE`` (also caps fd-level output),
 ``RLIMIT_NOFILE``, ``RLIMIT_CORE`` = 0, a 256 MiB stack with a capped ``sys.setrecursionlimit``
@@ -93,7 +98,7 @@ from dataclasses import dataclass, replace
 
 from mdpo.sandbox import Limits, Worker, describe_exit, poll_ready, recv_frame, send_frame
 
-__all__ = ["Limits", "CellResult", "Session", "ExecutorPool", "run_cells", "sandbox_mode"]
+__all__ = ["Limits", "CellResult", "Session", "ExecutorPool", "run_cells", "sandbox_mode", "announce_sandbox"]
 
 STATUSES = ("ok", "error", "timeout", "memory", "crashed")
 TIMEOUT_OBSERVATION = "Timeout Error"
@@ -156,11 +161,19 @@ def _clean(text: str) -> str:
 # Sessions and the pool (host side; the sandbox itself is mdpo/sandbox.py)
 
 _MODE: dict[str, bool] = {}  # mode -> works on this machine (learned on first use)
+MODES = ("auto", "namespaces", "rlimits")
+# MDPO_SANDBOX=rlimits forces the fallback wherever Limits.sandbox is "auto" (every pool the pipeline and
+# mdpo.eval build): a root machine can then run anything exactly as a user without namespaces would.
+SANDBOX_ENV = "MDPO_SANDBOX"
 
 
 def sandbox_mode(limits: Limits | None = None) -> str:
     """The sandbox mode a new Session would use here ("namespaces" or "rlimits")."""
     want = (limits or Limits()).sandbox
+    if want == "auto":
+        want = os.environ.get(SANDBOX_ENV, "").strip() or "auto"
+    if want not in MODES:
+        raise ValueError(f"sandbox mode must be one of {MODES} (Limits.sandbox or ${SANDBOX_ENV}), got {want!r}")
     if want != "auto":
         return want
     if os.geteuid() != 0 or not sys.platform.startswith("linux") or _MODE.get("namespaces") is False:
@@ -306,6 +319,33 @@ class Session:
                 self._worker.close()
         except Exception:  # noqa: BLE001
             pass
+
+
+_ANNOUNCED: list[str] = []  # the mode already announced by this process (at most one entry)
+
+ISOLATION = {
+    "namespaces": "namespaces (own network, PID, mount, IPC and UTS namespaces; read-only file system, homes "
+                  "hidden, private /tmp; private uid; rlimits)",
+    "rlimits": "rlimits only (no root or no namespaces here): same uid and file system as this process, "
+               "rlimits plus Python-level guards that code can bypass (ctypes); not a security boundary",
+}
+
+
+def announce_sandbox(limits: Limits | None = None, show: bool = True) -> str:
+    """The mode a Session really gets here, printed to stderr by the first call in this process.
+
+    It starts one worker to find out, since "auto" falls back only when namespaces fail; that also starts
+    the zygote, so a machine that cannot run the executor at all fails here, before any training. A call
+    with show=False (a rank other than 0) still counts as the announcement, so later calls stay quiet.
+    """
+    if not _ANNOUNCED:
+        with Session(limits) as s:
+            s.start()
+            mode = s.mode
+        if show:
+            print(f"executor sandbox: {ISOLATION[mode]}", file=sys.stderr, flush=True)
+        _ANNOUNCED.append(mode)
+    return _ANNOUNCED[0]
 
 
 def run_cells(cells: list[str], timeout: float = 20.0, **limits) -> list[CellResult]:

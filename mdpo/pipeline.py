@@ -51,6 +51,7 @@ from mdpo.data import DataError, apply_filters, file_digest, pair_stats, split_h
 from mdpo.distributed import barrier, run_cli, world
 from mdpo.datasets import DatasetError, load_problems
 from mdpo.eval import EvalError, compute_metrics, sample_graded
+from mdpo.executor import announce_sandbox
 from mdpo.hub import HubError, resolve_model_ranks
 from mdpo.sampler import SamplingParams
 from mdpo.objectives import get_objective
@@ -355,6 +356,8 @@ class Pipeline:
 
     def run(self) -> dict:
         cfg = self.cfg
+        # Which isolation the rollouts' cells get, said once at the start (rank 0), not after the SFT stage.
+        announce_sandbox(show=self.rank == 0)
         prompts = self.prompts()
         heldout = [p for p in prompts if p["split"] == "heldout"]
         sft_model = self.sft()

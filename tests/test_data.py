@@ -70,7 +70,6 @@ def filter_cases():
         (traj("p", 9, first=(51, 52), calls=2, status=["ok", "error"]), "correct_after_error"),
         (traj("p", 10, first=(53,), calls=2, status=["error", "ok"]), None),  # the last call worked
         (traj("p", 11, first=(54,), status=["timeout"], correct=False), None),  # losers may follow an error
-        (traj("p", 12, first=(55,), status=None), None),  # no tool_status recorded: keep
         (traj("p", 13, first=(40, 41)), "duplicate_first_turn"),  # same first turn and label as p/0
         (traj("p", 14, first=(40, 41), correct=False), None),  # same first turn, other label
         (traj("q", 0, first=(40, 41)), None),  # same first turn, other prompt
@@ -86,8 +85,8 @@ def test_each_filter_removes_exactly_its_cases():
     cases = filter_cases()
     kept, counts = apply_filters([t for t, _ in cases], FilterConfig(), max_length=20)
     assert ids(kept) == ids([t for t, why in cases if why is None])
-    assert counts == {"input": 21, "no_tool_call": 1, "long_answer": 2, "overlong": 4, "correct_after_error": 1,
-                      "duplicate_first_turn": 2, "kept": 11}
+    assert counts == {"input": 20, "no_tool_call": 1, "long_answer": 2, "overlong": 4, "correct_after_error": 1,
+                      "duplicate_first_turn": 2, "kept": 10}
     assert list(counts) == ["input", *FILTERS, "kept"]
     assert counts["input"] == counts["kept"] + sum(counts[f] for f in FILTERS)
 
@@ -120,7 +119,26 @@ def test_all_filters_off_keeps_everything():
     ts = [t for t, _ in filter_cases()]
     kept, counts = apply_filters(ts, off, max_length=5)
     assert ids(kept) == ids(ts)
-    assert counts == {"input": 21, **{f: 0 for f in FILTERS}, "kept": 21}
+    assert counts == {"input": 20, **{f: 0 for f in FILTERS}, "kept": 20}
+
+
+def test_a_tool_call_without_a_recorded_status_is_an_error():
+    """A missing meta["tool_status"] used to mean "keep": correct_after_error then did nothing, silently. The
+    sampler records a status per call, so a trajectory with tool turns and no status is not its output."""
+    bare = traj("p", 12, first=(55,), status=None)  # correct, one call, status unknown
+    with pytest.raises(DataError, match=r"p/12 called the tool but has no meta\['tool_status'\]"):
+        apply_filters([traj("p", 0), bare], FilterConfig(), max_length=100)
+    with pytest.raises(DataError, match="p/12"):  # a loser too: the file is not a sampler's
+        apply_filters([dataclasses.replace(bare, correct=False)], FilterConfig(), max_length=100)
+    # The filter switched off does not need the status; a trajectory without calls has none to record.
+    kept, _ = apply_filters([bare], FilterConfig(correct_after_error=False), max_length=100)
+    assert ids(kept) == [("p", 12)]
+    no_call = traj("p", 13, first=(56,), calls=0, status=None)
+    kept, _ = apply_filters([no_call], FilterConfig(no_tool_call=False), max_length=100)
+    assert ids(kept) == [("p", 13)]
+    # An empty list is a record (no calls made): not the same as no record.
+    assert apply_filters([traj("p", 14, first=(57,), calls=0, status=[])], FilterConfig(no_tool_call=False),
+                         max_length=100)[1]["kept"] == 1
 
 
 def test_duplicates_per_prompt_and_label():

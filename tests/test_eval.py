@@ -108,13 +108,20 @@ def test_final_turn_after_the_call_limit_has_no_answer(gemma3_dir):
     assert extract_answer(ev.final_turn_text(done, tok)) == "42"
 
 
-def test_summary_prints_each_metric_once(tiny_dir, tmp_path, capsys):
+def test_summary_prints_each_metric_once(tiny_dir, tmp_path, capsys, monkeypatch):
+    import mdpo.executor as ex
+
+    monkeypatch.setattr(ex, "_ANNOUNCED", [])  # as in a fresh process
+    monkeypatch.setenv("MDPO_SANDBOX", "rlimits")  # the line names the isolation the workers really get
     data = write_jsonl(tmp_path / "d.jsonl", DATA)
     out = tmp_path / "out"
     assert ev.main(["--model", str(tiny_dir), "--data", str(data), "--out", str(out), "--max-new-tokens", "4"]) == 0
     m = json.loads((out / "metrics.json").read_text())
-    lines = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith("pass@")]
+    captured = capsys.readouterr()
+    lines = [ln.split() for ln in captured.out.splitlines() if ln.strip().startswith("pass@")]
     assert lines == [["pass@1", f"{100 * m['pass@1']:.1f}%"]]  # n = 1: pass@1 and pass@n are one metric
+    said = [ln for ln in captured.err.splitlines() if "executor sandbox:" in ln]
+    assert said == [f"executor sandbox: {ex.ISOLATION['rlimits']}"]
 
 
 def test_a_trajectory_that_wrote_the_tool_turn_itself_is_wrong(gemma3_dir):

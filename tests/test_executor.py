@@ -7,9 +7,12 @@ file fast.
 
 import json
 import os
+import shutil
 import socket
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +26,24 @@ needs_ns = pytest.mark.skipif(not NS, reason="namespaces mode needs root and uns
 def sess():
     s = Session(timeout=2.0)
     yield s
+    s.close()
+
+
+@pytest.fixture(params=["auto", "fallback"])
+def mode(request, monkeypatch):
+    """The hostile cells run twice: in the mode this machine picks, and with namespaces forced off
+    (MDPO_SANDBOX=rlimits, what a user without root gets), so the fallback is tested on a root machine too."""
+    if request.param == "fallback":
+        monkeypatch.setenv("MDPO_SANDBOX", "rlimits")
+        assert sandbox_mode() == "rlimits"  # forced even as root: else this param would rerun namespaces
+    return sandbox_mode()
+
+
+@pytest.fixture
+def hsess(mode):
+    s = Session(timeout=2.0)
+    yield s
+    assert s.mode == mode  # the switch reached the worker, not just sandbox_mode()
     s.close()
 
 
@@ -142,17 +163,21 @@ def test_cwd_is_fresh_temp_dir_removed_on_close():
     "    signal.signal(s, signal.SIG_IGN)\nwhile True:\n    pass",
     "import threading, time\nthreading.Thread(target=time.sleep, args=(100,), daemon=True).start()",
 ])
-def test_timeouts(sess, code):
+def test_timeouts(hsess, mode, code):
+    sess = hsess
     sess.run("keep = 1")
     t = time.monotonic()
     r = sess.run(code, timeout=1.0)
+    if mode == "rlimits" and "threading" in code:  # the fallback refuses new threads outright
+        assert r.status == "error" and r.observation.startswith("PermissionError: starting threads")
+        return
     assert (r.status, r.observation) == ("timeout", "Timeout Error")
     assert time.monotonic() - t < 2.5
     assert sess.run("keep").status == "error"  # the state went with the killed worker
     _check_recovers(sess, restarted=False)
 
 
-def test_cpu_time_limit():
+def test_cpu_time_limit(mode):
     with Session(timeout=5.0, cpu_time=0.5) as s:
         s.run("1")
         r = s.run("while True:\n    pass")  # RLIMIT_CPU (SIGXCPU) fires before the wall clock
@@ -166,9 +191,10 @@ def test_threads_that_finish_are_fine(sess):
     assert (r.status, r.observation) == ("ok", "from thread\n'main'")
 
 
-def test_memory_bombs():
+def test_memory_bombs(mode):
     s = Session(timeout=5.0, memory_bytes=1 << 30)
     try:
+        assert s.start().mode == mode
         s.run("keep = 1")
         r = s.run("x = bytearray(10**10)")
         assert (r.status, r.observation) == ("memory", "MemoryError")
@@ -182,7 +208,8 @@ def test_memory_bombs():
         s.close()
 
 
-def test_recursion(sess):
+def test_recursion(hsess):
+    sess = hsess
     r = sess.run("def f(n):\n    return f(n + 1)\nf(0)")
     assert r.status == "error" and r.observation.startswith("RecursionError")
     r = sess.run("import sys\nsys.setrecursionlimit(10**8)\nf(0)")  # clamped: no 20 s heap crawl
@@ -192,7 +219,8 @@ def test_recursion(sess):
     assert (r.status, r.observation) == ("ok", "40000")
 
 
-def test_exits(sess):
+def test_exits(hsess):
+    sess = hsess
     sess.run("keep = 7")
     assert sess.run("import sys\nsys.exit(3)").observation == "SystemExit: 3"
     assert sess.run("exit()").observation == "SystemExit: None"
@@ -203,13 +231,15 @@ def test_exits(sess):
     _check_recovers(sess, restarted=True)
 
 
-def test_segfault(sess):
+def test_segfault(hsess):
+    sess = hsess
     r = sess.run("import ctypes\nctypes.string_at(0)")
     assert r.status == "crashed" and "Segmentation fault" in r.observation
     _check_recovers(sess, restarted=True)
 
 
-def test_closing_stdout_and_stderr(sess):
+def test_closing_stdout_and_stderr(hsess):
+    sess = hsess
     r = sess.run("import sys, os\nsys.stdout.close(); sys.stderr.close(); os.close(1); os.close(2)")
     assert r.status == "ok"
     assert sess.run("print('back'); os.write(1, b'fd\\n'); None").observation == "back\nfd"
@@ -218,32 +248,44 @@ def test_closing_stdout_and_stderr(sess):
     _check_recovers(sess, restarted=True)
 
 
-def test_kill_parent_and_others(sess):
+def test_kill_parent_and_others(hsess, mode):
+    sess = hsess
     host = os.getpid()
     r = sess.run("import os, signal\nfor p in (os.getppid(), -1, 1):\n"
                  "    try:\n        os.kill(p, signal.SIGKILL)\n    except OSError as e:\n"
                  f"        print(type(e).__name__)\nos.kill({host}, signal.SIGKILL)")
-    assert r.status in ("ok", "error")
-    assert r.observation.endswith(("ProcessLookupError: [Errno 3] No such process", "PermissionError"))
+    if mode == "namespaces":  # the host's pid does not exist in the worker's PID namespace
+        assert (r.status, r.observation) == ("error", "ProcessLookupError: [Errno 3] No such process")
+        assert r.stdout.startswith("PermissionError\n")  # getppid() is init (root): not the worker's to kill
+    else:  # same PID space and uid as the host: only the Python-level guard stands in the way
+        assert (r.status, r.observation) == ("error", "PermissionError: os.kill is disabled in the sandbox")
+        assert r.stdout.startswith("PermissionError\nPermissionError\nPermissionError")
     os.kill(host, 0)  # still here
     _check_recovers(sess, restarted=False)
 
 
-def test_file_size_open_files_and_disk(sess):
+def test_file_size_and_open_files(hsess):
+    sess = hsess
     r = sess.run("open('big', 'wb').write(b'0' * (32 << 20))")  # RLIMIT_FSIZE 16 MiB
     assert r.status == "error" and "File too large" in r.observation
     r = sess.run("fs = [open(f'f{i}', 'w') for i in range(100)]")  # RLIMIT_NOFILE 64
     assert r.status == "error" and "Too many open files" in r.observation
-    if NS:  # the private tmpfs holds 64 MiB in all
-        r = sess.run("for i in range(6):\n    open(f'part{i}', 'wb').write(b'0' * (15 << 20))")
-        assert r.status == "error" and "No space left on device" in r.observation
+    assert sess.run("1").status == "ok"
+
+
+@needs_ns  # rlimits mode has no disk quota (only RLIMIT_FSIZE per file): said in the README, not tested here
+def test_private_tmpfs_is_the_disk_limit(sess):
+    assert sess.run("1").status == "ok" and sess.mode == "namespaces"
+    # The private tmpfs holds 64 MiB in all; each part stays under RLIMIT_FSIZE (16 MiB).
+    r = sess.run("for i in range(6):\n    open(f'part{i}', 'wb').write(b'0' * (15 << 20))")
+    assert r.status == "error" and "No space left on device" in r.observation
     assert sess.run("1").status == "ok"
 
 
 # ---------------------------------------------------------------- isolation
 
 
-def test_network_is_blocked():
+def test_network_is_blocked(mode):
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(1)
@@ -252,7 +294,9 @@ def test_network_is_blocked():
         r = run_cells([f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)"],
                       timeout=3.0)[0]
         assert r.status == "error" and r.elapsed < 2
-        assert "unreachable" in r.observation or "refused" in r.observation or "Permission" in r.observation
+        # A listening host port: "refused" would mean the connection reached the host's loopback.
+        assert r.observation == {"namespaces": "OSError: [Errno 101] Network is unreachable",
+                                 "rlimits": "PermissionError: network access is disabled in the sandbox"}[mode]
     finally:
         srv.close()
 
@@ -311,6 +355,98 @@ def test_rlimits_fallback_guards():
         assert s.run("open('inside.txt', 'w').write('ok')").observation == "2"
         assert s.run("while True: pass", timeout=1.0).status == "timeout"
         _check_recovers(s, restarted=True)
+
+
+def test_sandbox_switch_and_announcement(monkeypatch, capsys):
+    """MDPO_SANDBOX overrides "auto" only; the mode in use is printed once per process, and is the one the
+    workers really get (announce_sandbox starts one)."""
+    import mdpo.executor as ex
+
+    monkeypatch.setenv("MDPO_SANDBOX", "rlimits")
+    assert sandbox_mode() == "rlimits" and sandbox_mode(Limits(sandbox="namespaces")) == "namespaces"
+    monkeypatch.setenv("MDPO_SANDBOX", "chroot")
+    with pytest.raises(ValueError, match="MDPO_SANDBOX"):
+        Session().start()  # a typo must not silently mean "auto"
+    monkeypatch.delenv("MDPO_SANDBOX")
+    monkeypatch.setattr(ex, "_ANNOUNCED", [])
+    assert ex.announce_sandbox() == ex.announce_sandbox() == sandbox_mode()
+    assert capsys.readouterr().err == f"executor sandbox: {ex.ISOLATION[sandbox_mode()]}\n"
+    monkeypatch.setattr(ex, "_ANNOUNCED", [])
+    monkeypatch.setenv("MDPO_SANDBOX", "rlimits")
+    assert ex.announce_sandbox(show=False) == "rlimits"  # another rank: counts, prints nothing
+    assert ex.announce_sandbox() == "rlimits" and capsys.readouterr().err == ""
+    monkeypatch.setattr(ex, "_ANNOUNCED", [])
+    ex.announce_sandbox()
+    assert capsys.readouterr().err.startswith("executor sandbox: rlimits only (no root or no namespaces here)")
+
+
+NOBODY = 65534
+SYSTEM_PYTHON = "/usr/bin/python3"  # the venv's interpreter lives under /root (mode 0700): nobody cannot run it
+
+NON_ROOT_SCRIPT = r"""
+import json, os, sys
+from mdpo.executor import Limits, Session, sandbox_mode
+out = {"euid": os.geteuid(), "mode": sandbox_mode()}
+try:
+    Session(Limits(sandbox="namespaces")).start()
+    out["namespaces"] = "started"
+except RuntimeError as e:
+    out["namespaces"] = str(e)
+marker = sys.argv[1]
+with Session(timeout=3.0) as s:
+    cells = {
+        "uid": "import os\nos.getuid()",
+        "nproc": "import resource\nresource.getrlimit(resource.RLIMIT_NPROC)",
+        "socket": "import socket\nsocket.socket()",
+        "fork": "os.fork()",
+        "write": f"open({marker!r}, 'w')",
+        "bypass": f"import _io\n_io.open({marker!r} + '.bypass', 'w').write('x')",
+        "read": "len(open('/etc/passwd').read()) > 0",
+        "spin": "while True: pass",
+    }
+    out["worker_mode"] = s.mode if s.run("1").status == "ok" else None
+    out["cells"] = {}
+    for k, c in cells.items():
+        r = s.run(c, timeout=1.0 if k == "spin" else 3.0)
+        out["cells"][k] = [r.status, r.observation]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv") or not os.access(SYSTEM_PYTHON, os.X_OK),
+                    reason="needs root (to become another user), setpriv and a system python3")
+def test_what_a_user_without_root_gets():
+    """A real unprivileged user (uid 65534, no capabilities): "auto" is rlimits, namespaces cannot start,
+    the worker runs as that user with RLIMIT_NPROC, the guards refuse sockets, fork and writes outside the
+    working directory, and they are a seat belt only: writing through _io.open gets past them (the README says
+    so). The zygote preloads numpy/sympy only if this interpreter has them; none of the cells needs them."""
+    marker = f"/tmp/mdpo-nonroot-{os.getpid()}"
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HOME": "/tmp"}
+    try:
+        p = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                            "--inh-caps=-all", SYSTEM_PYTHON, "-c", NON_ROOT_SCRIPT, marker],
+                           capture_output=True, text=True, timeout=60, env=env, cwd="/")
+        if p.returncode != 0 and "No module named" in p.stderr:
+            pytest.skip(f"the system python3 cannot import mdpo.executor: {p.stderr.strip().splitlines()[-1]}")
+        assert p.returncode == 0, p.stderr
+        out = json.loads(p.stdout.strip().splitlines()[-1])
+        assert out["euid"] == NOBODY and out["mode"] == "rlimits" and out["worker_mode"] == "rlimits"
+        assert out["namespaces"].startswith("sandbox setup failed (namespaces): fail PermissionError")
+        assert out["cells"] == {
+            "uid": ["ok", str(NOBODY)],  # the user's own uid: no private one
+            "nproc": ["ok", "(4, 4)"],  # max_processes, counted over all of that user's processes
+            "socket": ["error", "PermissionError: network access is disabled in the sandbox"],
+            "fork": ["error", "PermissionError: os.fork is disabled in the sandbox"],
+            "write": ["error", f"PermissionError: writing outside the working directory: {marker!r}"],
+            "bypass": ["ok", "1"],  # a seat belt, not a sandbox: the guards wrap the usual entry points only
+            "read": ["ok", "True"],  # whatever the user may read, a cell may read
+            "spin": ["timeout", "Timeout Error"],
+        }
+        assert open(marker + ".bypass").read() == "x" and not os.path.exists(marker)
+    finally:
+        for path in (marker, marker + ".bypass"):
+            if os.path.exists(path):
+                os.remove(path)
 
 
 # ---------------------------------------------------------------- pool

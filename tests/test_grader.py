@@ -486,7 +486,11 @@ def test_gsm8k_golds_all_parse_as_numbers():
         assert sum(g.startswith("-") for g in golds) == n_neg
         for g in golds:
             assert int(g) == float(g)  # all integers once commas are gone
-        assert all(is_equiv(g, g, rel_tol=0) for g in golds[:200])
+        # Equal in other spellings (is_equiv(g, g) would only test the identical-string shortcut), and exact:
+        # one more is never equal. 14 of the first 200 train golds have four digits or more (commas).
+        for g in golds[:200]:
+            assert is_equiv(f"{int(g):,}", g, rel_tol=0) and is_equiv(f"{int(g)}.0", g, rel_tol=0), g
+            assert not is_equiv(str(int(g) + 1), g, rel_tol=0), g
 
 
 def test_math_golds_train_and_test():
@@ -514,8 +518,13 @@ def test_math500_answer_is_last_box_and_self_equivalent():
     rows = _jsonl("math/prm800k_math_splits/test.jsonl")
     assert len(rows) == 500
     assert all(gold_math(r["solution"]) == r["answer"] for r in rows)
-    assert all(is_equiv(r["answer"], r["answer"]) for r in rows)
-    # the normal form means the same thing as the original
+    # Different answers are different: of the 497 neighbours (file order) with different strings, only one
+    # pair is equivalent, checked by hand: "5" and the labelled "x=5".
+    answers = [r["answer"] for r in rows]
+    same = [(a, b) for a, b in zip(answers, answers[1:]) if a != b and is_equiv(a, b)]
+    assert sum(a != b for a, b in zip(answers, answers[1:])) == 497 and same == [("5", "x=5")]
+    # the normal form means the same thing as the original (84 of the 500 differ from it as strings)
+    assert sum(strip_answer(r["answer"]) != r["answer"] for r in rows) == 84
     assert all(is_equiv(strip_answer(r["answer"]), r["answer"]) for r in rows)
     assert all(is_equiv("\\boxed{%s}" % r["answer"], r["answer"]) for r in rows)
 

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from test_train import make_traj  # noqa: E402  (tests/ is on sys.path under pytest)
+from conftest import save_two_layer_gemma  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "experiments" / "gemma7b_mdpo.yaml"
@@ -112,12 +113,8 @@ def metric_rows(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
     """A 2-layer Gemma (each run is mostly process work, not compute) and tests/test_train.py's 12 random pairs."""
-    from mdpo.model import GemmaConfig, build_model
-
     d = tmp_path_factory.mktemp("kills")
-    cfg = GemmaConfig(family="gemma", vocab_size=512, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
-                      num_kv_heads=1, head_dim=16, max_position_embeddings=256)
-    save_pretrained(build_model(cfg, seed=0), d / "init")
+    save_two_layer_gemma(d / "init")
     g = torch.Generator().manual_seed(0)
     with open(d / "pairs.jsonl", "w") as f:
         for i in range(12):
@@ -203,8 +200,7 @@ def test_stale_temporaries_of_dead_writers_only_are_removed(tmp_path):
 
 
 # ---------------------------------------------------------------- sampling files and the pipeline
-from test_pipeline import content, setup, write_config  # noqa: E402,F401  (setup: the tiny model with a tokenizer)
-from mdpo.weights import save_pretrained
+from test_pipeline import setup, write_config  # noqa: E402,F401  (setup: the tiny model with a tokenizer)
 
 
 def rollout_set(path: Path) -> set:

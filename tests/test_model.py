@@ -129,14 +129,24 @@ def test_kv_cache_prefill_and_decode_match_full_forward(name):
 
 
 def test_return_hidden_and_head_compose_to_logits():
+    """return_hidden is the final norm's output and the logits are 30 tanh(hidden E^T / 30), both written out
+    here from the norm's input (a hook), not through model.head."""
     model = random_model("tiny-gemma2", seed=6)
+    with torch.no_grad():
+        model.norm.weight.fill_(15.0)  # scale 16: raw logits pass 30, so the soft-cap must act
     tokens = torch.randint(0, 512, (1, 12))
+    seen = []
+    model.norm.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach()))
     with torch.no_grad():
         hidden = model(tokens, return_hidden=True)
-        assert hidden.shape == (1, 12, 64)
-        assert torch.equal(model.head(hidden), model(tokens))
-        # Gemma 2's final soft-cap bounds the logits by 30.
-        assert model(tokens).abs().max() < 30.0
+        logits = model(tokens)
+    x = seen[0].double()
+    naive_hidden = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1.0 + model.norm.weight.double())
+    raw = naive_hidden @ model.embed_tokens.weight.double().T
+    assert hidden.shape == (1, 12, 64) and (hidden.double() - naive_hidden).abs().max().item() <= 1e-4
+    assert raw.abs().max().item() > 40.0  # the cap is active, not a no-op on small logits
+    assert (logits.double() - 30.0 * torch.tanh(raw / 30.0)).abs().max().item() <= 1e-4
+    assert logits.abs().max().item() < 30.0
 
 
 def test_meta_build_and_cost_accounting():

@@ -19,7 +19,7 @@ from mdpo.model import GemmaConfig, build_model
 from mdpo.pipeline import Pipeline
 from mdpo.config import load_config
 from mdpo.tokenizer import Tokenizer
-from mdpo.trajectory import read_trajectories, write_trajectories
+from mdpo.trajectory import Role, read_trajectories, write_trajectories
 from mdpo.weights import save_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,11 +90,47 @@ def stable(results: dict) -> dict:
     return out
 
 
+STDERR: dict[str, str] = {}  # what the module's pipeline run wrote to stderr
+
+
 @pytest.fixture(scope="module")
 def run(setup):
+    import contextlib
+    import io
+
+    from mdpo import executor
+
     cfg = load_config(write_config(setup))
     out = setup / "run"
-    return out, Pipeline(cfg, out).run()
+    executor._ANNOUNCED.clear()  # as in a fresh process: an earlier test file may have announced already
+    buf = io.StringIO()
+    with contextlib.redirect_stderr(buf):  # a module fixture has no capsys
+        results = Pipeline(cfg, out).run()
+    STDERR["run"] = buf.getvalue()
+    return out, results
+
+
+def naive_filter_counts(trajs, max_length: int, max_answer_chars: int = 20) -> dict:
+    """The paper's filters (FilterConfig defaults) written out plainly, not through mdpo.data: each dropped
+    trajectory counts for the first filter that removes it; duplicates are looked for among survivors only."""
+    counts = {"input": len(trajs), "no_tool_call": 0, "long_answer": 0, "overlong": 0, "correct_after_error": 0,
+              "duplicate_first_turn": 0, "kept": 0}
+    seen = set()
+    for t in trajs:
+        if Role.TOOL not in t.roles:
+            why = "no_tool_call"
+        elif t.answer is not None and len(t.answer) > max_answer_chars:
+            why = "long_answer"
+        elif len(t.tokens) > max_length or t.finish_reason in ("max_turns", "max_length", "max_new_tokens"):
+            why = "overlong"
+        elif t.correct is True and t.meta["tool_status"][-1] != "ok":
+            why = "correct_after_error"
+        else:
+            first = tuple(x for x, r, k in zip(t.tokens, t.roles, t.turns) if k == 1 and r == Role.MODEL)
+            why = "duplicate_first_turn" if (t.prompt_id, t.correct is True, first) in seen else "kept"
+            seen.add((t.prompt_id, t.correct is True, first))
+        counts[why] += 1
+    return counts
 
 
 def test_pipeline_stages_and_data(run):
@@ -120,7 +156,11 @@ def test_pipeline_stages_and_data(run):
         info = results[f"iter_{it}"]
         f = info["data"]["filters"]
         assert f["input"] == len(cur) + (6 if it == 2 else 0)
-        assert f["input"] == f["kept"] + sum(v for k, v in f.items() if k not in ("input", "kept"))
+        # The filters saw the policy's rollouts, then the previous model's, each sorted by (prompt, sample).
+        seen = sorted(cur, key=lambda t: (t.prompt_id, t.sample_id))
+        if it == 2:
+            seen += sorted(read_trajectories(prev), key=lambda t: (t.prompt_id, t.sample_id))
+        assert f == naive_filter_counts(seen, max_length=160)
         pairs = read_pairs(d / "data.jsonl")
         assert len(pairs) == info["data"]["examples"] > 0
         for chosen, rejected in pairs:
@@ -130,7 +170,15 @@ def test_pipeline_stages_and_data(run):
         assert set(sel["scores"]) == {f"step_{s}" for s in range(1, steps)} | {"final"}
         assert sel["scores"][sel["chosen"]] == max(sel["scores"].values())
         assert (d / "policy" / "config.json").is_file() and (d / "policy" / "tokenizer.model").is_file()
-        assert 0.0 <= info["eval"]["test"]["pass@1"] <= 1.0 and info["eval"]["test"]["problems"] == 6
+    for it in (0, 1, 2):  # test accuracy: a hand count over the graded trajectories of the eval file
+        graded = list(read_trajectories(out / f"iter_{it}" / "eval" / "test.jsonl"))
+        assert sorted(t.prompt_id for t in graded) == [f"q{i}" for i in range(16, 22)]
+        k = sum(t.correct is True for t in graded)
+        assert results[f"iter_{it}"]["eval"]["test"] == {**results[f"iter_{it}"]["eval"]["test"],
+                                                         "pass@1": k / 6, "problems": 6}
+    # The isolation the cells got is said once, at the start, though every sampling stage starts a pool.
+    said = [ln for ln in STDERR["run"].splitlines() if "executor sandbox:" in ln]
+    assert len(said) == 1 and STDERR["run"].lstrip().startswith(said[0])
     # Iteration 2 trains from iteration 1's selected model, whose reference log-probs are its own.
     cfg2 = (out / "iter_2" / "train" / "config.yaml").read_text()
     assert str(out / "iter_1" / "policy") in cfg2

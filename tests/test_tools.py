@@ -142,3 +142,49 @@ def test_python_tool_is_the_executor_in_the_sampler(tok):
     assert t.meta["tool_status"] == ["ok", "ok"]
     with pytest.raises(ValueError, match="not both"):
         Sampler(model, tok, batch_size=1, max_length=32, tool=Calculator(), executor=object())
+
+
+def test_a_failed_last_cell_reaches_the_filter_through_the_real_executor(tok, tmp_path):
+    """The executor's own status, not a fake's, travels cell -> sampler -> meta["tool_status"] -> rollout file
+    -> filters: a right answer typed after a cell that raised (or crashed the interpreter) is dropped by
+    correct_after_error, one after a cell that was fixed is kept, and so is a wrong answer after an error."""
+    from mdpo.config import FilterConfig
+    from mdpo.data import apply_filters
+    from mdpo.eval import grade_trajectory
+    from mdpo.trajectory import read_trajectories, write_trajectories
+
+    def script(*turns):
+        ids = []
+        for text in turns:
+            ids += tok.encode(text)
+        return iter(ids + [tok.end_of_turn_id])
+
+    scripts = {  # prompt id -> the model's tokens, all turns; every cell is a separate tool call
+        "raised": script("```python\nx = 6 * 7\n```", "```python\nprint(x / 0)\n```", "\\boxed{42}"),
+        "fixed": script("```python\nprint(y)\n```", "```python\ny = 42\nprint(y)\n```", "\\boxed{42}"),
+        "crashed": script("```python\nimport os\nos._exit(3)\n```", "\\boxed{42}"),
+        "wrong": script("```python\nx = 6 * 7\n```", "```python\nprint(x / 0)\n```", "\\boxed{41}"),
+    }
+    # One layer: the model's outputs are all forced, only the vocabulary must be the tokenizer's.
+    cfg = GemmaConfig.from_name("tiny-gemma", vocab_size=262144, num_layers=1, layer_types=None)
+    model = build_model(cfg, seed=0).eval()
+    with ExecutorPool(max_workers=2, timeout=10) as pool:
+        sampler = Sampler(model, tok, batch_size=2, max_length=256, tool=PythonTool(pool),
+                          choose=lambda pid, sid, generated: next(scripts[pid]))
+        ts = list(sampler.generate([Request(pid, tok.encode("<bos>Q")) for pid in scripts],
+                                   SamplingParams(temperature=0.0)))
+    for t in ts:
+        grade_trajectory(t, "42", tok)
+    by_id = {t.prompt_id: t for t in ts}
+    assert {pid: (t.meta["tool_status"], t.correct) for pid, t in by_id.items()} == {
+        "raised": (["ok", "error"], True), "fixed": (["error", "ok"], True),
+        "crashed": (["crashed"], True), "wrong": (["ok", "error"], False)}
+    last_tool = [tok.decode([x for x, r, k in zip(t.tokens, t.roles, t.turns) if r == Role.TOOL and k == 2])
+                 for t in (by_id["raised"], by_id["wrong"])]
+    assert last_tool == [GEMMA.tool_turn_text("ZeroDivisionError: division by zero")] * 2  # what the model saw
+    write_trajectories(tmp_path / "rollout.jsonl", ts)  # the pipeline filters what it reads back
+    back = sorted(read_trajectories(tmp_path / "rollout.jsonl"), key=lambda t: t.prompt_id)
+    kept, counts = apply_filters(back, FilterConfig(), max_length=256)
+    assert [t.prompt_id for t in kept] == ["fixed", "wrong"]
+    assert counts == {"input": 4, "no_tool_call": 0, "long_answer": 0, "overlong": 0, "correct_after_error": 2,
+                      "duplicate_first_turn": 0, "kept": 2}

@@ -11,11 +11,10 @@ import pytest
 import torch
 
 from mdpo.config import ConfigError, load_config
-from mdpo.model import GemmaConfig, build_model
 from mdpo.tracking import open_tracker, scalars
 from mdpo.train import train
 from mdpo.trajectory import Role, Trajectory
-from mdpo.weights import save_pretrained
+from conftest import save_two_layer_gemma
 
 CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "gemma7b_mdpo.yaml"
 P, M, T = int(Role.PROMPT), int(Role.MODEL), int(Role.TOOL)
@@ -35,9 +34,7 @@ def traj(g, pid: str, sid: int, prompt: list[int]) -> Trajectory:
 def setup(tmp_path_factory):
     """A 2-layer Gemma and 12 random pairs: 3 training steps of 4 pairs, a second or two in all."""
     d = tmp_path_factory.mktemp("tracking")
-    cfg = GemmaConfig(family="gemma", vocab_size=512, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
-                      num_kv_heads=1, head_dim=16, max_position_embeddings=256)
-    save_pretrained(build_model(cfg, seed=0), d / "init")
+    save_two_layer_gemma(d / "init")
     g = torch.Generator().manual_seed(0)
     with open(d / "pairs.jsonl", "w") as f:
         for i in range(12):

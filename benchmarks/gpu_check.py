@@ -1,0 +1,252 @@
+"""The GPU check: what mdpo does on one GPU, in one short run that needs nothing fetched.
+
+    python benchmarks/gpu_check.py              # on the GPU machine (under 8 minutes on one H100)
+    python benchmarks/gpu_check.py --smoke      # the same code at toy sizes on the CPU (what the tests run)
+
+Everything is created on the machine: random weights of the real shapes, and the demo's synthetic task. Each
+section runs on its own (a failure is reported in its row and the others go on):
+
+1. decode     random gemma-7b-shaped bf16 model, the model's own KV-cached decode step (greedy, 128 new tokens
+              after a 128-token prompt) at 1 / 64 / 128 / 256 rows: tokens/s, and at 1 row the fraction of the
+              memory-bandwidth bound (weight bytes per token / bandwidth of a device-to-device copy). This is
+              the model's decode path without the sampler's host work, i.e. the ceiling the rollout engine can
+              reach; KV rows of 2048 tokens that fit beside the weights.
+2. parity     bf16 logits of 4-layer gemma-2b and gemma-2-9b shapes against transformers on the same device
+              and weights: max |diff| and top-1 agreement (skipped when transformers is missing).
+3. mdpo step  one M-DPO forward + backward + AdamW step on 2 pairs x 2048 tokens of a gemma-2b shape, with and
+              without activation checkpointing: tokens/s, MFU against the device's dense bf16 peak, peak memory.
+              Two parameter precisions: fp32 (what train.py does on one GPU today: no FSDP, so no mixed
+              precision) and bf16.
+4. demo       `python -m mdpo.demo` at a small size on this device (synthetic data, SFT, one M-DPO iteration
+              with rollouts through the sandboxed interpreter, evaluation): wall time and its accuracy table.
+Prints one table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mdpo.losses import dpo_loss  # noqa: E402
+from mdpo.logprobs import sequence_logprobs  # noqa: E402
+from mdpo.model import GemmaConfig, KVCache, build_model  # noqa: E402
+
+# Dense bf16 peak FLOP/s by device name (no sparsity).
+PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_flops(device) -> float:
+    if device.type != "cuda":
+        return float("nan")
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAKS.items() if k in name), float("nan"))
+
+
+def copy_bandwidth_gbs(device, gib: float) -> float:
+    """Device memory bandwidth from a large copy: (read + write bytes) / time, best of 5."""
+    n = int(gib * 2**30) // 2
+    src = torch.ones(n, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n * 2 / best / 1e9
+
+
+@torch.no_grad()
+def decode_tokens_per_s(model, rows: int, prompt: int, new: int, device) -> float:
+    """Greedy KV-cached decode of `rows` rows: new tokens per second over the decode steps (prefill excluded)."""
+    cache = KVCache(model.config, rows, prompt + new, model.embed_tokens.weight.dtype, device)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    tokens = torch.randint(3, model.config.vocab_size, (rows, prompt), generator=g).to(device)
+    positions = torch.arange(prompt, device=device).expand(rows, prompt)
+    hidden = model(tokens, positions=positions, cache=cache, return_hidden=True, kv_len=prompt)
+    nxt = model.head(hidden[:, -1:]).argmax(-1)
+    sync(device)
+    t0 = time.perf_counter()
+    for i in range(new):
+        pos = torch.full((rows, 1), prompt + i, device=device)
+        hidden = model(nxt, positions=pos, cache=cache, return_hidden=True, kv_len=prompt + i + 1)
+        nxt = model.head(hidden).argmax(-1)
+    sync(device)
+    return rows * new / (time.perf_counter() - t0)
+
+
+def section_decode(args, device, out):
+    cfg = GemmaConfig.from_name(args.decode_model)
+    model = build_model(cfg, device=device, dtype=torch.bfloat16, seed=0).eval()
+    bw = copy_bandwidth_gbs(device, args.copy_gib)
+    wbytes = model.weight_bytes()
+    for rows in args.rows:
+        tps = decode_tokens_per_s(model, rows, args.prompt, args.new, device)
+        row = {"tok_per_s": round(tps, 1)}
+        if rows == 1:
+            row["bandwidth_fraction"] = round(wbytes * tps / (bw * 1e9), 3)
+            row["copy_gbs"] = round(bw, 1)
+        out[f"decode/{args.decode_model}/rows={rows}"] = row
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        per_row = model.kv_bytes_per_token(torch.bfloat16) * 2048
+        out[f"decode/{args.decode_model}/kv_rows_of_2048_that_fit"] = {"rows": int(free * 0.9 // per_row),
+                                                                       "weights_gb": round(wbytes / 1e9, 2)}
+    del model
+
+
+@torch.no_grad()
+def section_parity(args, device, out):
+    try:
+        import transformers
+    except ImportError:
+        out["parity"] = {"skipped": "transformers is not installed"}
+        return
+    from mdpo.weights import save_pretrained
+
+    for name in args.parity_models:
+        full = GemmaConfig.from_name(name)
+        cfg = dataclasses.replace(full, num_layers=args.parity_layers, layer_types=full.layer_types[:args.parity_layers])
+        ours = build_model(cfg, device=device, dtype=torch.bfloat16, attn_impl="eager", seed=0).eval()
+        with tempfile.TemporaryDirectory() as d:
+            save_pretrained(ours, d)
+            ref = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16,
+                                                                    attn_implementation="eager").to(device).eval()
+        g = torch.Generator(device="cpu").manual_seed(1)
+        tokens = torch.randint(3, cfg.vocab_size, (2, args.parity_tokens), generator=g).to(device)
+        a = ours(tokens).float()
+        b = ref(tokens, use_cache=False).logits.float()
+        out[f"parity/{name}/{args.parity_layers}L"] = {
+            "max_abs_diff": round((a - b).abs().max().item(), 5),
+            "top1_agree": round((a.argmax(-1) == b.argmax(-1)).float().mean().item(), 4)}
+        del ours, ref
+
+
+def section_step(args, device, out):
+    cfg = GemmaConfig.from_name(args.step_model)
+    peak = peak_flops(device)
+    T, pairs = args.step_tokens, 2
+    g = torch.Generator(device="cpu").manual_seed(2)
+    tokens = torch.randint(3, cfg.vocab_size, (2 * pairs, T), generator=g).to(device)
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    mask[:, : T // 8] = False  # a prompt
+    for dtype in (torch.float32, torch.bfloat16):
+        for ac in (False, True):
+            model = build_model(cfg, device=device, dtype=dtype, seed=0).train()
+            model.activation_checkpointing = ac
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-7)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            times = []
+            try:
+                for _ in range(args.step_repeats + 1):  # the first is a warm-up
+                    sync(device)
+                    t0 = time.perf_counter()
+                    lp, _ = sequence_logprobs(model, tokens, mask)
+                    losses, _ = dpo_loss(lp[0::2], lp[1::2], lp[0::2].detach(), lp[1::2].detach())
+                    losses.mean().backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    sync(device)
+                    times.append(time.perf_counter() - t0)
+                dt = min(times[1:])
+                n = tokens.numel()
+                row = {"tok_per_s": round(n / dt, 1), "step_s": round(dt, 3),
+                       "mfu": round(model.flops_per_token(T) * n / dt / peak, 3)}
+            except torch.OutOfMemoryError:
+                row = {"error": "out of memory"}
+            if device.type == "cuda":
+                row["peak_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
+            out[f"step/{args.step_model}/{str(dtype).removeprefix('torch.')}/ac={ac}"] = row
+            del model, opt
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def section_demo(args, device, out):
+    with tempfile.TemporaryDirectory() as d:
+        cmd = [sys.executable, "-m", "mdpo.demo", "--out", d] + [f"--size={s}" for s in args.demo_sizes] + \
+              [f"--arch={a}" for a in args.demo_arch] + args.demo_overrides
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.demo_timeout)
+        wall = time.perf_counter() - t0
+        row = {"wall_s": round(wall, 1), "exit": p.returncode}
+        if p.returncode != 0:
+            row["stderr_tail"] = p.stderr.strip().splitlines()[-1:] if p.stderr.strip() else []
+        last = p.stdout.strip().splitlines()[-1:] if p.stdout.strip() else []
+        if last and last[0].startswith("{"):
+            row["summary"] = json.loads(last[0])  # the demo's own JSON line: gain and final accuracy
+        out["demo"] = row
+        print(p.stdout[-2000:], file=sys.stderr)
+
+
+SECTIONS = {"decode": section_decode, "parity": section_parity, "step": section_step, "demo": section_demo}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="toy sizes on the CPU: checks that the script runs")
+    ap.add_argument("--only", nargs="*", default=list(SECTIONS), choices=list(SECTIONS))
+    args = ap.parse_args(argv)
+    device = torch.device("cuda") if torch.cuda.is_available() and not args.smoke else torch.device("cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # where fp32 remains
+    big = not args.smoke
+    args.decode_model = "gemma-7b" if big else "tiny-gemma"
+    args.rows, args.prompt, args.new = ([1, 64, 128, 256], 128, 128) if big else ([1, 4], 8, 4)
+    args.copy_gib = 4.0 if big else 0.05
+    args.parity_models, args.parity_layers = ["gemma-2b", "gemma-2-9b"], 4
+    if not big:
+        args.parity_models, args.parity_layers = ["tiny-gemma", "tiny-gemma2"], 2
+    args.parity_tokens = 512 if big else 16
+    args.step_model, args.step_tokens = ("gemma-2b", 2048) if big else ("tiny-gemma", 32)
+    args.step_repeats = 3 if big else 1
+    args.demo_sizes = ["sft=2000", "prompts=300", "test=100", "tokenizer_corpus=1000"] if big else \
+        ["sft=40", "prompts=8", "test=6", "tokenizer_corpus=40"]
+    args.demo_arch = [] if big else ["hidden_size=32", "intermediate_size=64", "num_layers=1", "num_heads=2",
+                                     "num_kv_heads=1", "head_dim=16"]
+    args.demo_overrides = (["training.iterations=1", "data.heldout=50", "data.prompts_per_iteration=250"] if big else
+                           ["training.iterations=0", "data.heldout=2", "sft.epochs=1", "sft.global_batch_size=8",
+                            "training.micro_batch_size=8", "eval.max_new_tokens_per_turn=16", "eval.max_turns=2",
+                            "eval.batch_size=8", "checkpoint.every=0"])
+    args.demo_timeout = 300 if big else 240
+    out: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                 "torch": torch.__version__}
+    for name in args.only:
+        t0 = time.perf_counter()
+        try:
+            SECTIONS[name](args, device, out)
+        except Exception as e:  # one section's failure must not hide the others' numbers
+            out[f"{name}/error"] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+        out[f"{name}/seconds"] = round(time.perf_counter() - t0, 1)
+    print(f"{'measurement':48s} result")
+    for k, v in out.items():
+        print(f"{k:48s} {v}")
+    print(json.dumps(out))
+    return 0 if not any(k.endswith("/error") for k in out) else 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""benchmarks/gpu_check.py stays runnable as-is: its --smoke mode runs every section at toy sizes on the CPU."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_smoke_runs_every_section():
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert not [k for k in out if k.endswith("/error")], out
+    assert out["decode/tiny-gemma/rows=4"]["tok_per_s"] > 0
+    # bf16 logits equal transformers' bf16 logits on the same weights (the parity the GPU run reports).
+    for name in ("tiny-gemma", "tiny-gemma2"):
+        assert out[f"parity/{name}/2L"] == {"max_abs_diff": 0.0, "top1_agree": 1.0}
+    assert out["step/tiny-gemma/bfloat16/ac=True"]["tok_per_s"] > 0
+    assert out["demo"]["exit"] == 0 and out["demo"]["summary"]["final_accuracy"]["n"] == 6

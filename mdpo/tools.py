@@ -23,6 +23,7 @@ What the model is shown (`observation_text`, every tool, rollouts and SFT data a
 
 from __future__ import annotations
 
+import abc
 import ast
 import concurrent.futures as cf
 import operator
@@ -110,7 +111,7 @@ class FenceFinder:
         return text[self.start:] if self.start >= 0 else None
 
 
-class Tool:
+class Tool(abc.ABC):
     """Base of the tools: a fenced call, the shared observation rules. Subclasses set `fence` and `submit`."""
 
     fence: str = ""  # the text that opens a call, e.g. "```python"; the call ends at the next "```"
@@ -120,9 +121,9 @@ class Tool:
         """A fresh call finder for one model turn (`stop`: the chat format's output fence)."""
         return FenceFinder(self.fence, stop)
 
+    @abc.abstractmethod
     def submit(self, key, call: str) -> cf.Future:
         """Run a call of trajectory `key`; a Future of a result with `.observation` (and `.status`)."""
-        raise NotImplementedError
 
     def observation(self, result) -> str:
         """The text the model is shown for a result."""

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from test_train import make_traj  # noqa: E402  (tests/ is on sys.path under pytest)
-from conftest import save_two_layer_gemma  # noqa: E402
+from conftest import tiny_model_and_pairs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "experiments" / "gemma7b_mdpo.yaml"
@@ -113,15 +113,7 @@ def metric_rows(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
     """A 2-layer Gemma (each run is mostly process work, not compute) and tests/test_train.py's 12 random pairs."""
-    d = tmp_path_factory.mktemp("kills")
-    save_two_layer_gemma(d / "init")
-    g = torch.Generator().manual_seed(0)
-    with open(d / "pairs.jsonl", "w") as f:
-        for i in range(12):
-            prompt = [2] + torch.randint(5, 512, (int(torch.randint(4, 10, (1,), generator=g)),), generator=g).tolist()
-            f.write(json.dumps({"chosen": json.loads(make_traj(g, f"q{i}", 0, prompt).to_json()),
-                                "rejected": json.loads(make_traj(g, f"q{i}", 1, prompt).to_json())}) + "\n")
-    return d
+    return tiny_model_and_pairs(tmp_path_factory.mktemp("kills"), make_traj)
 
 
 def train_job(d: Path, out: Path, kill: str | None = None) -> dict:

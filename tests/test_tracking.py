@@ -14,7 +14,7 @@ from mdpo.config import ConfigError, load_config
 from mdpo.tracking import open_tracker, scalars
 from mdpo.train import train
 from mdpo.trajectory import Role, Trajectory
-from conftest import save_two_layer_gemma
+from conftest import tiny_model_and_pairs
 
 CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "gemma7b_mdpo.yaml"
 P, M, T = int(Role.PROMPT), int(Role.MODEL), int(Role.TOOL)
@@ -33,15 +33,7 @@ def traj(g, pid: str, sid: int, prompt: list[int]) -> Trajectory:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A 2-layer Gemma and 12 random pairs: 3 training steps of 4 pairs, a second or two in all."""
-    d = tmp_path_factory.mktemp("tracking")
-    save_two_layer_gemma(d / "init")
-    g = torch.Generator().manual_seed(0)
-    with open(d / "pairs.jsonl", "w") as f:
-        for i in range(12):
-            prompt = [2] + torch.randint(5, 512, (6,), generator=g).tolist()
-            f.write(json.dumps({"chosen": json.loads(traj(g, f"q{i}", 0, prompt).to_json()),
-                                "rejected": json.loads(traj(g, f"q{i}", 1, prompt).to_json())}) + "\n")
-    return d
+    return tiny_model_and_pairs(tmp_path_factory.mktemp("tracking"), traj)
 
 
 def config(setup, tracker: str):

@@ -7,8 +7,10 @@ PROMPT  ?= The capital of France is
 
 EXP     ?= gemma7b_mdpo
 ARGS    ?=
+VARIANTS ?=
+SEEDS   ?=
 
-.PHONY: install demo fetch train sft generate test bench clean
+.PHONY: install demo ablate fetch train sft generate test bench clean
 
 $(STAMP): setup.py
 	python3 -m venv .venv
@@ -22,6 +24,11 @@ install: $(STAMP)
 # The main job: the embedded CPU demo (synthetic task, tiny Gemma, SFT + 3 iterations of M-DPO), resumable.
 demo: $(STAMP)
 	$(PY) -m mdpo.demo $(ARGS)
+
+# The ablation bench: the paper's comparisons on the demo task, variants x seeds with confidence intervals
+# (mdpo/ablate.py). VARIANTS=mdpo,mkto SEEDS=3 select; ARGS=--quick is M-DPO against one variant, 2 seeds.
+ablate: $(STAMP)
+	$(PY) -m mdpo.ablate $(if $(VARIANTS),--variants $(VARIANTS)) $(if $(SEEDS),--seeds $(SEEDS)) $(ARGS)
 
 # Download and verify GSM8K, MATH and MATH-500 into $MDPO_DATA (default ~/.cache/mdpo/data); afterwards no
 # run needs the network. Without this, the first run that names a dataset fetches it.

@@ -93,14 +93,15 @@ class FilterConfig:
 
 @dataclass
 class LossConfig:
-    type: str = "mdpo"  # a name in mdpo.objectives.OBJECTIVES: mdpo, mdpo_turn, simpo, mkto, sft, raft
+    type: str = "mdpo"  # a name in mdpo.objectives.OBJECTIVES: mdpo, mdpo_discount, turn_dpo, simpo, mkto, sft, raft
     dpo_variant: str = "sigmoid"  # one of CHOICES["loss.dpo_variant"]
     beta: float = 0.1  # KL-regularisation strength (SimPO: reward scale)
     label_smoothing: float = 0.0  # conservative-DPO smoothing of the sigmoid loss
     nll_coef: float = 0.0  # weight of an NLL term on the chosen trajectory
     average_logps: bool | None = None  # DPO on per-token average log-probs; null: on for ipo, off otherwise
     simpo_gamma: float = 1.0  # SimPO's target reward margin
-    turn_discount: float = 1.0  # mdpo_turn: model turn k of K weighs turn_discount^(K - k)
+    turn_discount: float = 1.0  # mdpo_discount: model turn k of K weighs turn_discount^(K - k)
+    branch_samples: int = 4  # turn_dpo: continuations sampled from each branch point (a prefix cut at a turn)
     mask: str = "model"  # one of CHOICES["loss.mask"]: model = only model turns (M-DPO); completion = whole completion incl. tool output (single-turn baseline)
     desirable_weight: float = 1.0  # M-KTO weight of correct trajectories
     undesirable_weight: float = 1.0  # M-KTO weight of wrong trajectories

@@ -68,8 +68,12 @@ def _stable_seed(*parts) -> int:
 
 # ---------------------------------------------------------------- filters
 def first_model_turn(t: Trajectory) -> tuple[int, ...]:
-    """Token ids the policy sampled in its first turn: the key of the duplicate filter."""
-    return tuple(tok for tok, role, turn in zip(t.tokens, t.roles, t.turns) if turn == 1 and role == Role.MODEL)
+    """Token ids the policy sampled in its first turn: the key of the duplicate filter. A continuation (sampled
+    from a prefix, meta["branch"] = where it starts) shares its earlier turns: its first turn is its own first."""
+    start = t.meta.get("branch", 0) if isinstance(t.meta, dict) else 0
+    first = next((turn for turn, role in zip(t.turns[start:], t.roles[start:]) if role == Role.MODEL), 1)
+    return tuple(tok for tok, role, turn in zip(t.tokens[start:], t.roles[start:], t.turns[start:])
+                 if turn == first and role == Role.MODEL)
 
 
 def _drop_reason(t: Trajectory, cfg: FilterConfig, max_length: int) -> str | None:

@@ -179,10 +179,27 @@ def main(argv=None) -> int:
         return 2
 
 
+def prefix_problem(t: Trajectory, cut: int, gold: str) -> dict:
+    """A sampling job for continuations of t.tokens[:cut] (a cut where a model turn begins): a problem whose
+    id names the branch point, with the prefix's tokens, roles, turns and the tool calls it made (replayed by
+    the sampler) and statuses. Its continuations carry meta["branch"] = cut and meta["source"] = t's prompt."""
+    calls = t.meta.get("calls")
+    made = len({turn for role, turn in zip(t.roles[:cut], t.turns[:cut]) if role == Role.TOOL})
+    if calls is None or len(calls) < made:
+        raise EvalError(f"trajectory {t.prompt_id}/{t.sample_id}: no record of the {made} tool calls before "
+                        f"position {cut} (meta['calls'], written by mdpo.sampler): resample it to branch from it")
+    return {"id": f"{t.prompt_id}>{t.sample_id}@{cut}", "question": None, "gold": gold,
+            "prefix": {"tokens": t.tokens[:cut], "roles": t.roles[:cut], "turns": t.turns[:cut],
+                       "calls": calls[:made], "tool_status": t.meta.get("tool_status", [])[:made],
+                       "source": t.prompt_id, "parent": t.sample_id}}
+
+
 def sample_graded(model_path, problems: list[dict], path, n: int | range, params, batch_size: int = 8, seed: int = 0,
                   timeout: float = 20.0, dtype=torch.float32, desc: str = "sample",
                   compile: bool = False, empty_output: str | None = None) -> list[Trajectory]:
     """`n` graded trajectories per problem, appended to the JSONL `path` one by one as they finish.
+
+    A problem with a "prefix" (prefix_problem) is a continuation job: its samples start from that prefix.
 
     empty_output: what the model is shown when a cell prints nothing (None: mdpo.tools.EMPTY_OUTPUT, the paper's).
 
@@ -212,8 +229,18 @@ def sample_graded(model_path, problems: list[dict], path, n: int | range, params
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     model = load_pretrained(model_path, dtype=dtype, device=device).eval()
     tok = Tokenizer.from_pretrained(model_path)
-    requests = [Request(p["id"], tok.encode(tok.render_chat([{"role": "user", "content": p["question"]}])),
-                        n=len(missing), sample_ids=missing) for p, missing in todo]
+
+    def request(p, missing):
+        pre = p.get("prefix")
+        if pre is None:
+            return Request(p["id"], tok.encode(tok.render_chat([{"role": "user", "content": p["question"]}])),
+                           n=len(missing), sample_ids=missing)
+        return Request(p["id"], list(pre["tokens"]), n=len(missing), sample_ids=missing, roles=pre["roles"],
+                       turns=pre["turns"], replay=pre["calls"],
+                       meta={"branch": len(pre["tokens"]), "source": pre["source"], "parent": pre["parent"],
+                             "tool_status": pre["tool_status"]})
+
+    requests = [request(p, missing) for p, missing in todo]
     gold = {p["id"]: p["gold"] for p in problems}
     results = list(done)
     announce_sandbox()  # which isolation the cells get, printed once per process (the pipeline's run did it first)

@@ -11,7 +11,7 @@ and implements
     loss        per-example losses (the trainer divides their sum by `normaliser`) and a metrics dict.
 The trainer (mdpo/train.py) and the pipeline (mdpo/pipeline.py) dispatch on nothing else.
 
-A new loss is one subclass here plus one entry in OBJECTIVES; SimPO and TurnMDPO below are that example.
+A new loss is one subclass here plus one entry in OBJECTIVES; SimPO and DiscountedMDPO below are that example.
 Metric values are scalar tensors (means over the micro-batch's examples) or (sum, count) pairs for means over
 a subset (M-KTO's class means) or over tokens; the trainer aggregates both exactly over the global batch. A
 loss must return the same metric names on every call (ranks reduce them in one packed tensor).
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +29,7 @@ import torch
 
 from mdpo.data import build_kto, build_pairs, build_raft, write_pairs
 from mdpo.losses import dpo_loss, kto_kl_estimate, kto_loss, sft_loss, simpo_loss
-from mdpo.trajectory import Trajectory, write_trajectories
+from mdpo.trajectory import Role, Trajectory, write_trajectories
 
 
 @dataclass
@@ -80,8 +81,13 @@ class Objective(abc.ABC):
         return {"objective": self.name}
 
     # ---- data
-    def build(self, kept: list[Trajectory], seed: int) -> list:
-        """This iteration's training rows from the filtered, graded rollouts."""
+    def branch_points(self, kept: list[Trajectory], seed: int) -> list[tuple[Trajectory, int]]:
+        """(trajectory, cut) prefixes to sample continuations of before `build` (TurnDPO); none by default."""
+        return []
+
+    def build(self, kept: list[Trajectory], seed: int, branches: list[Trajectory] = ()) -> list:
+        """This iteration's training rows from the filtered, graded rollouts (and continuations, `branches`,
+        of `branch_points`' prefixes, filtered and graded alike)."""
         raise ObjectiveError(f"loss.type {self.name!r} is not an iterative method; use --stage sft for SFT")
 
     def write(self, path, rows: list) -> None:
@@ -148,7 +154,7 @@ class MDPO(Objective):
     def _weights_key(self) -> dict:
         return {}
 
-    def build(self, kept, seed):
+    def build(self, kept, seed, branches=()):
         return build_pairs(kept, self.cfg.pairs_per_prompt, seed)
 
     def loss(self, b: Batch):
@@ -162,15 +168,15 @@ class MDPO(Objective):
                         chosen_tokens=torch.ones_like(n[0::2]) if self.average else n[0::2])
 
 
-class TurnMDPO(MDPO):
-    """Turn-weighted M-DPO: model turn k of a K-turn trajectory counts with weight turn_discount^(K - k).
+class DiscountedMDPO(MDPO):
+    """Turn-discounted M-DPO: model turn k of a K-turn trajectory counts with weight turn_discount^(K - k).
 
     Every log-prob in the M-DPO ratio is weighted by its turn (read from the token's turn index), so the
     final answer's turn has weight 1 and earlier turns are discounted: credit shifts towards the turns
     closest to the outcome. turn_discount = 1 is M-DPO exactly.
     """
 
-    name = "mdpo_turn"
+    name = "mdpo_discount"
     options = MDPO.options + ("turn_discount",)
 
     def _weights_key(self) -> dict:
@@ -180,6 +186,67 @@ class TurnMDPO(MDPO):
         last = max((k for k, m in zip(t.turns, mask) if m), default=0)
         g = self.cfg.turn_discount
         return [g ** (last - k) if m else 0.0 for k, m in zip(t.turns, mask)]
+
+
+class TurnDPO(MDPO):
+    """Turn-level M-DPO: M-DPO's trajectory pairs plus pairs of continuations that share a prefix.
+
+    Trajectory-level M-DPO gives every turn of the winner the same credit. Here, for each prompt whose kept
+    rollouts are both right and wrong, one of them that made a tool call is cut where a later model turn begins
+    (trajectory and turn drawn at random). The pipeline samples loss.branch_samples continuations of that
+    prefix from the policy (mdpo.sampler replays the prefix's calls, so each continuation's interpreter starts
+    from the state the original had there), grades and filters them like rollouts, and a right and a wrong
+    continuation of one prefix make a pair (build_pairs over the branch id). The pair differs only after the
+    cut, so the loss is eq. 14 with the log-probs summed over the continuation's model tokens only
+    (token_weights): the shared prefix's terms would cancel in the log-ratio difference anyway, and leaving
+    them out also keeps them out of the NLL term and its normaliser.
+    """
+
+    name = "turn_dpo"
+    options = MDPO.options + ("branch_samples",)
+
+    def check(self) -> None:
+        super().check()
+        if self.cfg.branch_samples < 2:
+            raise ObjectiveError(f"loss.branch_samples: a pair needs two continuations of a prefix, "
+                                 f"got {self.cfg.branch_samples}; use 2 or more")
+
+    def branch_points(self, kept, seed):
+        by_prompt: dict[str, list[Trajectory]] = {}
+        for t in kept:
+            by_prompt.setdefault(t.prompt_id, []).append(t)
+        points = []
+        for pid in sorted(by_prompt):
+            group = by_prompt[pid]
+            if len({bool(t.correct) for t in group}) < 2:
+                continue  # one outcome only: continuations would most likely share it, no pair to learn from
+            cuts = [(t, c) for t in group for c in turn_starts(t)]
+            if cuts:
+                rng = random.Random(f"{seed}/{pid}")
+                points.append(cuts[rng.randrange(len(cuts))])
+        return points
+
+    def build(self, kept, seed, branches=()):
+        return build_pairs(kept, self.cfg.pairs_per_prompt, seed) + \
+            build_pairs(branches, self.cfg.pairs_per_prompt, seed)
+
+    def token_weights(self, t, mask):
+        cut = t.meta.get("branch")
+        if cut is None:
+            return None  # a trajectory-level pair: the plain mask
+        return [1.0 if m and i >= cut else 0.0 for i, m in enumerate(mask)]
+
+
+def turn_starts(t: Trajectory) -> list[int]:
+    """Positions of the first model token of each model turn after the first: where a continuation can start
+    (the prefix before it ends with the turn's header, and its earlier turns all made a tool call)."""
+    starts, seen = [], set()
+    for i, (role, turn) in enumerate(zip(t.roles, t.turns)):
+        if role == Role.MODEL and turn not in seen:
+            seen.add(turn)
+            if turn > 1:
+                starts.append(i)
+    return starts
 
 
 class SimPO(MDPO):
@@ -212,7 +279,7 @@ class MKTO(Objective):
     data = "labelled"
     options = ("beta", "desirable_weight", "undesirable_weight", "pairs_per_prompt")
 
-    def build(self, kept, seed):
+    def build(self, kept, seed, branches=()):
         return build_kto(build_pairs(kept, self.cfg.pairs_per_prompt, seed), seed)
 
     def prepare(self, examples):
@@ -276,11 +343,11 @@ class RAFT(SFT):
     iterative = True
     options = ("pairs_per_prompt",)
 
-    def build(self, kept, seed):
+    def build(self, kept, seed, branches=()):
         return build_raft(kept, self.cfg.pairs_per_prompt, seed)
 
 
-OBJECTIVES: dict[str, type[Objective]] = {o.name: o for o in (MDPO, TurnMDPO, SimPO, MKTO, SFT, RAFT)}
+OBJECTIVES: dict[str, type[Objective]] = {o.name: o for o in (MDPO, DiscountedMDPO, TurnDPO, SimPO, MKTO, SFT, RAFT)}
 
 
 def get_objective(cfg) -> Objective:

@@ -37,10 +37,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import fcntl
+import hashlib
 import json
 import random
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from mdpo import faults
@@ -50,14 +54,14 @@ from mdpo.config import ConfigError, ExperimentConfig, LossConfig, load_config, 
 from mdpo.data import DataError, apply_filters, file_digest, pair_stats, split_heldout, verify_file
 from mdpo.distributed import barrier, run_cli, world
 from mdpo.datasets import DatasetError, load_problems
-from mdpo.eval import EvalError, compute_metrics, sample_graded
+from mdpo.eval import EvalError, compute_metrics, prefix_problem, sample_graded
 from mdpo.executor import announce_sandbox
 from mdpo.hub import HubError, resolve_model_ranks
 from mdpo.sampler import SamplingParams
 from mdpo.objectives import get_objective
 from mdpo.plots import plot_run
 from mdpo.tracking import check_tracker, iteration_scalars, open_tracker
-from mdpo.train import TrainError, train
+from mdpo.train import TrainError, model_identity, train
 from mdpo.trajectory import read_trajectories
 from mdpo.weights import CheckpointError
 
@@ -73,11 +77,13 @@ class Stages:
     def __init__(self, out: Path):
         self.path = out / "state.json"
         self.state = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.clock = time.monotonic()  # a stage's "seconds": from the previous stage's end (or start) to its own
 
     def done(self, name: str) -> dict | None:
         """The stage's record if it finished and its files are intact; raises DataError naming a bad file."""
         rec = self.state.get(name)
         if rec is None:
+            self.clock = time.monotonic()  # the stage starts now (checks of earlier stages are not its time)
             return None
         for path, digest in rec["files"].items():
             p = self.path.parent / path
@@ -91,12 +97,14 @@ class Stages:
     def finish(self, name: str, files: list[Path], info: dict | None = None) -> dict:
         barrier()  # rank 0 may still be writing the stage's files
         root = self.path.parent
+        # seconds: wall time of this run of the stage (a resumed stage counts only what was left of it).
         rec = {"files": {str(f.relative_to(root)): ({"dir": True} if f.is_dir() else file_digest(f)) for f in files},
-               "info": info or {}}
+               "info": info or {}, "seconds": round(time.monotonic() - self.clock, 2)}
         self.state[name] = rec
         if world()[0] == 0:
             write_json_atomic(self.path, self.state)
         barrier()
+        self.clock = time.monotonic()
         return rec
 
 
@@ -140,9 +148,41 @@ def write_jsonl(path: Path, rows: list[dict]):
 
 
 # ---------------------------------------------------------------- sampling across ranks
+def share_key(model: str, problems: list[dict], n: int | range, params: SamplingParams, cfg: ExperimentConfig,
+              seed: int) -> str:
+    """What a sampling job's output depends on, hashed: the model (model_identity: path, config, weight files'
+    size and time), the problems with their gold answers, the sample ids, the sampling parameters, the seed, the
+    tool's settings and, for continuations, their prefixes. Equal keys: equal files (the sampler is exact)."""
+    ids = list(range(n) if isinstance(n, int) else n)
+    job = {"model": model_identity(model), "problems": [[p["id"], p["question"], p["gold"], p.get("prefix")]
+                                                        for p in problems],
+           "ids": ids, "params": dataclasses.asdict(params), "seed": seed, "timeout": cfg.rollout.executor_timeout,
+           "empty_output": cfg.rollout.empty_output, "compile": cfg.rollout.compile}
+    return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:24]
+
+
 def sample(model: str, problems: list[dict], path: Path, n: int | range, params: SamplingParams, cfg: ExperimentConfig,
-           desc: str, batch_size: int, seed: int):
-    """sample_graded on this rank's share of `problems`; the shares are then merged into `path` (rank 0)."""
+           desc: str, batch_size: int, seed: int, share: Path | None = None):
+    """sample_graded on this rank's share of `problems`; the shares are then merged into `path` (rank 0).
+
+    share: a folder of finished sampling jobs by share_key. A job already there is copied instead of sampled;
+    a job sampled here is stored there. Runs that sample the same job (an ablation's variants all roll out the
+    same SFT model on the same prompts in iteration 1) then pay for it once. A lock file makes a second run
+    wait for the first instead of sampling the same job twice.
+    """
+    if share is not None and world()[1] == 1:
+        share.mkdir(parents=True, exist_ok=True)
+        stored = share / f"{share_key(model, problems, n, params, cfg, seed)}.jsonl"
+        with open(share / f"{stored.stem}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when this process dies
+            if not stored.is_file():
+                sample(model, problems, path, n, params, cfg, desc, batch_size, seed)
+                with atomic_open(stored) as f:
+                    f.write(path.read_text(encoding="utf-8"))
+            elif stored.resolve() != path.resolve():
+                with atomic_open(path) as f:
+                    f.write(stored.read_text(encoding="utf-8"))
+        return list(read_trajectories(path))
     rank, ws = world()
     if ws == 1:
         return sample_graded(model, problems, path, n, params, batch_size=batch_size, seed=seed,
@@ -186,8 +226,10 @@ def accuracy(trajectories) -> float:
 
 # ---------------------------------------------------------------- the pipeline
 class Pipeline:
-    def __init__(self, cfg: ExperimentConfig, out: Path):
-        self.cfg, self.out = cfg, out
+    """Algorithm 1 for one config in `out`. share: a folder of sampling jobs shared with other runs (`sample`)."""
+
+    def __init__(self, cfg: ExperimentConfig, out: Path, share: Path | None = None):
+        self.cfg, self.out, self.share = cfg, out, share
         self.objective = get_objective(cfg.loss)
         check_tracker(cfg)
         self.rank = world()[0]
@@ -256,7 +298,7 @@ class Pipeline:
             tag = Path(spec).stem if spec.endswith(".jsonl") else spec
             path = self.out / f"iter_{it}" / "eval" / f"{tag}.jsonl"
             trajs = sample(model, problems, path, 1, eval_params(cfg), cfg, f"iter {it} eval {tag}",
-                           cfg.eval.batch_size, cfg.training.seed)
+                           cfg.eval.batch_size, cfg.training.seed, self.share)
             m = compute_metrics(trajs, problems, 1)
             info[tag] = {"pass@1": m.get("pass@1", 0.0), "problems": m["problems"], "tools": m.get("tools", {})}
             files.append(path)
@@ -275,14 +317,33 @@ class Pipeline:
             stage = f"{name}_{it}"
             if not self.stages.done(stage):
                 sample(model, prompts, path, ids, rollout_params(cfg), cfg, f"iter {it} {name}",
-                       cfg.rollout.batch_size, cfg.training.seed + 1000 * it + salt)
+                       cfg.rollout.batch_size, cfg.training.seed + 1000 * it + salt, self.share)
                 self.stages.finish(stage, [path])
             # Files are in the order rows finished, which a resumed run changes: sort, so that the filters'
             # "first of duplicates" and the pair sampling see the same order every time.
             trajs += sorted(read_trajectories(path), key=lambda t: (t.prompt_id, t.sample_id))
         return trajs
 
-    def build_data(self, it: int, trajs: list) -> tuple[Path, dict]:
+    def branch(self, it: int, policy: str, kept: list, prompts: list[dict], seed: int) -> tuple[list, dict]:
+        """Continuations of the objective's branch points, sampled from the policy, graded and filtered like
+        rollouts (iter_t/branches.jsonl); none for an objective without branch points."""
+        cfg, d = self.cfg, self.out / f"iter_{it}"
+        points = self.objective.branch_points(kept, seed)
+        if not points:
+            return [], {}
+        gold = {p["id"]: p["gold"] for p in prompts}
+        jobs = [prefix_problem(t, cut, gold[t.prompt_id]) for t, cut in points]
+        path, stage = d / "branches.jsonl", f"branch_{it}"
+        if not self.stages.done(stage):
+            sample(policy, jobs, path, cfg.loss.branch_samples, rollout_params(cfg), cfg, f"iter {it} branches",
+                   cfg.rollout.batch_size, cfg.training.seed + 1000 * it + 2, self.share)
+            self.stages.finish(stage, [path])
+        trajs = sorted(read_trajectories(path), key=lambda t: (t.prompt_id, t.sample_id))
+        kept_b, removed = apply_filters(trajs, cfg.filters, cfg.rollout.max_length)
+        return kept_b, {"points": len(points), "continuations": pair_stats(trajs), "filters": removed,
+                        "after_filters": pair_stats(kept_b)}
+
+    def build_data(self, it: int, trajs: list, policy: str, prompts: list[dict]) -> tuple[Path, dict]:
         cfg, d = self.cfg, self.out / f"iter_{it}"
         path, stage = d / "data.jsonl", f"data_{it}"
         rec = self.stages.done(stage)
@@ -292,12 +353,16 @@ class Pipeline:
         seed = cfg.training.seed + it
         if not self.objective.iterative:
             raise PipelineError(f"loss.type {cfg.loss.type!r} is not an iterative method; use --stage sft for SFT")
-        rows = self.objective.build(kept, seed)
+        branches, branch_info = self.branch(it, policy, kept, prompts, seed)
+        rows = self.objective.build(kept, seed, branches)
         if self.rank == 0:
             self.objective.write(path, rows)
         barrier()
         info = {"rollout": pair_stats(trajs), "filters": removed, "after_filters": pair_stats(kept),
                 "examples": len(rows)}
+        if branch_info:
+            branch_info["pairs"] = sum(isinstance(r, tuple) and r[0].meta.get("branch") is not None for r in rows)
+            info["branches"] = branch_info
         if self.rank == 0:
             write_json_atomic(d / "data_stats.json", info)
         return path, self.stages.finish(stage, [path], info)["info"]
@@ -364,8 +429,9 @@ class Pipeline:
         self.record("iter_0", {"eval": self.evaluate(sft_model, 0)})
         policy, previous = sft_model, cfg.rollout.first_previous
         for it in range(1, cfg.training.iterations + 1):
-            trajs = self.rollout(it, policy, previous, [p for p in prompts if p["split"] == f"iter_{it}"])
-            data, data_info = self.build_data(it, trajs)
+            mine = [p for p in prompts if p["split"] == f"iter_{it}"]
+            trajs = self.rollout(it, policy, previous, mine)
+            data, data_info = self.build_data(it, trajs, policy, mine)
             train_info = self.train_iteration(it, policy, sft_model, data)
             sel = self.select(it, heldout)
             new = str(self.out / f"iter_{it}" / "policy")
@@ -406,6 +472,8 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*", help="section.key=value")
     ap.add_argument("--out", default=None, help="output folder (default: metrics.out_dir/NAME)")
     ap.add_argument("--stage", choices=("all", "sft"), default="all", help="sft: only the SFT stage")
+    ap.add_argument("--share", default=None, metavar="DIR",
+                    help="reuse sampling jobs that another run with the same --share already did (single process)")
     args = ap.parse_intermixed_args(argv)  # overrides may come after the options
 
     def body():
@@ -414,7 +482,7 @@ def main(argv=None) -> int:
         cfg.model.name_or_path = resolve_model_ranks(cfg.model.name_or_path)
         if cfg.rollout.first_previous:
             cfg.rollout.first_previous = resolve_model_ranks(cfg.rollout.first_previous)
-        p = Pipeline(cfg, Path(args.out or Path(cfg.metrics.out_dir) / cfg.name))
+        p = Pipeline(cfg, Path(args.out or Path(cfg.metrics.out_dir) / cfg.name), Path(args.share) if args.share else None)
         if args.stage == "sft":
             if not cfg.sft.data:
                 raise PipelineError(f"{args.config}: --stage sft needs sft.data (SFT trajectories JSONL)")

@@ -73,6 +73,13 @@ class Request:
     params: SamplingParams | None = None  # None = the sampler's default
     meta: dict = field(default_factory=dict)
     sample_ids: list[int] | None = None  # ids of the n samples (default 0..n-1); a resumed job draws only the missing
+    # A continuation: `tokens` is a trajectory's prefix ending where a model turn starts, with that prefix's
+    # roles and turn indices, and `replay` the tool calls the prefix made, run again (in order, their output
+    # unused) in each sample's own interpreter session before its first call, so that the session holds the
+    # state it had at the branch point.
+    roles: list[int] | None = None
+    turns: list[int] | None = None
+    replay: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -93,6 +100,7 @@ class _Row:
     future: cf.Future | None = None
     closed_by_eot: bool = False
     tool_status: list = field(default_factory=list)  # executor status of each call (ok, error, timeout, ...)
+    calls: list = field(default_factory=list)  # the code of each call, as run (what a continuation replays)
     gen: torch.Generator | None = None  # this sample's own random stream
 
 
@@ -188,6 +196,11 @@ class Sampler:
         for r in requests:
             if not r.tokens:
                 raise ValueError(f"request {r.prompt_id!r}: empty prompt")
+            if (r.roles is not None and len(r.roles) != len(r.tokens)) or \
+                    (r.turns is not None and len(r.turns) != len(r.tokens)):
+                raise ValueError(f"request {r.prompt_id!r}: roles / turns do not match its {len(r.tokens)} tokens")
+            if r.replay and self.tool is None:
+                raise ValueError(f"request {r.prompt_id!r}: calls to replay but the sampler has no tool")
             if len(r.tokens) >= self.max_length:
                 raise ValueError(f"request {r.prompt_id!r}: prompt of {len(r.tokens)} tokens does not fit "
                                  f"max_length {self.max_length}")
@@ -237,12 +250,17 @@ class Sampler:
                     prefixes[req] = (kv, logits)
             if not (queue and queue[0][0] == req):
                 prefixes.pop(req, None)
-            p = requests[req].params or default
+            r = requests[req]
+            p = r.params or default
             for slot, sample_id in zip(slots, group):
                 rows[slot] = _Row(req=req, sample_id=sample_id, params=p, tokens=list(prompt),
-                                  roles=[Role.PROMPT] * n, turns=[0] * n, logprobs=[0.0] * n, length=n,
+                                  roles=list(r.roles) if r.roles is not None else [Role.PROMPT] * n,
+                                  turns=list(r.turns) if r.turns is not None else [0] * n,
+                                  logprobs=[0.0] * n, length=n, turn=max(1, r.turns[-1] if r.turns else 1),
                                   stream=self.tok.decode_stream(), finder=self._new_finder(),
-                                  gen=self._row_generator(requests[req].prompt_id, sample_id))
+                                  gen=self._row_generator(r.prompt_id, sample_id))
+                for code in r.replay:  # queued first: the session runs a key's cells in order
+                    self.tool.submit((r.prompt_id, sample_id), code)
             toks, lps = self._sample([rows[s] for s in slots], logits.expand(len(slots), -1), requests)
             for slot, t, lp in zip(slots, toks, lps):
                 done = self._append_sampled(rows[slot], t, lp, requests)
@@ -389,7 +407,8 @@ class Sampler:
         if len(row.tokens) >= self.max_length:
             return "max_length"
         key = (requests[row.req].prompt_id, row.sample_id)
-        row.future = self.tool.submit(key, code.strip("\n"))
+        row.calls.append(code.strip("\n"))
+        row.future = self.tool.submit(key, row.calls[-1])
         self.stats["tool_calls"] += 1
         return None
 
@@ -431,4 +450,6 @@ class Sampler:
         return Trajectory(prompt_id=req.prompt_id, sample_id=row.sample_id, tokens=row.tokens,
                           roles=[int(r) for r in row.roles], turns=row.turns, logprobs=row.logprobs,
                           finish_reason=reason, model=self.model_name, tokenizer=self.tokenizer_id,
-                          meta=dict(req.meta, tool_status=row.tool_status))
+                          # A continuation's record starts with its prefix's calls and their statuses.
+                          meta=dict(req.meta, tool_status=list(req.meta.get("tool_status", [])) + row.tool_status,
+                                    calls=list(req.replay) + row.calls))

@@ -38,12 +38,12 @@ def test_ignored_options_are_config_errors():
         obj("simpo", turn_discount=0.5)
     with pytest.raises(ObjectiveError, match=r"loss.beta: not used by loss.type 'sft'"):
         obj("sft", beta=0.5)
-    with pytest.raises(ObjectiveError, match=r"loss.type: must be one of 'mdpo', 'mdpo_turn', 'simpo', 'mkto'"):
+    with pytest.raises(ObjectiveError, match=r"loss.type: must be one of 'mdpo', 'mdpo_discount', 'turn_dpo', 'simpo', 'mkto'"):
         obj("dpo")
     # Options an objective reads are accepted.
     obj("mdpo", label_smoothing=0.1, nll_coef=1.0)
-    obj("mdpo_turn", turn_discount=0.5)
-    assert set(OBJECTIVES) == {"mdpo", "mdpo_turn", "simpo", "mkto", "sft", "raft"}
+    obj("mdpo_discount", turn_discount=0.5)
+    assert set(OBJECTIVES) == {"mdpo", "mdpo_discount", "turn_dpo", "simpo", "mkto", "sft", "raft"}
 
 
 def test_ipo_averages_log_probs_per_token_by_default():
@@ -92,7 +92,7 @@ def test_turn_weights_follow_the_token_turns():
     # Three model turns (the third ends the trajectory), two tool turns and their templates.
     t = traj("a", 0, [(M, 1, 4), (S, 1, 2), (T, 1, 3), (S, 1, 2), (M, 2, 2), (S, 2, 2), (T, 2, 2), (S, 2, 2),
                       (M, 3, 3)], g)
-    o = obj("mdpo_turn", turn_discount=0.5)
+    o = obj("mdpo_discount", turn_discount=0.5)
     w = o.token_weights(t, t.loss_mask("model"))
     want = [0.0] * 3 + [0.25] * 4 + [0.0] * 7 + [0.5] * 2 + [0.0] * 6 + [1.0] * 3
     assert w == want
@@ -100,7 +100,7 @@ def test_turn_weights_follow_the_token_turns():
     wp = o.token_weights(t, t.loss_mask("paper"))
     assert wp[7:9] == [0.25, 0.25] and wp[9:12] == [0.0] * 3
     assert obj("mdpo").token_weights(t, t.loss_mask("model")) is None
-    assert obj("mdpo_turn").token_weights(t, t.loss_mask("model")) == [float(x) for x in t.loss_mask("model")]
+    assert obj("mdpo_discount").token_weights(t, t.loss_mask("model")) == [float(x) for x in t.loss_mask("model")]
 
 
 def test_turn_weighted_sums_equal_a_naive_sum():
@@ -109,7 +109,7 @@ def test_turn_weighted_sums_equal_a_naive_sum():
     seqs = [traj("a", 0, [(M, 1, 4), (S, 1, 2), (T, 1, 3), (S, 1, 2), (M, 2, 5)], g),
             traj("a", 1, [(M, 1, 6), (S, 1, 2), (T, 1, 2), (S, 1, 2), (M, 2, 2), (S, 2, 2), (T, 2, 1), (S, 2, 2),
                           (M, 3, 3)], g)]
-    o = obj("mdpo_turn", turn_discount=0.7)
+    o = obj("mdpo_discount", turn_discount=0.7)
     tokens, w = batch_tensors(seqs, "model", "cpu", o)
     with torch.no_grad():
         sums, counts = sequence_logprobs(model, tokens, w)
@@ -121,7 +121,7 @@ def test_turn_weighted_sums_equal_a_naive_sum():
             assert sums[i].item() == pytest.approx(naive, rel=1e-5)
             assert counts[i].item() == sum(r == M for r in t.roles[1:])
     # turn_discount 1: the plain M-DPO sums.
-    tokens, m = batch_tensors(seqs, "model", "cpu", obj("mdpo_turn"))
+    tokens, m = batch_tensors(seqs, "model", "cpu", obj("mdpo_discount"))
     tokens2, m2 = batch_tensors(seqs, "model", "cpu", obj("mdpo"))
     with torch.no_grad():
         assert torch.equal(sequence_logprobs(model, tokens, m)[0], sequence_logprobs(model, tokens2, m2)[0])

@@ -334,3 +334,49 @@ def test_stage_sft_cli(run, setup, tmp_path, capsys):
     assert main([str(write_config(setup)), "--out", str(out), "--stage", "sft", "sft.data=null"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "sft.data" in err and "\n" not in err
+
+
+def test_turn_dpo_iteration_samples_continuations_from_prefixes(run, setup, tmp_path):
+    """loss.type turn_dpo: a branch stage samples continuations of cut trajectories; each starts with its source's
+    prefix token for token, and the branch pairs share that prefix and differ in outcome."""
+    out, _ = run
+    cfg = load_config(write_config(setup, "turn_dpo"), [f"model.name_or_path={out / 'sft' / 'final'}", "sft.data=null",
+                                                       "training.iterations=1", "loss.branch_samples=3"])
+    res = Pipeline(cfg, tmp_path / "turn").run()
+    d = tmp_path / "turn" / "iter_1"
+    info = res["iter_1"]["data"]["branches"]
+    rollouts = {(t.prompt_id, t.sample_id): t for t in read_trajectories(d / "rollout.jsonl")}
+    conts = list(read_trajectories(d / "branches.jsonl"))
+    assert info["points"] > 0 and len(conts) == 3 * info["points"] == info["continuations"]["trajectories"]
+    for c in conts:
+        cut, src = c.meta["branch"], rollouts[(c.meta["source"], c.meta["parent"])]
+        assert c.prompt_id == f"{src.prompt_id}>{src.sample_id}@{cut}"
+        assert c.tokens[:cut] == src.tokens[:cut] and c.roles[:cut] == src.roles[:cut]
+        assert c.roles[cut] == Role.MODEL and c.turns[cut] == 2  # the cut is where model turn 2 begins
+        assert c.meta["calls"][:1] == src.meta["calls"][:1] and c.model == str(out / "sft" / "final")
+    pairs = read_pairs(d / "data.jsonl")
+    branch_pairs = [p for p in pairs if "branch" in p[0].meta]
+    assert len(branch_pairs) == info["pairs"] and len(pairs) == res["iter_1"]["data"]["examples"]
+    for chosen, rejected in branch_pairs:
+        cut = chosen.meta["branch"]
+        assert rejected.meta["branch"] == cut and chosen.tokens[:cut] == rejected.tokens[:cut]
+        assert chosen.correct is True and rejected.correct is not True
+
+
+def test_share_reuses_an_identical_sampling_job(setup, tmp_path, monkeypatch):
+    """Pipeline --share: a job sampled once is copied, byte for byte, into a second run; another seed samples."""
+    from mdpo import pipeline
+
+    cfg = load_config(write_config(setup))
+    problems = [{"id": f"q{i}", "question": f"Pick {i}.", "gold": "1"} for i in range(3)]
+    params = pipeline.rollout_params(cfg)
+    share = tmp_path / "share"
+    first = pipeline.sample(str(setup / "init"), problems, tmp_path / "a.jsonl", 2, params, cfg, "a", 4, 7, share)
+    calls = []
+    real = pipeline.sample_graded
+    monkeypatch.setattr(pipeline, "sample_graded", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = pipeline.sample(str(setup / "init"), problems, tmp_path / "b.jsonl", 2, params, cfg, "b", 4, 7, share)
+    assert calls == [] and (tmp_path / "b.jsonl").read_bytes() == (tmp_path / "a.jsonl").read_bytes()
+    assert [t.to_json() for t in again] == [t.to_json() for t in first] and len(first) == 6
+    pipeline.sample(str(setup / "init"), problems, tmp_path / "c.jsonl", 2, params, cfg, "c", 4, 8, share)
+    assert calls == [1] and len(list(share.glob("*.jsonl"))) == 2

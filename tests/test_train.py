@@ -355,9 +355,9 @@ def test_stored_reference_is_keyed(setup, tmp_path, capsys):
     other.write_text("".join((setup / "pairs.jsonl").read_text().splitlines(keepends=True)[:11]))
     assert reference_key(cfg, o, other, str(setup / "init"), torch.float32)["data_sha256"] != key["data_sha256"]
     assert reference_key(cfg, o, setup / "pairs.jsonl", str(setup / "init"), torch.bfloat16)["dtype"] == "bfloat16"
-    k2 = reference_key(cfg, obj("mdpo_turn", turn_discount=0.5), setup / "pairs.jsonl", str(setup / "init"),
+    k2 = reference_key(cfg, obj("mdpo_discount", turn_discount=0.5), setup / "pairs.jsonl", str(setup / "init"),
                        torch.float32)
-    assert k2["objective"] == "mdpo_turn" and k2["turn_discount"] == 0.5
+    assert k2["objective"] == "mdpo_discount" and k2["turn_discount"] == 0.5
     save_pretrained(model, tmp_path / "copy")
     assert reference_key(cfg, o, setup / "pairs.jsonl", str(tmp_path / "copy"), torch.float32)["reference"] != \
         key["reference"]

@@ -38,7 +38,7 @@ import sys
 import time
 from pathlib import Path
 
-from mdpo.atomic import atomic_open
+from mdpo.atomic import atomic_open, write_json_atomic
 from mdpo.config import ConfigError, load_config
 from mdpo.demo import EXPERIMENT, MODEL, SIZES, parse_sizes, prepare
 from mdpo.plots import pyplot, save
@@ -74,8 +74,9 @@ DIRECTIONS = [
 
 
 # ---------------------------------------------------------------- statistics
-def interval(x: list[list[float]], z: float = 1.96) -> tuple[float, float, float]:
-    """Mean of x[s][i] (seeds x problems) and its 95% interval (module docstring)."""
+def interval(x: list[list[float]], z: float = 1.96, bounds=(0.0, 1.0)) -> tuple[float, float, float]:
+    """Mean of x[s][i] (seeds x problems) and its 95% interval (module docstring), cut to `bounds` (an accuracy
+    cannot leave [0, 1]; pass (-1, 1) for a difference)."""
     S, n = len(x), len(x[0])
     mean = sum(map(sum, x)) / (S * n)
 
@@ -86,7 +87,7 @@ def interval(x: list[list[float]], z: float = 1.96) -> tuple[float, float, float
     per_problem = [sum(x[s][i] for s in range(S)) / S for i in range(n)]
     per_seed = [sum(row) / n for row in x]
     half = z * math.sqrt(var(per_problem) / n + (var(per_seed) / S if S > 1 else 0.0))
-    return mean, mean - half, mean + half
+    return mean, max(bounds[0], mean - half), min(bounds[1], mean + half)
 
 
 def verdict(lo: float, hi: float, strict: bool) -> str:
@@ -117,15 +118,32 @@ def base_overrides(out: Path, sft_model: Path) -> list[str]:
 def train_sft(out: Path, overrides: list[str], threads: int) -> Path:
     """The shared SFT model (OUT/base/sft/final), trained once by the pipeline's SFT stage."""
     final = out / "base" / "sft" / "final"
+    d = out / "data"
+    args = [f"model.name_or_path={out / 'init'}", f"sft.data={d / 'sft.jsonl'}", f"data.train=[{d / 'prompts.jsonl'}]",
+            f"eval.sets=[{d / 'test.jsonl'}]", *overrides]
+    check_record(out / "base", args)
     if not (final / "config.json").is_file():
-        d = out / "data"
-        cmd = [sys.executable, "-m", "mdpo.pipeline", str(EXPERIMENT), f"model.name_or_path={out / 'init'}",
-               f"sft.data={d / 'sft.jsonl'}", f"data.train=[{d / 'prompts.jsonl'}]",
-               f"eval.sets=[{d / 'test.jsonl'}]", *overrides, "--stage", "sft", "--out", str(out / "base")]
+        cmd = [sys.executable, "-m", "mdpo.pipeline", str(EXPERIMENT), *args, "--stage", "sft", "--out",
+               str(out / "base")]
         print(f"SFT stage (once, shared by every run): {out / 'base'}", flush=True)
         if subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS=str(threads))).returncode != 0:
             raise SystemExit("error: the SFT stage failed; its output is above (rerun to resume it)")
     return final
+
+
+def check_record(folder: Path, overrides: list[str]) -> None:
+    """A run folder remembers the overrides it was started with (ablate.json): a rerun with other ones would mix
+    two experiments in one table, so it is an error, not a resume."""
+    path = folder / "ablate.json"
+    if path.is_file():
+        old = json.loads(path.read_text())["overrides"]
+        if old != overrides:
+            changed = sorted(set(old) ^ set(overrides))
+            raise ConfigError(f"{folder} was run with other overrides ({', '.join(changed)}): use another --out "
+                              "or remove that folder")
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, {"overrides": overrides})
 
 
 def launch(cmd: list[str], folder: Path, threads: int) -> subprocess.Popen:
@@ -140,6 +158,11 @@ def run_all(jobs: list[tuple[str, int]], out: Path, overrides: list[str], iterat
     """Run the pipelines, `workers` at a time; returns the runs that failed (their log.txt says why)."""
     from tqdm import tqdm
 
+    def args(variant, seed):
+        return [*overrides, *VARIANTS[variant][1], f"training.seed={seed_value(seed)}"]
+
+    for j in jobs:
+        check_record(run_dir(out, *j), args(*j))
     todo = [j for j in jobs if not finished(run_dir(out, *j), iterations)]
     running: dict[tuple[str, int], tuple[subprocess.Popen, float]] = {}
     failed = []
@@ -156,9 +179,8 @@ def run_all(jobs: list[tuple[str, int]], out: Path, overrides: list[str], iterat
                 while todo and len(running) < workers:
                     variant, seed = todo.pop(0)
                     folder = run_dir(out, variant, seed)
-                    cmd = [sys.executable, "-m", "mdpo.pipeline", str(EXPERIMENT), *overrides,
-                           *VARIANTS[variant][1], f"training.seed={seed_value(seed)}", "--out", str(folder),
-                           "--share", str(out / "share")]
+                    cmd = [sys.executable, "-m", "mdpo.pipeline", str(EXPERIMENT), *args(variant, seed),
+                           "--out", str(folder), "--share", str(out / "share")]
                     running[(variant, seed)] = (launch(cmd, folder, threads), time.monotonic())
                 time.sleep(1.0)
                 for job, (p, t0) in list(running.items()):
@@ -231,7 +253,7 @@ def report(out: Path, variants: list[str], seeds: int, iterations: int, wall: fl
     def diff(a, b, it):
         xa = acc[a][it] if a != "sft" else sft
         xb = acc[b][it] if b != "sft" else sft
-        return interval([[p - q for p, q in zip(ra, rb)] for ra, rb in zip(xa, xb)])
+        return interval([[p - q for p, q in zip(ra, rb)] for ra, rb in zip(xa, xb)], bounds=(-1.0, 1.0))
 
     if BASELINE in variants:
         for v in variants:
@@ -369,12 +391,16 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    sft_model = train_sft(out, args.overrides, max(args.threads, args.workers * args.threads))
     # M-DPO's seeds first: runs that start together are of different seeds, so none waits on a shared job.
     jobs = sorted(((v, s) for v in variants for s in range(seeds)),
                   key=lambda j: (j[0] != BASELINE, variants.index(j[0]), j[1]))
-    failed = run_all(jobs, out, [*base_overrides(out, sft_model), *args.overrides], iterations, args.workers,
-                     args.threads)
+    try:
+        sft_model = train_sft(out, args.overrides, max(args.threads, args.workers * args.threads))
+        failed = run_all(jobs, out, [*base_overrides(out, sft_model), *args.overrides], iterations, args.workers,
+                         args.threads)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if failed:
         print(f"error: {len(failed)} runs failed ({', '.join(failed)}); their log.txt says why. Rerun to resume.",
               file=sys.stderr)

@@ -156,7 +156,9 @@ def share_key(model: str, problems: list[dict], n: int | range, params: Sampling
     ids = list(range(n) if isinstance(n, int) else n)
     job = {"model": model_identity(model), "problems": [[p["id"], p["question"], p["gold"], p.get("prefix")]
                                                         for p in problems],
-           "ids": ids, "params": dataclasses.asdict(params), "seed": seed, "timeout": cfg.rollout.executor_timeout,
+           # Greedy decoding draws nothing: its output does not depend on the seed.
+           "ids": ids, "params": dataclasses.asdict(params), "seed": seed if params.temperature > 0 else None,
+           "timeout": cfg.rollout.executor_timeout,
            "empty_output": cfg.rollout.empty_output, "compile": cfg.rollout.compile}
     return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:24]
 

@@ -283,15 +283,18 @@ class Sampler:
                 yield self._finish(rows, i, done, self._requests)
 
     def _extend(self, rows):
-        for i, row in enumerate(rows):
-            if row is None or row.future is not None or len(row.tokens) - row.length <= 1:
-                continue
-            new = row.tokens[row.length:]
-            logits = self._forward_row(i, new, row.length)
-            self.stats["extend_tokens"] += len(new)
-            row.length = len(row.tokens)
-            (t,), (lp,) = self._sample([row], logits, self._requests)
-            done = self._append_sampled(row, t, lp, self._requests)
+        """Feed every row's queued observation (several tokens) in one right-padded forward over those rows."""
+        ext = [i for i, row in enumerate(rows)
+               if row is not None and row.future is None and len(row.tokens) - row.length > 1]
+        if not ext:
+            return
+        logits = self._forward_rows(ext, [rows[i].tokens[rows[i].length:] for i in ext], [rows[i].length for i in ext])
+        for i in ext:
+            self.stats["extend_tokens"] += len(rows[i].tokens) - rows[i].length
+            rows[i].length = len(rows[i].tokens)
+        toks, lps = self._sample([rows[i] for i in ext], logits, self._requests)
+        for i, t, lp in zip(ext, toks, lps):
+            done = self._append_sampled(rows[i], t, lp, self._requests)
             if done:
                 yield self._finish(rows, i, done, self._requests)
 
@@ -335,6 +338,26 @@ class Sampler:
         hidden = self.net(x, positions=pos, cache=view, return_hidden=True, kv_len=start + len(tokens))
         self.stats["forward_calls"] += 1
         return self.net.head(hidden[:, -1]).float()
+
+    def _forward_rows(self, slots: list[int], seqs: list[list[int]], starts: list[int]) -> torch.Tensor:
+        """Feed seqs[j] at positions starts[j].. into row slots[j]'s cache, all rows in one forward; fp32 logits
+        (R, V) of each row's last token. Shorter rows are padded at the end: a pad sits at a position after the
+        row's real tokens (capped at the cache's last slot), so no real token attends to it, and its cache
+        write lands in a slot the row has not reached yet, which the row's own token overwrites later."""
+        if len(slots) == 1:
+            return self._forward_row(slots[0], seqs[0], starts[0])
+        L = max(len(q) for q in seqs)
+        x = torch.zeros(len(seqs), L, dtype=torch.long)
+        for j, q in enumerate(seqs):
+            x[j, : len(q)] = torch.tensor(q)
+        pos = (torch.tensor(starts)[:, None] + torch.arange(L)[None]).clamp(max=self.max_length - 1)
+        view = self.cache.select(torch.tensor(slots, device=self.device))
+        kv_len = min(max(starts) + L, self.max_length)  # the last (pad) position + 1
+        hidden = self.net(x.to(self.device), positions=pos.to(self.device), cache=view, return_hidden=True,
+                          kv_len=kv_len)
+        self.stats["forward_calls"] += 1
+        last = torch.tensor([len(q) - 1 for q in seqs], device=self.device)
+        return self.net.head(hidden[torch.arange(len(seqs), device=self.device), last]).float()
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor, requests):
         """Draw one token per row from fp32 logits (R, V); returns (ids, model log-probs of those ids)."""

@@ -86,7 +86,8 @@ def test_quick_bench_end_to_end(quick, capsys):
                 g = {t.prompt_id: float(bool(t.correct)) for t in read_trajectories(run / f"iter_{it}" / "eval" /
                                                                                     "test.jsonl")}
                 x[v, s, it] = [g[k] for k in sorted(g)]
-    # The shared sampling jobs: iteration 0's evaluation is one job for all four runs, and a seed's iteration-1
+    # The shared sampling jobs: iteration 0's evaluation (greedy: no seed) is one job for all four runs, copied
+    # byte for byte (the lines are in the order rows finished), and a seed's iteration-1
     # rollouts (the SFT model, the same prompts and seed) are one job for both variants.
     evals = {(out / "runs" / v / f"seed{s}" / "iter_0" / "eval" / "test.jsonl").read_bytes()
              for v in variants for s in range(seeds)}
@@ -106,7 +107,7 @@ def test_quick_bench_end_to_end(quick, capsys):
         assert m["ci"] == pytest.approx(list(naive_interval([x[v, 0, 1], x[v, 1, 1]])[1:]))
     (d,) = [r for r in rows if r["kind"] == "difference"]
     diff = [[a - b for a, b in zip(x["dpo_nomask", s, 1], x["mdpo", s, 1])] for s in range(2)]
-    assert [d["mean"], *d["ci"]] == pytest.approx(list(naive_interval(diff)))
+    assert [d["mean"], *d["ci"]] == pytest.approx(list(naive_interval(diff, lo=-1.0)))
     claims = {r["claim"]: r for r in rows if r["kind"] == "direction"}
     assert set(claims) == {"M-DPO > SFT", "masked > unmasked, DPO"}
     dirn = claims["masked > unmasked, DPO"]
@@ -131,7 +132,16 @@ def test_rerun_skips_finished_runs(quick, capsys):
     assert (out / "report.md").read_text().split("Wall time")[0] == table
 
 
-def naive_interval(x):
+def test_other_overrides_in_the_same_folder_are_refused(quick, capsys):
+    """A rerun with different overrides would mix two experiments in one table: one line, nothing run."""
+    out, _, _ = quick
+    assert ablate.main(args(out) + ["optimizer.lr=2.0e-3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {out / 'base'} was run with other overrides (optimizer.lr=2.0e-3): use another --out "
+                   "or remove that folder")
+
+
+def naive_interval(x, lo=0.0):
     """mean +- 1.96 sqrt(var over problems of the seed-mean / n + var over seeds of the problem-mean / S)."""
     S, n = len(x), len(x[0])
     per_problem = [sum(x[s][i] for s in range(S)) / S for i in range(n)]
@@ -143,18 +153,20 @@ def naive_interval(x):
         return sum((a - m) ** 2 for a in v) / (len(v) - 1)
 
     half = 1.96 * math.sqrt(var(per_problem) / n + var(per_seed) / S)
-    return mean, mean - half, mean + half
+    return mean, max(lo, mean - half), min(1.0, mean + half)  # an accuracy lies in [0, 1], a difference in [-1, 1]
 
 
 def test_interval_by_hand():
     # Two seeds, four problems. Problem means .5 1 0 .5 (var 1/6); seed means .75 .25 (var 1/8).
     x = [[1, 1, 0, 1], [0, 1, 0, 0]]
-    m, lo, hi = ablate.interval(x)
+    m, lo, hi = ablate.interval(x, bounds=(-math.inf, math.inf))
     half = 1.96 * math.sqrt((1 / 6) / 4 + (1 / 8) / 2)
     assert (m, lo, hi) == pytest.approx((0.5, 0.5 - half, 0.5 + half))
+    assert ablate.interval(x) == (0.5, 0.0, 1.0)  # half = 0.63: cut to what an accuracy can be
     # One seed: the problem term only.
-    m, lo, hi = ablate.interval([[1, 0, 1, 1]])
+    m, lo, hi = ablate.interval([[1, 0, 1, 1]], bounds=(-math.inf, math.inf))
     assert (m, hi - m) == pytest.approx((0.75, 1.96 * math.sqrt(0.25 / 4)))
+    assert ablate.interval([[1, 1, 1, 0], [1, 1, 1, 1]])[2] == 1.0  # cut at 100%
     assert ablate.verdict(0.01, 0.2, True) == "holds" and ablate.verdict(-0.2, -0.01, False) == "reversed"
     assert ablate.verdict(-0.1, 0.1, True).startswith("not resolved")
     assert ablate.verdict(-0.1, 0.1, False).startswith("holds (no difference")

@@ -380,3 +380,8 @@ def test_share_reuses_an_identical_sampling_job(setup, tmp_path, monkeypatch):
     assert [t.to_json() for t in again] == [t.to_json() for t in first] and len(first) == 6
     pipeline.sample(str(setup / "init"), problems, tmp_path / "c.jsonl", 2, params, cfg, "c", 4, 8, share)
     assert calls == [1] and len(list(share.glob("*.jsonl"))) == 2
+    # Greedy decoding draws nothing: a greedy job of another seed is the same job.
+    greedy = pipeline.eval_params(cfg)
+    pipeline.sample(str(setup / "init"), problems, tmp_path / "d.jsonl", 1, greedy, cfg, "d", 4, 7, share)
+    pipeline.sample(str(setup / "init"), problems, tmp_path / "e.jsonl", 1, greedy, cfg, "e", 4, 9, share)
+    assert calls == [1, 1] and (tmp_path / "e.jsonl").read_bytes() == (tmp_path / "d.jsonl").read_bytes()

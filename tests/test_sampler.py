@@ -172,6 +172,43 @@ def test_pause_inject_resume_finish(tok):
     assert sum(a.loss_mask("paper")) == len(turn1) + len(turn2) + n_close + n_open
 
 
+class Immediate(FakeExecutor):
+    """Answers at once with a completed future: rows that pause in the same step resume in the same step."""
+
+    def submit(self, key, code):
+        self.submitted.append((key, code))
+        fut = cf.Future()
+        fut.set_result(SimpleNamespace(observation=self.answer(code)))
+        return fut
+
+
+def test_observations_of_different_lengths_extend_in_one_forward(tok):
+    """Three rows pause in the same step and get observations of 2 to 40 tokens: one right-padded forward feeds
+    all three (not three), and every later model token's log-prob still equals a teacher-forced pass, so no
+    row read another's padding or its own pad slots."""
+    model = tiny("tiny-gemma3", seed=5, vocab_size=262144)
+    code = {"a": "print(a)", "b": "print(b)", "c": "print(c)"}
+    outputs = {"print(a)": "1", "print(b)": " ".join(["22"] * 20), "print(c)": "3 3 3 3 3"}
+    scripts = {}
+    for pid, c in code.items():
+        t1 = tok.encode(f"```python\n{c}\n```")
+        scripts[pid] = t1 + tok.encode("Done, so \\boxed{1}.") + [tok.end_of_turn_id]
+    # The three first turns are as long as each other, so the rows pause in the same decode step.
+    assert len({len(tok.encode(f"```python\n{c}\n```")) for c in code.values()}) == 1
+    ex = Immediate(answer=lambda c: outputs[c])
+    sampler = Sampler(model, tok, batch_size=3, max_length=256, executor=ex, choose=scripted(scripts))
+    reqs = [Request(pid, tok.encode(tok.render_chat([{"role": "user", "content": f"Q {pid}"}]))) for pid in code]
+    out = {t.prompt_id: t for t in sampler.generate(reqs, SamplingParams(temperature=1.0))}
+    lengths = {pid: sum(r == Role.TOOL for r in t.roles) for pid, t in out.items()}
+    assert len(set(lengths.values())) == 3  # three different observation lengths
+    calls = sampler.stats["forward_calls"]
+    assert calls == 3 + 1 + sampler.stats["decode_steps"]  # 3 prompt prefills, ONE extend, the decode steps
+    for t in out.values():
+        ref = teacher_forced_logprobs(model, t.tokens)
+        assert max(abs(t.logprobs[i] - ref[i]) for i, r in enumerate(t.roles) if r == Role.MODEL) < 1e-4
+        assert t.tokens[-1] == tok.end_of_turn_id and t.finish_reason == "end_of_turn"
+
+
 def test_turn_limit_appends_the_paper_text(tok):
     model = tiny("tiny-gemma3", seed=5, vocab_size=262144)
     code = tok.encode("```python\nx = 1\n```")

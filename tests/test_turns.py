@@ -4,7 +4,6 @@ the branch points, and a loss that the shared prefix does not enter."""
 import pytest
 import torch
 
-from mdpo.chat import GEMMA
 from mdpo.config import LossConfig
 from mdpo.data import apply_filters, first_model_turn
 from mdpo.config import FilterConfig

@@ -1,6 +1,6 @@
 """mdpo.demo (make demo) at a tiny size: data preparation, the pipeline of experiments/demo.yaml, the report, resume.
 
-The real demo takes 12 minutes; here the data and model are shrunk through --size / --arch and the run stops
+The real demo takes 8 minutes; here the data and model are shrunk through --size / --arch and the run stops
 after the SFT stage and its evaluation (training.iterations=0): a model this small and this briefly trained
 answers nothing right, so an M-DPO iteration would have no pairs. The M-DPO iterations run through the same
 Pipeline in tests/test_pipeline.py; the report of a 2-iteration run is checked below on hand-made files.

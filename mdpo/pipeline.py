@@ -181,7 +181,7 @@ def sample(model: str, problems: list[dict], path: Path, n: int | range, params:
                 sample(model, problems, path, n, params, cfg, desc, batch_size, seed)
                 with atomic_open(stored) as f:
                     f.write(path.read_text(encoding="utf-8"))
-            elif stored.resolve() != path.resolve():
+            else:
                 with atomic_open(path) as f:
                     f.write(stored.read_text(encoding="utf-8"))
         return list(read_trajectories(path))

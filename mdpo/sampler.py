@@ -331,27 +331,20 @@ class Sampler:
 
     def _forward_row(self, slot: int, tokens: list[int], start: int) -> torch.Tensor:
         """Feed `tokens` at positions start.. into one row's cache; fp32 logits (1, V) of the last one."""
-        x = torch.tensor([tokens], device=self.device)
-        pos = torch.arange(start, start + len(tokens), device=self.device)[None]
-        view = self.cache.select(torch.tensor([slot], device=self.device))
-        # The attended length is known here: passing it spares the model a host sync on every prefill/extend.
-        hidden = self.net(x, positions=pos, cache=view, return_hidden=True, kv_len=start + len(tokens))
-        self.stats["forward_calls"] += 1
-        return self.net.head(hidden[:, -1]).float()
+        return self._forward_rows([slot], [tokens], [start])
 
     def _forward_rows(self, slots: list[int], seqs: list[list[int]], starts: list[int]) -> torch.Tensor:
         """Feed seqs[j] at positions starts[j].. into row slots[j]'s cache, all rows in one forward; fp32 logits
         (R, V) of each row's last token. Shorter rows are padded at the end: a pad sits at a position after the
         row's real tokens (capped at the cache's last slot), so no real token attends to it, and its cache
         write lands in a slot the row has not reached yet, which the row's own token overwrites later."""
-        if len(slots) == 1:
-            return self._forward_row(slots[0], seqs[0], starts[0])
         L = max(len(q) for q in seqs)
         x = torch.zeros(len(seqs), L, dtype=torch.long)
         for j, q in enumerate(seqs):
             x[j, : len(q)] = torch.tensor(q)
         pos = (torch.tensor(starts)[:, None] + torch.arange(L)[None]).clamp(max=self.max_length - 1)
         view = self.cache.select(torch.tensor(slots, device=self.device))
+        # The attended length is known here: passing it spares the model a host sync on every prefill/extend.
         kv_len = min(max(starts) + L, self.max_length)  # the last (pad) position + 1
         hidden = self.net(x.to(self.device), positions=pos.to(self.device), cache=view, return_hidden=True,
                           kv_len=kv_len)

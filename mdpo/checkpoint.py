@@ -99,8 +99,9 @@ def load_checkpoint(path: Path, model, opt, sched) -> int:
     return extra["step"]
 
 
-def export(model, folder: Path, source: str):
-    """The weights as an HF-layout folder (+ the source's tokenizer), written beside and renamed into place."""
+def export(model, folder: Path, source: str, dtype: torch.dtype | None = None):
+    """The weights as an HF-layout folder (+ the source's tokenizer) in `dtype` (default: the weights' own),
+    written beside and renamed into place."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -116,7 +117,7 @@ def export(model, folder: Path, source: str):
     if (Path(source) / "tokenizer.model").is_file():
         from mdpo.tokenizer import Tokenizer
         tok = Tokenizer.from_pretrained(source)
-    save_pretrained(plain, tmp, tokenizer=tok)
+    save_pretrained(plain, tmp, tokenizer=tok, dtype=dtype)
     maybe_kill("export.write")
     replace_folder(tmp, folder, "export.swap")
 

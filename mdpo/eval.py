@@ -27,10 +27,11 @@ from tqdm import tqdm
 from mdpo import faults
 from mdpo.atomic import atomic_open, write_json_atomic
 from mdpo.datasets import DatasetError, load_problems
+from mdpo.distributed import default_device
 from mdpo.grader import extract_answer, is_equiv
 from mdpo.hub import HubError, resolve_model
 from mdpo.trajectory import Role, Trajectory, TrajectoryError
-from mdpo.weights import CheckpointError, load_pretrained, parse_dtype
+from mdpo.weights import DTYPES, CheckpointError, load_pretrained, parse_dtype
 
 
 class EvalError(ValueError):
@@ -158,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--timeout", type=float, default=20.0, help="interpreter wall-clock limit per cell (s)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                    help="compute dtype (default: the dtype the checkpoint was saved in)")
     ap.add_argument("--out", required=True, help="output folder (resumable)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the decode step (~1 min, then faster)")
     return ap
@@ -195,13 +197,15 @@ def prefix_problem(t: Trajectory, cut: int, gold: str) -> dict:
 
 
 def sample_graded(model_path, problems: list[dict], path, n: int | range, params, batch_size: int = 8, seed: int = 0,
-                  timeout: float = 20.0, dtype=torch.float32, desc: str = "sample",
+                  timeout: float = 20.0, dtype: torch.dtype | None = None, desc: str = "sample",
                   compile: bool = False, empty_output: str | None = None) -> list[Trajectory]:
     """`n` graded trajectories per problem, appended to the JSONL `path` one by one as they finish.
 
     A problem with a "prefix" (prefix_problem) is a continuation job: its samples start from that prefix.
 
     empty_output: what the model is shown when a cell prints nothing (None: mdpo.tools.EMPTY_OUTPUT, the paper's).
+
+    dtype: the model's compute dtype (the pipeline passes model.dtype); None: the dtype the checkpoint was saved in.
 
     n: a count (sample ids 0..n-1) or a range of sample ids, so that two models' samples of one prompt can
     carry distinct ids.
@@ -226,7 +230,7 @@ def sample_graded(model_path, problems: list[dict], path, n: int | range, params
     if not todo:
         return done
     # Under torchrun each rank samples on its own GPU (the trainer set the current device); else the CPU.
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = default_device()
     model = load_pretrained(model_path, dtype=dtype, device=device).eval()
     tok = Tokenizer.from_pretrained(model_path)
 
@@ -275,7 +279,7 @@ def run(args) -> int:
                             max_length=args.max_length)
     results = sample_graded(model, problems, out / "trajectories.jsonl", args.n, params,
                             batch_size=args.batch_size, seed=args.seed, timeout=args.timeout,
-                            dtype=parse_dtype(args.dtype), desc=f"eval {args.data}", compile=args.compile)
+                            dtype=args.dtype and parse_dtype(args.dtype), desc=f"eval {args.data}", compile=args.compile)
     metrics = compute_metrics(results, problems, args.n)
     metrics.update(model=str(args.model), data=args.data, temperature=args.temperature, max_turns=args.max_turns)
     write_json_atomic(out / "metrics.json", metrics)

@@ -46,13 +46,13 @@ def main(argv=None) -> int:
     ap.add_argument("--model", required=True, help="HF-layout model folder (config.json, safetensors, tokenizer.model)")
     ap.add_argument("--prompt", required=True)
     ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+    ap.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's own dtype)")
     ap.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     args = ap.parse_args(argv)
     from mdpo.tokenizer import Tokenizer
 
     try:
-        model = load_pretrained(args.model, dtype=parse_dtype(args.dtype)).eval()
+        model = load_pretrained(args.model, dtype=args.dtype and parse_dtype(args.dtype)).eval()
         tok = Tokenizer.from_pretrained(args.model)
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -63,7 +63,7 @@ from mdpo.plots import plot_run
 from mdpo.tracking import check_tracker, iteration_scalars, open_tracker
 from mdpo.train import TrainError, model_identity, train
 from mdpo.trajectory import read_trajectories
-from mdpo.weights import CheckpointError
+from mdpo.weights import CheckpointError, parse_dtype
 
 
 class PipelineError(RuntimeError):
@@ -159,7 +159,7 @@ def share_key(model: str, problems: list[dict], n: int | range, params: Sampling
            # Greedy decoding draws nothing: its output does not depend on the seed.
            "ids": ids, "params": dataclasses.asdict(params), "seed": seed if params.temperature > 0 else None,
            "timeout": cfg.rollout.executor_timeout,
-           "empty_output": cfg.rollout.empty_output, "compile": cfg.rollout.compile}
+           "empty_output": cfg.rollout.empty_output, "compile": cfg.rollout.compile, "dtype": cfg.model.dtype}
     return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -189,13 +189,13 @@ def sample(model: str, problems: list[dict], path: Path, n: int | range, params:
     if ws == 1:
         return sample_graded(model, problems, path, n, params, batch_size=batch_size, seed=seed,
                              timeout=cfg.rollout.executor_timeout, desc=desc, compile=cfg.rollout.compile,
-                             empty_output=cfg.rollout.empty_output)
+                             empty_output=cfg.rollout.empty_output, dtype=parse_dtype(cfg.model.dtype))
     part = path.with_name(f"{path.stem}.rank{rank}.jsonl")
     # The same seed on every rank: a sample's randomness depends on (seed, prompt, sample id) only, so the
     # trajectories do not depend on the number of ranks.
     sample_graded(model, problems[rank::ws], part, n, params, batch_size=batch_size, seed=seed,
                   timeout=cfg.rollout.executor_timeout, desc=desc, compile=cfg.rollout.compile,
-                  empty_output=cfg.rollout.empty_output)
+                  empty_output=cfg.rollout.empty_output, dtype=parse_dtype(cfg.model.dtype))
     barrier()
     if rank == 0:
         parts = [path.with_name(f"{path.stem}.rank{r}.jsonl") for r in range(ws)]

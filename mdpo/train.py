@@ -9,6 +9,13 @@ which objective runs. Reference log-probs are computed once, before training, wi
 trainer's own forward (the reference is fixed within an iteration, so no reference model is held during
 training), and stored in OUT/reference.jsonl under a key of everything they depend on.
 
+One precision: model.dtype is the compute dtype of every forward here. The weights and the optimiser's state
+stay fp32 (an update of lr x 1e-3 is below bf16's resolution for most weights); FSDP2 casts the gathered
+weights to model.dtype for each block's forward and backward and reduces gradients in fp32. The model is under
+FSDP2 also in a single process (a one-member group), so one process and many run the same numerics, and the
+reference log-probs come from that same sharded, mixed-precision forward, in the micro-batches that step 1
+will use: at step 1 every policy/reference log-ratio is exactly 0. Exports are written in model.dtype.
+
 Each optimiser step takes training.global_batch_size examples in a seeded order; each rank takes every
 world-th of them and runs them in micro-batches. Per-example losses are summed and divided by the objective's
 global normaliser, and the ranks' gradients add up to that (see `train_step`), so the update is the same for
@@ -34,14 +41,14 @@ from mdpo import faults
 from mdpo.checkpoint import (checkpoint_dirs, export, load_checkpoint, peak_memory_gb, remove_leftovers,
                              save_checkpoint)
 from mdpo.config import ConfigError, ExperimentConfig, load_config, save_config
-from mdpo.distributed import all_reduce_sum, barrier, run_cli, world
+from mdpo.distributed import all_reduce_sum, barrier, default_device, process_group, run_cli, world
 from mdpo.hub import HubError, resolve_model_ranks
 from mdpo.logprobs import sequence_logprobs
 from mdpo.model import Gemma
 from mdpo.objectives import Batch, Example, Objective, ObjectiveError, get_objective
 from mdpo.tracking import Tracker, check_tracker, job_of, open_tracker, scalars
 from mdpo.trajectory import Trajectory, TrajectoryError, read_jsonl
-from mdpo.weights import CheckpointError, load_pretrained
+from mdpo.weights import CheckpointError, load_pretrained, parse_dtype
 
 
 class TrainError(RuntimeError):
@@ -114,9 +121,30 @@ def reference_key(cfg: ExperimentConfig, objective: Objective, data, reference: 
     with open(data, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
+    # The micro-batches (seed, batch sizes, world size) decide which rows share a padded forward.
     return {"data_sha256": h.hexdigest(), "reference": model_identity(reference), "mask": cfg.loss.mask,
             "dtype": str(dtype).removeprefix("torch."), "max_length": cfg.rollout.max_length,
+            "batches": [cfg.training.seed, cfg.training.global_batch_size, cfg.training.micro_batch_size, world()[1]],
             **objective.reference_key()}
+
+
+def first_epoch_groups(cfg: ExperimentConfig, n: int) -> list[list[int]]:
+    """This rank's micro-batches of example indices as the first epoch will run them, then the examples that
+    epoch leaves out (n mod the global batch). Computing reference log-probs in the same groups gives them
+    the same padding, and so the same bits, as the policy's forward at the first step."""
+    rank, ws = world()
+    G, mb = cfg.training.global_batch_size, cfg.training.micro_batch_size
+    order = data_orders(cfg, n)[0]
+    full = n // G * G
+
+    def groups(r):
+        mine = [i for k in range(0, full, G) for i in order[k:k + G][r::ws]]
+        rest = order[full:][r::ws]
+        return [mine[s:s + mb] for s in range(0, len(mine), mb)] + [rest[s:s + mb] for s in range(0, len(rest), mb)]
+    # Every rank must run as many forwards (each is a round of FSDP all-gathers): a rank with fewer leftovers
+    # repeats its last group, which rewrites the same values.
+    own, most = groups(rank), max(len(groups(r)) for r in range(ws))
+    return own + own[-1:] * (most - len(own))
 
 
 def _stale(old: dict | None, key: dict) -> str:
@@ -127,9 +155,10 @@ def _stale(old: dict | None, key: dict) -> str:
 
 
 @torch.no_grad()
-def reference_logprobs(model: Gemma, objective: Objective, examples: list[Example], mask: str, micro: int,
-                       cache: Path, key: dict, device) -> None:
-    """Fill each example's reference log-probs with `model`, cached in `cache` under `key`.
+def reference_logprobs(model: Gemma, objective: Objective, examples: list[Example], mask: str,
+                       groups: list[list[int]], cache: Path, key: dict, device) -> None:
+    """Fill each example's reference log-probs with `model`, cached in `cache` under `key`; this rank computes
+    the examples of `groups`, one forward per group (first_epoch_groups), and the ranks' shares are summed.
 
     The file is a key line, then one line per example. A file whose key differs (other data, reference model,
     mask, dtype or objective) is recomputed, and that is said on stderr.
@@ -148,13 +177,15 @@ def reference_logprobs(model: Gemma, objective: Objective, examples: list[Exampl
     model.eval()
     width = len(objective.reference_sequences(examples[0]))
     out = torch.zeros(len(examples), width, dtype=torch.float64)
-    mine = list(range(rank, len(examples), ws))
-    for s in tqdm(range(0, len(mine), micro), desc="reference log-probs", disable=rank != 0):
-        idx = mine[s:s + micro]
+    for idx in tqdm(groups, desc="reference log-probs", disable=rank != 0):
         seqs = [t for i in idx for t in objective.reference_sequences(examples[i])]
         tokens, lm = batch_tensors(seqs, mask, device, objective)
         sums, _ = sequence_logprobs(model, tokens, lm)
         out[idx] = sums.double().view(len(idx), -1).cpu()
+    if hasattr(model, "reshard"):
+        # FSDP2 keeps the root unit's weights gathered after a forward without backward: put the sharded
+        # parameters back before an optimiser is built over model.parameters().
+        model.reshard()
     all_reduce_sum(out)
     for ex, v in zip(examples, out.tolist()):
         ex.ref = v
@@ -181,14 +212,14 @@ def lr_lambda(cfg: ExperimentConfig, total: int):
     return f
 
 
-def shard(model: Gemma):
-    """FSDP2: each block is its own unit, the root (embedding, shared with the head, and final norm) another."""
+def shard(model: Gemma, dtype: torch.dtype):
+    """FSDP2: each block is its own unit, the root (embedding, shared with the head, and final norm) another.
+    Weights stay in their (fp32) dtype; below fp32, each unit's forward and backward run on weights cast to
+    `dtype` and gradients are reduced in fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = None
-    if model.embed_tokens.weight.is_cuda:
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    kw = {"mp_policy": mp} if mp else {}
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    kw = {"mp_policy": mp} if dtype != model.embed_tokens.weight.dtype else {}
     for block in model.layers:
         fully_shard(block, **kw)
     fully_shard(model, **kw)
@@ -295,16 +326,21 @@ def train(cfg: ExperimentConfig, data: str, out, resume: bool = False, max_steps
     reference: HF-layout folder of the reference model (default: the starting model, cfg.model.name_or_path).
     export_every: also export the weights to OUT/exports/step_N every that many steps (checkpoint selection).
     """
+    with process_group():
+        return _train(cfg, data, out, resume, max_steps, reference, export_every)
+
+
+def _train(cfg, data, out, resume, max_steps, reference, export_every) -> dict:
     rank, ws = world()
     out = Path(out)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = default_device()
     torch.manual_seed(cfg.training.seed)
     random.seed(cfg.training.seed)
     objective = get_objective(cfg.loss)
     check_tracker(cfg)
     reference = reference or cfg.model.name_or_path
-    dtype = torch.float32
-    model = load_pretrained(cfg.model.name_or_path, dtype=dtype, device=device, attn_impl=cfg.model.attn_impl)
+    dtype = parse_dtype(cfg.model.dtype)  # the compute dtype; the weights themselves are loaded in fp32
+    model = load_pretrained(cfg.model.name_or_path, dtype=torch.float32, device=device, attn_impl=cfg.model.attn_impl)
     examples, dropped = load_examples(data, objective, cfg.loss.mask, cfg.rollout.max_length, model.config.vocab_size)
     G = cfg.training.global_batch_size
     check_batch(cfg, len(examples), data, dropped)
@@ -313,9 +349,8 @@ def train(cfg: ExperimentConfig, data: str, out, resume: bool = False, max_steps
         save_config(cfg, out / "config.yaml")
         remove_leftovers(out, cfg.checkpoint.keep)  # a killed run's half-written checkpoints and exports
     barrier()
+    shard(model, dtype)
     ref_model = setup_reference(cfg, objective, model, examples, data, reference, dtype, out, device)
-    if ws > 1:
-        shard(model)
     model.activation_checkpointing = cfg.training.activation_checkpointing
     model.train()
     steps_per_epoch = len(examples) // G
@@ -352,13 +387,13 @@ def train(cfg: ExperimentConfig, data: str, out, resume: bool = False, max_steps
         log.write(last, step + 1 == end)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}")
         if export_every and (step + 1) % export_every == 0 and step + 1 < total:
-            export(model, out / "exports" / f"step_{step + 1}", cfg.model.name_or_path)
+            export(model, out / "exports" / f"step_{step + 1}", cfg.model.name_or_path, dtype)
         if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 and step + 1 < end:
             save_checkpoint(out, step + 1, model, opt, sched, cfg.checkpoint.keep)
     bar.close()
     log.close()
     if end == total:
-        export(model, out / "final", cfg.model.name_or_path)
+        export(model, out / "final", cfg.model.name_or_path, dtype)
         if rank == 0:
             write_json_atomic(out / "summary.json", {"steps": total, "examples": len(examples), "dropped": dropped,
                                                      "last": last})
@@ -404,17 +439,16 @@ def setup_reference(cfg, objective, model, examples, data, reference, dtype, out
     """The frozen reference model (reference.online), or None after storing its log-probs in the examples."""
     if not objective.reference:
         return None
-    load = lambda: load_pretrained(reference, dtype=dtype, device=device, attn_impl=cfg.model.attn_impl)  # noqa: E731
+    def load():  # loaded and sharded exactly as the policy is: the same forward
+        return shard(load_pretrained(reference, dtype=torch.float32, device=device, attn_impl=cfg.model.attn_impl),
+                     dtype)
     if cfg.reference.online:
         # The option the paper's code used: a frozen copy evaluated next to the policy at every step.
-        ref_model = load().eval().requires_grad_(False)
-        if world()[1] > 1:
-            shard(ref_model)
-        return ref_model
+        return load().eval().requires_grad_(False)
     same = Path(reference).resolve() == Path(cfg.model.name_or_path).resolve()
     key = reference_key(cfg, objective, data, reference, dtype)
     reference_logprobs(model if same else load(), objective, examples, cfg.loss.mask,
-                       cfg.training.micro_batch_size, out / "reference.jsonl", key, device)
+                       first_epoch_groups(cfg, len(examples)), out / "reference.jsonl", key, device)
     return None
 
 

@@ -255,12 +255,31 @@ def load_state_dict_into(model: Gemma, tensors, source: str = "checkpoint"):
             raise CheckpointError(f"{f}: 'lm_head.weight' differs from the embedding; Gemma ties them")
 
 
-def load_pretrained(path, dtype: torch.dtype = torch.float32, device="cpu", attn_impl: str = "sdpa") -> Gemma:
-    """Gemma from an HF-layout folder, built on the meta device and filled strictly from safetensors."""
+def checkpoint_dtype(path) -> torch.dtype:
+    """The dtype a checkpoint folder was saved in: config.json's dtype (transformers 5) or torch_dtype, else
+    that of its first tensor."""
+    path = Path(path)
+    d = read_json(path / CONFIG_NAME)
+    name = d.get("dtype") or d.get("torch_dtype")
+    if isinstance(name, str) and name.removeprefix("torch.") in DTYPES:
+        return DTYPES[name.removeprefix("torch.")]
+    name, file = next(iter(checkpoint_files(path).items()))
+    with safe_open(file, framework="pt") as f:
+        stored = f.get_slice(name).get_dtype()  # the header's name, e.g. "BF16": no tensor is read
+    found = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(stored)
+    if found is None:
+        raise CheckpointError(f"{file}: tensor {name!r} is {stored}; expected F32, BF16 or F16")
+    return found
+
+
+def load_pretrained(path, dtype: torch.dtype | None = torch.float32, device="cpu", attn_impl: str = "sdpa") -> Gemma:
+    """Gemma from an HF-layout folder, built on the meta device and filled strictly from safetensors.
+    dtype None: the dtype the checkpoint was saved in."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory")
     config = load_config(path)
+    dtype = dtype or checkpoint_dtype(path)
     with torch.device("meta"):
         model = Gemma(config, attn_impl=attn_impl)
     model = model.to_empty(device=device).to(dtype)

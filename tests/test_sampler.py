@@ -51,12 +51,16 @@ def prompts(n, lengths, vocab=512, seed=0):
             for i, L in zip(range(n), lengths)]
 
 
+@pytest.mark.parametrize("graphs", [False, True])
 @pytest.mark.parametrize("name", ["tiny-gemma", "tiny-gemma2", "tiny-gemma3"])
-def test_greedy_batched_cached_equals_uncached_loop(tok, name):
+def test_greedy_batched_cached_equals_uncached_loop(tok, name, graphs):
+    """graphs=True: the static-shape step the CUDA graphs replay (run eagerly here), every slot stepping and the
+    attended length rounded up to a multiple of 8 (tiny-gemma2/3 slide a window of 8)."""
     model = tiny(name)
     reqs = prompts(5, [5, 17, 9, 30, 12])
     params = SamplingParams(temperature=0.0, max_new_tokens_per_turn=14)
-    sampler = Sampler(model, tok, batch_size=2, max_length=64)  # 2 slots for 5 prompts: refills
+    kw = dict(graphs=True, graph_bucket=8, pack=False) if graphs else {}
+    sampler = Sampler(model, tok, batch_size=2, max_length=64, **kw)  # 2 slots for 5 prompts: refills
     out = {t.prompt_id: t for t in sampler.generate(reqs, params)}
     assert len(out) == 5
     for r in reqs:
@@ -182,7 +186,8 @@ class Immediate(FakeExecutor):
         return fut
 
 
-def test_observations_of_different_lengths_extend_in_one_forward(tok):
+@pytest.mark.parametrize("graphs", [False, True])
+def test_observations_of_different_lengths_extend_in_one_forward(tok, graphs):
     """Three rows pause in the same step and get observations of 2 to 40 tokens: one right-padded forward feeds
     all three (not three), and every later model token's log-prob still equals a teacher-forced pass, so no
     row read another's padding or its own pad slots."""
@@ -196,7 +201,8 @@ def test_observations_of_different_lengths_extend_in_one_forward(tok):
     # The three first turns are as long as each other, so the rows pause in the same decode step.
     assert len({len(tok.encode(f"```python\n{c}\n```")) for c in code.values()}) == 1
     ex = Immediate(answer=lambda c: outputs[c])
-    sampler = Sampler(model, tok, batch_size=3, max_length=256, executor=ex, choose=scripted(scripts))
+    kw = dict(graphs=True, graph_bucket=16, pack=False) if graphs else {}
+    sampler = Sampler(model, tok, batch_size=3, max_length=256, executor=ex, choose=scripted(scripts), **kw)
     reqs = [Request(pid, tok.encode(tok.render_chat([{"role": "user", "content": f"Q {pid}"}]))) for pid in code]
     out = {t.prompt_id: t for t in sampler.generate(reqs, SamplingParams(temperature=1.0))}
     lengths = {pid: sum(r == Role.TOOL for r in t.roles) for pid, t in out.items()}

@@ -60,7 +60,7 @@ def cfg_for(setup, **extra):
     over = [f"model.name_or_path={setup / 'init'}", "model.attn_impl=eager", "training.global_batch_size=4",
             "training.micro_batch_size=1", "training.warmup_steps=1", "optimizer.lr=0.001", "training.epochs=1",
             "rollout.max_length=64", "checkpoint.every=1", "checkpoint.keep=3",
-            "training.activation_checkpointing=false"]
+            "training.activation_checkpointing=false", "model.dtype=float32"]
     over += [f"{k.replace('__', '.')}={v}" for k, v in extra.items()]
     return load_config(CONFIG, over)
 
@@ -330,7 +330,8 @@ def test_stored_reference_is_keyed(setup, tmp_path, capsys):
 
     def run(key, mask="model"):
         examples, _ = load_examples(setup / "pairs.jsonl", o, mask, 64, 512)
-        reference_logprobs(model, o, examples, mask, 2, cache, key, "cpu")
+        groups = [list(range(s, min(s + 2, len(examples)))) for s in range(0, len(examples), 2)]
+        reference_logprobs(model, o, examples, mask, groups, cache, key, "cpu")
         return [ex.ref for ex in examples]
 
     key = reference_key(cfg, o, setup / "pairs.jsonl", str(setup / "init"), torch.float32)
@@ -397,3 +398,77 @@ def test_mkto_reference_point_equals_a_naive_recomputation(setup, tmp_path):
     ratios = [naive(pi1, examples[i].seqs[1]) - naive(ref, examples[i].seqs[1]) for i in batch]
     assert any(abs(r) > 1e-3 for r in ratios)  # the policy moved, so z0 is informative
     assert z0 == pytest.approx(max(0.0, sum(ratios) / 4), abs=1e-4)
+
+
+def test_bf16_reference_is_the_training_forward(setup, tmp_path):
+    """model.dtype bfloat16 on the CPU: the weights train in fp32 under FSDP2 mixed precision (also in one process),
+    and the stored reference log-probs come from that same forward in step 1's micro-batches (2 examples each, so
+    rows are padded): at step 1 every log-ratio is exactly 0, in 1 process and in 2. The online reference gives the
+    same run bit for bit. The export is bf16, and transformers' logits on it equal ours."""
+    import math
+
+    import transformers
+
+    from mdpo.logprobs import sequence_logprobs
+
+    cfg = cfg_for(setup, model__dtype="bfloat16", training__micro_batch_size=2, checkpoint__every=0,
+                  optimizer__grad_clip=0)
+    one, two, online = tmp_path / "one", tmp_path / "two", tmp_path / "online"
+    train(cfg, setup / "pairs.jsonl", one)
+    run2(cfg, setup / "pairs.jsonl", two)
+    for out in (one, two):
+        first = metrics(out)[0]
+        assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0, first
+        assert first["loss"] == pytest.approx(math.log(2), abs=1e-7)
+    # The same numbers without mixed precision are not exactly 0: the fp32 forward differs from the bf16 one.
+    ref = [json.loads(x) for x in (one / "reference.jsonl").read_text().splitlines()[1:]]
+    model = load_pretrained(setup / "init", attn_impl="eager")
+    examples, _ = load_examples(setup / "pairs.jsonl", obj("mdpo"), "model", 64, 512)
+    from mdpo.train import batch_tensors
+    tokens, mask = batch_tensors(examples[0].seqs, "model", "cpu")
+    with torch.no_grad():
+        fp32 = sequence_logprobs(model, tokens, mask)[0].tolist()
+    assert fp32 != pytest.approx(ref[0], abs=1e-4) and fp32 == pytest.approx(ref[0], abs=0.5)
+
+    train(cfg_for(setup, model__dtype="bfloat16", training__micro_batch_size=2, checkpoint__every=0,
+                  optimizer__grad_clip=0, reference__online="true"), setup / "pairs.jsonl", online)
+    assert metrics(online) == [dict(m, step_time_s=o["step_time_s"], tokens_per_s=o["tokens_per_s"],
+                                    peak_mem_gb=o["peak_mem_gb"]) for m, o in zip(metrics(one), metrics(online))]
+    w1, w2 = weights(one), weights(online)
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+    assert {t.dtype for t in w1.values()} == {torch.bfloat16}
+    assert json.loads((one / "final" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    ours = load_pretrained(one / "final", dtype=None, attn_impl="eager").eval()
+    assert ours.embed_tokens.weight.dtype == torch.bfloat16
+    hf = transformers.AutoModelForCausalLM.from_pretrained(one / "final", attn_implementation="eager").eval()
+    assert hf.dtype == torch.bfloat16
+    x = torch.tensor([examples[1].seqs[0].tokens])
+    with torch.no_grad():
+        assert torch.equal(ours(x), hf(x, use_cache=False).logits)
+
+
+def test_reference_groups_are_step_ones_micro_batches_and_equal_in_number(setup, monkeypatch):
+    """first_epoch_groups: each rank's groups are the micro-batches the first epoch runs on it, then its share of
+    the leftover examples; every rank runs as many forwards (FSDP's all-gathers pair up), and together they
+    cover every example."""
+    import random as _r
+
+    import mdpo.train as tr
+
+    cfg = cfg_for(setup, training__global_batch_size=4, training__micro_batch_size=2)
+    n = 11  # two global batches of 4, then 3 left over
+    order = _r.Random(cfg.training.seed).sample(range(n), n)
+    per_rank = {}
+    for rank in range(2):
+        monkeypatch.setattr(tr, "world", lambda rank=rank: (rank, 2))
+        per_rank[rank] = tr.first_epoch_groups(cfg, n)
+    assert per_rank[0][:2] == [order[0:4][0::2], order[4:8][0::2]]  # rank 0's micro-batch of each step
+    assert per_rank[1][:2] == [order[0:4][1::2], order[4:8][1::2]]
+    assert per_rank[0][2] == [order[8], order[10]] and per_rank[1][2] == [order[9]]
+    assert len(per_rank[0]) == len(per_rank[1]) == 3
+    assert sorted({i for g in per_rank[0] + per_rank[1] for i in g}) == list(range(n))
+    cfg1 = cfg_for(setup, training__global_batch_size=4, training__micro_batch_size=1)
+    monkeypatch.setattr(tr, "world", lambda: (1, 2))
+    g1 = tr.first_epoch_groups(cfg1, n)  # rank 1 has 1 leftover, rank 0 has 2: rank 1 repeats its last group
+    assert g1[-2:] == [[order[9]], [order[9]]] and len(g1) == 6

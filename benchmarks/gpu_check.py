@@ -15,15 +15,17 @@ section runs on its own (a failure is reported in its row and the others go on):
               without per-op host dispatch, i.e. the ceiling a graphed rollout engine can reach. KV rows of
               2048 tokens that fit beside the weights.
 2. rollout    the real Sampler (temperature 1, 128 new tokens, 8 samples per prompt sharing its prefill, no tools)
-              on the same gemma-7b-shaped model at 64 / 128 / 256 rows: tokens/s end to end, against section 1's
-              bare decode at the same rows. Needs a tokenizer that decodes every id of the model: Gemma 3's,
+              on the same gemma-7b-shaped model at 64 / 128 / 256 rows: tokens/s end to end with its decode
+              step as CUDA graphs (the default on CUDA) and eager; and whether 8 greedy rows of 32 tokens are
+              the same both ways. Needs a tokenizer that decodes every id of the model: Gemma 3's,
               read from .gpu/tokenizer (the GPU machine fetches nothing, so it travels with the tree: see
               README); the smoke run trains a small one.
 3. parity     bf16 logits of 4-layer gemma-2b and gemma-2-9b shapes against transformers on the same device
               and weights: max |diff| and top-1 agreement (skipped when transformers is missing).
 4. mdpo step  one M-DPO forward + backward + AdamW step on 2 pairs x 2048 tokens of a gemma-2b shape, with and
               without activation checkpointing: tokens/s, MFU against the device's dense bf16 peak, peak memory.
-              Two parameter precisions: fp32 and bf16.
+              Three precisions: fp32; bf16 weights; and what train.py runs: fp32 weights under FSDP2 with
+              bf16 mixed precision (a one-process group).
 5. demo       `python -m mdpo.demo` at a small size on this device (synthetic data, SFT, one M-DPO iteration
               with rollouts through the sandboxed interpreter, evaluation): wall time and its accuracy table.
 Prints a table whose rows appear as each section ends (where $OUT is set, $OUT/gpu_check.json is rewritten
@@ -33,6 +35,7 @@ then too, so a run cut off at its time limit keeps the finished sections), then 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -195,44 +198,56 @@ def section_parity(args, device, out):
 
 
 def section_step(args, device, out):
+    from mdpo.distributed import process_group
+    from mdpo.train import shard
     cfg = GemmaConfig.from_name(args.step_model)
-    peak = peak_flops(device)
     T, pairs = args.step_tokens, 2
     g = torch.Generator(device="cpu").manual_seed(2)
     tokens = torch.randint(3, cfg.vocab_size, (2 * pairs, T), generator=g).to(device)
     mask = torch.ones_like(tokens, dtype=torch.bool)
     mask[:, : T // 8] = False  # a prompt
-    for dtype in (torch.float32, torch.bfloat16):
+    for name in ("float32", "bfloat16", "fsdp_mixed_bf16"):
         for ac in (False, True):
-            model = build_model(cfg, device=device, dtype=dtype, seed=0).train()
-            model.activation_checkpointing = ac
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-7)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            times = []
-            try:
-                for _ in range(args.step_repeats + 1):  # the first is a warm-up
-                    sync(device)
-                    t0 = time.perf_counter()
-                    lp, _ = sequence_logprobs(model, tokens, mask)
-                    losses, _ = dpo_loss(lp[0::2], lp[1::2], lp[0::2].detach(), lp[1::2].detach())
-                    losses.mean().backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    sync(device)
-                    times.append(time.perf_counter() - t0)
-                dt = min(times[1:])
-                n = tokens.numel()
-                row = {"tok_per_s": round(n / dt, 1), "step_s": round(dt, 3),
-                       "mfu": round(model.flops_per_token(T) * n / dt / peak, 3)}
-            except torch.OutOfMemoryError:
-                row = {"error": "out of memory"}
-            if device.type == "cuda":
-                row["peak_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
-            out[f"step/{args.step_model}/{str(dtype).removeprefix('torch.')}/ac={ac}"] = row
-            del model, opt
+            fsdp = name.startswith("fsdp")
+            with process_group() if fsdp else contextlib.nullcontext():
+                model = build_model(cfg, device=device, dtype=torch.bfloat16 if name == "bfloat16" else torch.float32,
+                                    seed=0).train()
+                if fsdp:
+                    shard(model, torch.bfloat16)
+                model.activation_checkpointing = ac
+                out[f"step/{args.step_model}/{name}/ac={ac}"] = time_steps(model, tokens, mask, args.step_repeats,
+                                                                           device)
+                del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+
+
+def time_steps(model, tokens, mask, repeats: int, device) -> dict:
+    """Best of `repeats` M-DPO forward + backward + AdamW steps (after one warm-up): tokens/s, MFU, peak memory."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-7)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    try:
+        for _ in range(repeats + 1):
+            sync(device)
+            t0 = time.perf_counter()
+            lp, _ = sequence_logprobs(model, tokens, mask)
+            losses, _ = dpo_loss(lp[0::2], lp[1::2], lp[0::2].detach(), lp[1::2].detach())
+            losses.mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        dt = min(times[1:])
+        n = tokens.numel()
+        row = {"tok_per_s": round(n / dt, 1), "step_s": round(dt, 3),
+               "mfu": round(model.flops_per_token(tokens.shape[1]) * n / dt / peak_flops(device), 3)}
+    except torch.OutOfMemoryError:
+        row = {"error": "out of memory"}
+    if device.type == "cuda":
+        row["peak_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
+    return row
 
 
 def rollout_tokenizer(args, vocab_size: int):
@@ -254,29 +269,43 @@ def section_rollout(args, device, out):
     tok = rollout_tokenizer(args, cfg.vocab_size)
     model = build_model(cfg, device=device, dtype=torch.bfloat16, seed=0).eval()
     g = torch.Generator(device="cpu").manual_seed(3)
-    params = SamplingParams(temperature=1.0, max_new_tokens_per_turn=args.new, max_length=args.prompt + args.new + 8)
+    length = args.prompt + args.new + 8
+
+    def sampler_for(rows, graphs):
+        s = Sampler(model, tok, batch_size=rows, max_length=length, seed=0, graphs=graphs, pack=False)
+        s.stop_ids = set()  # every row decodes exactly `new` tokens, like section 1
+        return s
+
+    # Greedy tokens of the graphed step against the eager one (random weights: near-ties are common, so
+    # agreement is reported, not required).
+    prompts = [[2] + torch.randint(3, cfg.vocab_size, (args.prompt - 1,), generator=g).tolist() for _ in range(8)]
+    greedy = SamplingParams(temperature=0.0, max_new_tokens_per_turn=args.agree_tokens, max_length=length)
+    runs = [{t.prompt_id: t.tokens for t in sampler_for(8, graphs).generate(
+        [Request(f"a{i}", p) for i, p in enumerate(prompts)], greedy)} for graphs in (True, False)]
+    same = [a == runs[1][k] for k, a in runs[0].items()]
+    out[f"rollout/{args.decode_model}/greedy_graphs_vs_eager"] = {"rows_identical": f"{sum(same)}/{len(same)}"}
+
+    params = SamplingParams(temperature=1.0, max_new_tokens_per_turn=args.new, max_length=length)
     for rows in args.rows[1:]:
-        sampler = Sampler(model, tok, batch_size=rows, max_length=args.prompt + args.new + 8, seed=0)
-        sampler.stop_ids = set()  # every row decodes exactly `new` tokens, like section 1
         prompts = [[2] + torch.randint(3, cfg.vocab_size, (args.prompt - 1,), generator=g).tolist()
                    for _ in range(max(1, rows // 8))]
         reqs = [Request(f"r{i}", p, n=8 if rows >= 8 else rows) for i, p in enumerate(prompts)]
-        list(sampler.generate(reqs[:1], SamplingParams(temperature=1.0, max_new_tokens_per_turn=4)))  # warm-up
-        sync(device)
-        t0 = time.perf_counter()
-        trajs = list(sampler.generate(reqs, params))
-        sync(device)
-        dt = time.perf_counter() - t0
-        sampled = sum(len(t.tokens) for t in trajs) - sum(len(p) * r.n for p, r in zip(prompts, reqs))
-        row = {"tok_per_s": round(sampled / dt, 1), "wall_s": round(dt, 2), "rows": len(trajs)}
-        bare = out.get(f"decode/{args.decode_model}/rows={rows}", {}).get("tok_per_s")
-        if bare:
-            row["fraction_of_bare_decode"] = round(sampled / dt / bare, 3)
+        row = {}
+        for graphs in (True, False):
+            sampler = sampler_for(rows, graphs)
+            list(sampler.generate(reqs[:1], SamplingParams(temperature=1.0, max_new_tokens_per_turn=4)))  # warm-up
+            sync(device)
+            t0 = time.perf_counter()
+            trajs = list(sampler.generate(reqs, params))
+            sync(device)
+            dt = time.perf_counter() - t0
+            sampled = sum(len(t.tokens) for t in trajs) - sum(len(p) * r.n for p, r in zip(prompts, reqs))
+            row["graphs_tok_per_s" if graphs else "eager_tok_per_s"] = round(sampled / dt, 1)
+            del sampler
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        row["graphs_speedup"] = round(row["graphs_tok_per_s"] / row["eager_tok_per_s"], 2)
         out[f"rollout/{args.decode_model}/rows={rows}"] = row
-        del sampler
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    del model
 
 
 def section_demo(args, device, out):
@@ -333,6 +362,7 @@ def main(argv=None) -> int:
     big = not args.smoke
     args.decode_model = "gemma-7b" if big else "tiny-gemma"
     args.rows, args.prompt, args.new = ([1, 64, 128, 256], 128, 128) if big else ([1, 4], 8, 4)
+    args.agree_tokens = 32 if big else 4
     args.copy_gib = 4.0 if big else 0.05
     args.parity_models, args.parity_layers = ["gemma-2b", "gemma-2-9b"], 4
     if not big:
@@ -345,7 +375,8 @@ def main(argv=None) -> int:
         ["sft=40", "prompts=8", "test=6", "tokenizer_corpus=40"]
     args.demo_arch = [] if big else ["hidden_size=32", "intermediate_size=64", "num_layers=1", "num_heads=2",
                                      "num_kv_heads=1", "head_dim=16"]
-    args.demo_overrides = (["training.iterations=1", "data.heldout=50", "data.prompts_per_iteration=250"] if big else
+    args.demo_overrides = (["training.iterations=1", "data.heldout=50", "data.prompts_per_iteration=250",
+                            "model.dtype=bfloat16"] if big else
                            ["training.iterations=0", "data.heldout=2", "sft.epochs=1", "sft.global_batch_size=8",
                             "training.micro_batch_size=8", "eval.max_new_tokens_per_turn=16", "eval.max_turns=2",
                             "eval.batch_size=8", "checkpoint.every=0"])

@@ -101,13 +101,59 @@ class _Row:
     closed_by_eot: bool = False
     tool_status: list = field(default_factory=list)  # executor status of each call (ok, error, timeout, ...)
     calls: list = field(default_factory=list)  # the code of each call, as run (what a continuation replays)
-    gen: torch.Generator | None = None  # this sample's own random stream
+    key: int = 0  # this sample's random key: (seed, prompt id, sample id) hashed (gumbel_noise)
 
 
 def decode_step(net, tokens, positions, cache, kv_len: int, rows):
     """One decode step over every slot: tokens and positions (B, 1) -> fp32 logits (R, V) of `rows` (R,)."""
     hidden = net(tokens, positions=positions, cache=cache, return_hidden=True, kv_len=kv_len)
     return net.head(hidden[rows, 0]).float()  # the (large) head only for the rows that step
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser on int64 tensors holding 32-bit values. The products overflow int64 and
+    wrap; their low 32 bits, which the mask keeps, are the same as in unsigned 32-bit arithmetic."""
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _MASK32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _MASK32
+    return h ^ (h >> 16)
+
+
+def gumbel_noise(keys: torch.Tensor, positions: torch.Tensor, vocab_hash: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise (R, V), a pure function of each row's 63-bit key, its position and the token id.
+
+    Counter-based: a draw depends on (seed, prompt id, sample id, position) and nothing else: not on the batch,
+    the slot, the device or what was drawn before, so a resumed or re-batched run draws the same tokens. The
+    uniform has 24 bits (the float32 mantissa); the largest Gumbel value it can give is 17.3, so a token is
+    misdrawn only where that truncation matters, with probability below 1e-7 per draw.
+    vocab_hash: _mix32 of each token id plus a constant (precomputed once per vocabulary and device).
+    """
+    row = _mix32((keys & _MASK32) ^ _mix32(((keys >> 32) & _MASK32) ^ _mix32(positions & _MASK32)))
+    h = _mix32(row[:, None] ^ vocab_hash[None, :])
+    u = ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # in (0, 1), never 0 or 1
+    return -torch.log(-torch.log(u))
+
+
+def filter_logits(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Set to -inf what top-k (k > 0: keep tokens at least as large as the k-th largest, ties included) and
+    then top-p (drop a token once the more likely ones reach p; the top one always stays) remove, for all
+    rows at once. top_k (R,) int, 0 = off; top_p (R,) float, 1 = off. Returns a new tensor."""
+    x = x.clone()
+    k_max = int(top_k.max()) if top_k.numel() else 0  # the parameters are host data: no device sync
+    if k_max > 0:
+        kth = x.topk(min(k_max, x.shape[-1]), dim=-1).values.gather(1, (top_k.clamp(min=1) - 1)[:, None])
+        x = x.masked_fill((top_k[:, None] > 0) & (x < kth), float("-inf"))
+    if bool((top_p < 1).any()):
+        sorted_x, order = x.sort(dim=-1, descending=True)
+        probs = torch.softmax(sorted_x, dim=-1)
+        # Only rows that ask for it: at p = 1 a rounded cumulative sum can reach 1 before the last token.
+        drop = ((probs.cumsum(-1) - probs) >= top_p[:, None]) & (top_p < 1)[:, None]
+        x = x.scatter(1, order, sorted_x.masked_fill(drop, float("-inf")))
+    return x
 
 
 class GraphedStep:
@@ -225,6 +271,7 @@ class Sampler:
         self.sot_id = self._single_id(c.start_turn)  # sampled: ends the trajectory (module docstring)
         self.stop_ids = set(tokenizer.stop_ids) | {i for i in (self.eot_id, self.sot_id) if i is not None}
         self.tokenizer_id = hashlib.sha256(tokenizer.model_proto).hexdigest()[:16]
+        self._vocab_hash: torch.Tensor | None = None  # gumbel_noise's per-token hashes, made on first use
         self.stats = {"forward_calls": 0, "prefill_tokens": 0, "extend_tokens": 0, "decode_steps": 0,
                       "sampled_tokens": 0, "tool_calls": 0}
         # Encoded once: the template pieces injected around every tool turn.
@@ -274,11 +321,11 @@ class Sampler:
                 if waiting:
                     cf.wait(waiting, return_when=cf.FIRST_COMPLETED)
 
-    def _row_generator(self, prompt_id: str, sample_id: int) -> torch.Generator:
-        """A sample's random stream depends only on (seed, prompt id, sample id): not on the batch it shares, the
+    def _row_key(self, prompt_id: str, sample_id: int) -> int:
+        """A sample's random key depends only on (seed, prompt id, sample id): not on the batch it shares, the
         order rows finish in, or which samples an interrupted run had already drawn."""
         digest = hashlib.sha256(f"{self.seed}/{prompt_id}/{sample_id}".encode()).digest()
-        return torch.Generator(device=self.device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        return int.from_bytes(digest[:8], "little") >> 1
 
     # --- loop stages ---
 
@@ -317,7 +364,7 @@ class Sampler:
                                   turns=list(r.turns) if r.turns is not None else [0] * n,
                                   logprobs=[0.0] * n, length=n, turn=max(1, r.turns[-1] if r.turns else 1),
                                   stream=self.tok.decode_stream(), finder=self._new_finder(),
-                                  gen=self._row_generator(r.prompt_id, sample_id))
+                                  key=self._row_key(r.prompt_id, sample_id))
                 for code in r.replay:  # queued first: the session runs a key's cells in order
                     self.tool.submit((r.prompt_id, sample_id), code)
             toks, lps = self._sample([rows[s] for s in slots], logits.expand(len(slots), -1), requests)
@@ -412,10 +459,12 @@ class Sampler:
         return self.net.head(hidden[torch.arange(len(seqs), device=self.device), last]).float()
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor, requests):
-        """Draw one token per row from fp32 logits (R, V); returns (ids, model log-probs of those ids)."""
+        """Draw one token per row from fp32 logits (R, V), all rows in tensor ops; returns (ids, model log-probs
+        of those ids) as lists, read back in one host sync."""
         ids = logits.argmax(-1)
-        if any(r.params.temperature > 0 for r in rows):
-            ids = self._draw(rows, logits, ids)
+        temps = [r.params.temperature for r in rows]
+        if any(t > 0 for t in temps):
+            ids = self._draw(rows, logits, ids, temps)
         if self.choose is not None:
             for j, r in enumerate(rows):
                 forced = self.choose(requests[r.req].prompt_id, r.sample_id, r.tokens[len(requests[r.req].tokens):])
@@ -424,32 +473,22 @@ class Sampler:
         # log p(id) = logit(id) - logsumexp(logits): the model's own distribution, before temperature/top-k/p.
         chosen = logits.gather(1, ids[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
         self.stats["sampled_tokens"] += len(rows)
-        return ids.tolist(), chosen.tolist()
+        both = torch.stack((ids.to(torch.float64), chosen.to(torch.float64))).tolist()  # ids < 2^53: exact
+        return [int(i) for i in both[0]], both[1]
 
-    def _draw(self, rows: list[_Row], logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Replace the greedy ids of temperature > 0 rows by draws from their filtered distributions."""
-        temp = torch.tensor([r.params.temperature for r in rows], device=logits.device)
-        x = logits / temp.clamp(min=1e-6)[:, None]
-        top_k = [r.params.top_k for r in rows]
-        if any(k > 0 for k in top_k):
-            k_max = max(top_k)
-            kth = x.topk(k_max, dim=-1).values  # (R, k_max)
-            for j, k in enumerate(top_k):
-                if k > 0:
-                    x[j] = x[j].masked_fill(x[j] < kth[j, k - 1], float("-inf"))
-        top_p = torch.tensor([r.params.top_p for r in rows], device=logits.device)
-        if (top_p < 1).any():
-            sorted_x, order = x.sort(dim=-1, descending=True)
-            probs = torch.softmax(sorted_x, dim=-1)
-            # Drop a token when the tokens before it already reach top_p (so the top one always stays).
-            drop = (probs.cumsum(-1) - probs) >= top_p[:, None]
-            sorted_x = sorted_x.masked_fill(drop, float("-inf"))
-            x = torch.full_like(x, float("-inf")).scatter(1, order, sorted_x)
-        probs = torch.softmax(x, dim=-1)
-        for j, r in enumerate(rows):
-            if r.params.temperature > 0:
-                ids[j] = torch.multinomial(probs[j], 1, generator=r.gen)[0]
-        return ids
+    def _draw(self, rows: list[_Row], logits: torch.Tensor, ids: torch.Tensor, temps: list[float]) -> torch.Tensor:
+        """Replace the greedy ids of temperature > 0 rows by Gumbel-max draws from their filtered distributions:
+        argmax(x / T + g) with g ~ Gumbel(0, 1) is a draw from softmax(x / T)."""
+        dev = logits.device
+        temp = torch.tensor(temps, device=dev)
+        x = filter_logits(logits / temp.clamp(min=1e-6)[:, None],
+                          torch.tensor([r.params.top_k for r in rows], device=dev),
+                          torch.tensor([r.params.top_p for r in rows], device=dev))
+        if self._vocab_hash is None or self._vocab_hash.shape[0] != logits.shape[1]:
+            self._vocab_hash = _mix32(torch.arange(logits.shape[1], device=dev) + 0x9E3779B9)
+        g = gumbel_noise(torch.tensor([r.key for r in rows], device=dev),
+                         torch.tensor([len(r.tokens) for r in rows], device=dev), self._vocab_hash)
+        return torch.where(temp > 0, (x + g).argmax(-1), ids)
 
     def _append_sampled(self, row: _Row, token: int, logprob: float, requests) -> str | None:
         """Record a sampled token and advance the row's turn state; returns a finish reason or None."""

@@ -355,3 +355,63 @@ def test_compiled_decode_step_equals_eager_and_follows_weight_updates(tok, pack)
     assert counters["stats"]["unique_graphs"] == graphs  # weights are inputs of the step: no recompile
     assert [x[:2] for x in again] == [x[:2] for x in run(Sampler(model, tok, batch_size=3, max_length=48, seed=4))]
     assert [x[:2] for x in again] != [x[:2] for x in a]
+
+
+def _old_filter(x, top_k, top_p):
+    """The per-row top-k / top-p filter the sampler used before its tensor version (the reference)."""
+    x = x.clone()
+    if any(k > 0 for k in top_k):
+        kth = x.topk(max(top_k), dim=-1).values
+        for j, k in enumerate(top_k):
+            if k > 0:
+                x[j] = x[j].masked_fill(x[j] < kth[j, k - 1], float("-inf"))
+    p = torch.tensor(top_p)
+    if (p < 1).any():
+        sorted_x, order = x.sort(dim=-1, descending=True)
+        probs = torch.softmax(sorted_x, dim=-1)
+        drop = (probs.cumsum(-1) - probs) >= p[:, None]
+        sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+        x = torch.full_like(x, float("-inf")).scatter(1, order, sorted_x)
+    return x
+
+
+def test_top_k_top_p_keep_the_same_token_sets_as_the_per_row_filter():
+    from mdpo.sampler import filter_logits
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 300, generator=g) * 3
+    x[5] = x[5].clamp(max=6.0)
+    x[5, :10] = 7.0  # ten tied at the top: top-k 8 keeps all ten (ties at the k-th value stay)
+    top_k, top_p = [0, 1, 5, 40, 0, 8], [1.0, 1.0, 0.9, 0.5, 0.3, 1.0]
+    new = filter_logits(x, torch.tensor(top_k), torch.tensor(top_p))
+    old = _old_filter(x, top_k, top_p)
+    # Row 0 (top-k and top-p off) kept all 300 tokens only in the new filter: the old one applied the top-p pass
+    # to it as well, since other rows asked for it, and its rounded cumulative sum reached 1.0 before the end.
+    assert torch.equal(torch.isfinite(new[1:]), torch.isfinite(old[1:]))
+    assert torch.equal(new[torch.isfinite(new)], x[torch.isfinite(new)])  # kept logits are unchanged
+    kept = torch.isfinite(new).sum(-1).tolist()
+    assert kept[0] == 300 and kept[1] == 1 and kept[5] == 10 and kept[4] < kept[2] <= 5
+
+
+def test_counter_based_draws_follow_the_softmax():
+    """Chi-square goodness of fit of Gumbel-max draws with counter-based noise against softmax(x / T): 40000
+    draws over 12 tokens, from many (key, position) counters. Also: a draw is a pure function of its counter."""
+    from mdpo.sampler import _mix32, gumbel_noise
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(12, generator=g) * 1.5
+    T = 0.8
+    probs = torch.softmax(logits / T, -1)
+    vh = _mix32(torch.arange(12) + 0x9E3779B9)
+    n_keys, n_pos = 400, 100
+    keys = (torch.arange(n_keys, dtype=torch.int64) * 0x9E3779B97F4A7C1 + 12345) & ((1 << 63) - 1)
+    counts = torch.zeros(12)
+    for p in range(n_pos):
+        noise = gumbel_noise(keys, torch.full((n_keys,), p), vh)
+        draws = (logits / T + noise).argmax(-1)
+        counts += torch.bincount(draws, minlength=12)
+    n = n_keys * n_pos
+    chi2 = (((counts - n * probs) ** 2) / (n * probs)).sum().item()
+    assert chi2 < 31.3  # the 0.001 critical value of chi-square with 11 degrees of freedom
+    # Same counter, same noise, in any batch composition; another position, other noise.
+    a = gumbel_noise(keys[:3], torch.tensor([5, 6, 7]), vh)
+    b = gumbel_noise(keys[[2, 0]], torch.tensor([7, 5]), vh)
+    assert torch.equal(a[[2, 0]], b) and not torch.equal(a[0], a[1])

@@ -404,7 +404,10 @@ def _train(cfg, data, out, resume, max_steps, reference, export_every) -> dict:
 def make_optimizer(cfg: ExperimentConfig, model, total: int):
     """AdamW and its warmup + decay schedule over `total` steps."""
     o = cfg.optimizer
-    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    # fused: one kernel for the whole update on CUDA, instead of a chain of elementwise ops over every tensor
+    # (the fp32 update of a 2.5B model moves ~70 GB a step).
+    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                            fused=next(model.parameters()).is_cuda)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
 
 

@@ -1,0 +1,172 @@
+"""Rollout-engine benchmarks on the CPU: the Sampler's host work per decode step, and multi-turn throughput,
+each against an earlier Sampler (a git revision, default the one before the tensor-op sampler) in the same run.
+
+    python benchmarks/bench_rollout.py [--baseline REV] [--repeats 3] [--threads 1]
+
+1. Host overhead: the `tiny-gemma` preset (random weights), 256 rows (32 prompts x 8 samples, 8-token
+   prompts), temperature 1, no tools, 128 new tokens, one thread. Per decode step: the sampler's wall time
+   divided by its decode steps, minus the time of the model's own forward + head at the same shape (B = 256,
+   one token, the mean attended length), timed alone. What is left is the sampler's host work: building the
+   step's inputs, sampling, reading tokens back, detokenising and scanning each row's text.
+2. Multi-turn: 64 rows, each a scripted trajectory of 3 tool calls (forced tokens through the `choose` hook,
+   which still samples every token first; a stub tool answers at once with ~40 tokens), tokens/s.
+The baseline is the Sampler source at --baseline, imported beside the current mdpo (its other modules are
+today's). Each measurement is repeated --repeats times, interleaved, best kept; the spread is printed.
+Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import importlib.util
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mdpo import synth  # noqa: E402
+from mdpo.model import GemmaConfig, KVCache, build_model  # noqa: E402
+from mdpo.sampler import Request, SamplingParams  # noqa: E402
+from mdpo.tokenizer import Tokenizer  # noqa: E402
+
+
+def sampler_class(rev: str | None):
+    """The Sampler class of mdpo/sampler.py at git revision `rev` (None: today's)."""
+    if rev is None:
+        from mdpo.sampler import Sampler
+        return Sampler
+    src = subprocess.run(["git", "show", f"{rev}:mdpo/sampler.py"], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout
+    path = Path(tempfile.mkdtemp()) / "sampler_baseline.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("sampler_baseline", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["sampler_baseline"] = mod  # its dataclasses look their module up while being built
+    spec.loader.exec_module(mod)
+    return mod.Sampler
+
+
+class Stub:
+    """A tool that answers at once (the interpreter's own cost is bench_sampler's part 3)."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def submit(self, key, code):
+        f = cf.Future()
+        f.set_result(SimpleNamespace(observation=self.text))
+        return f
+
+    def release(self, key):
+        pass
+
+
+@torch.no_grad()
+def forward_ms(model, rows: int, kv_len: int, repeats: int = 20) -> float:
+    """The model's decode forward + head alone at (rows, 1) attending kv_len slots: ms, best of `repeats`."""
+    cache = KVCache(model.config, rows, kv_len, model.embed_tokens.weight.dtype)
+    tokens = torch.randint(3, model.config.vocab_size, (rows, 1))
+    pos = torch.full((rows, 1), kv_len - 1)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model.head(model(tokens, positions=pos, cache=cache, return_hidden=True, kv_len=kv_len)[:, 0]).float()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def host_overhead(classes, model, tok, new: int, repeats: int):
+    prompts = [[2] + torch.randint(3, 512, (7,), generator=torch.Generator().manual_seed(i)).tolist()
+               for i in range(32)]
+    reqs = [Request(f"p{i}", p, n=8) for i, p in enumerate(prompts)]
+    params = SamplingParams(temperature=1.0, max_new_tokens_per_turn=new)
+    times = {name: [] for name in classes}
+    steps = {}
+    for _ in range(repeats):
+        for name, cls in classes.items():
+            s = cls(model, tok, batch_size=256, max_length=8 + new + 8, seed=0)
+            s.stop_ids = set()  # exactly `new` tokens a row
+            list(s.generate(reqs[:1], SamplingParams(temperature=1.0, max_new_tokens_per_turn=2)))  # warm-up
+            s.stats["decode_steps"] = 0
+            t0 = time.perf_counter()
+            list(s.generate(reqs, params))
+            times[name].append(time.perf_counter() - t0)
+            steps[name] = s.stats["decode_steps"]
+    fwd = forward_ms(model, 256, 8 + new // 2)
+    out = {}
+    for name in classes:
+        per_step = [t / steps[name] * 1e3 for t in times[name]]
+        out[name] = {"step_ms": min(per_step), "step_ms_max": max(per_step), "forward_ms": fwd,
+                     "host_ms": min(per_step) - fwd, "decode_steps": steps[name]}
+    return out
+
+
+def multiturn(classes, model, tok, repeats: int, rows: int = 64, calls: int = 3):
+    code = tok.encode("Let me compute.\n```python\nx = 12 * 50\nprint(x)\n```")
+    script = code * calls + tok.encode("So \\boxed{600}.") + [tok.end_of_turn_id]
+    obs = " ".join(str(i * 37 % 100) for i in range(30))
+    prompts = [tok.encode(tok.render_chat([{"role": "user", "content": f"Question {i}: what is 12 * 50?"}]))
+               for i in range(rows)]
+    times = {name: [] for name in classes}
+    tokens = {}
+    for _ in range(repeats):
+        for name, cls in classes.items():
+            pos: dict = {}
+
+            def choose(pid, sid, generated, pos=pos):
+                i = pos.get(pid, 0)
+                pos[pid] = i + 1
+                return script[i] if i < len(script) else None
+
+            s = cls(model, tok, batch_size=rows, max_length=1024, executor=Stub(obs), choose=choose, seed=0)
+            t0 = time.perf_counter()
+            trajs = list(s.generate([Request(f"m{i}", p) for i, p in enumerate(prompts)],
+                                    SamplingParams(temperature=1.0)))
+            times[name].append(time.perf_counter() - t0)
+            tokens[name] = sum(len(t.tokens) for t in trajs) - sum(map(len, prompts))
+            assert all(t.num_turns == calls + 1 for t in trajs), [t.finish_reason for t in trajs][:4]
+    return {name: {"tok_per_s": tokens[name] / min(times[name]), "tok_per_s_min": tokens[name] / max(times[name]),
+                   "tokens": tokens[name]} for name in classes}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--baseline", default="25b1692", help="git revision of the Sampler to compare against")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--new", type=int, default=128)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    texts = [f"{i} plus {i + 1} is {2 * i + 1}. ```python\nprint({i})\n``` Question {i}: what is 12 * 50?"
+             for i in range(400)]
+    tok = Tokenizer(synth.train_tokenizer(texts, vocab_size=512))
+    model = build_model(GemmaConfig.from_name("tiny-gemma"), seed=0).eval()
+    classes = {"baseline": sampler_class(args.baseline), "current": sampler_class(None)}
+    host = host_overhead(classes, model, tok, args.new, args.repeats)
+    multi = multiturn(classes, model, tok, args.repeats)
+    print(f"| measurement | baseline ({args.baseline}) | current | x |")
+    print("|---|---|---|---|")
+    b, c = host["baseline"], host["current"]
+    print(f"| decode step, 256 rows (ms; spread) | {b['step_ms']:.2f} ({b['step_ms']:.2f}-{b['step_ms_max']:.2f}) | "
+          f"{c['step_ms']:.2f} ({c['step_ms']:.2f}-{c['step_ms_max']:.2f}) | {b['step_ms'] / c['step_ms']:.2f} |")
+    print(f"| of which the model's forward + head (ms) | {b['forward_ms']:.2f} | {c['forward_ms']:.2f} | |")
+    print(f"| host work per step (ms) | {b['host_ms']:.2f} | {c['host_ms']:.2f} | {b['host_ms'] / c['host_ms']:.2f} |")
+    mb, mc = multi["baseline"], multi["current"]
+    print(f"| multi-turn, 64 rows x 3 calls (tok/s; spread) | {mb['tok_per_s']:.0f} ({mb['tok_per_s_min']:.0f}-"
+          f"{mb['tok_per_s']:.0f}) | {mc['tok_per_s']:.0f} ({mc['tok_per_s_min']:.0f}-{mc['tok_per_s']:.0f}) | "
+          f"{mc['tok_per_s'] / mb['tok_per_s']:.2f} |")
+    print(json.dumps({"bench": "rollout", "threads": args.threads, "baseline": args.baseline, "host": host,
+                      "multiturn": multi}))
+
+
+if __name__ == "__main__":
+    main()

@@ -95,7 +95,8 @@ class _Row:
     stream: object
     turn: int = 1
     turn_tokens: int = 0
-    turn_text: str = ""
+    turn_text: str = ""  # the model turn's text, decoded up to the last token that could touch a fence
+    pending: list = field(default_factory=list)  # the turn's tokens sampled since (not decoded yet)
     finder: object = None  # the tool's call finder for this turn (mdpo.tools.FenceFinder); None without a tool
     future: cf.Future | None = None
     closed_by_eot: bool = False
@@ -279,6 +280,9 @@ class Sampler:
         self._after_eot = tokenizer.encode(c.close[len(c.end_turn):])  # the model wrote <end_of_turn> itself
         self._open_model = tokenizer.encode(c.open(c.model_role))
         self._max_calls = tokenizer.encode(MAX_CALLS_TEXT)
+        # Which ids' bytes hold a backtick: only those can open or close a call (see _append_sampled).
+        self._backtick = [b"`" in tokenizer._token_bytes(i) for i in range(tokenizer.vocab_size)] \
+            if self.tool is not None else []
 
     def _single_id(self, marker: str) -> int | None:
         ids = self.tok.encode(marker)
@@ -501,21 +505,30 @@ class Sampler:
             if token == self.sot_id:
                 return "start_of_turn"
             if token == self.eot_id and row.finder is not None:
-                code = row.finder.open_call(row.turn_text)
+                code = row.finder.open_call(self._turn_text(row))
                 if code is not None:  # <end_of_turn> inside an open block ends the block too: run what was written
                     row.closed_by_eot = True
                     return self._start_tool(row, code, requests)
             return "eos" if token != self.eot_id else "end_of_turn"
-        row.turn_text += row.stream.step(token)
         if row.finder is not None:
-            call = row.finder.feed(row.turn_text)
-            if call is not None:
-                return "output_fence" if call is STOP else self._start_tool(row, call, requests)
+            # The text is needed only where a call can open or close: tokens holding a backtick, and those
+            # after an incomplete fence. The others wait, undecoded, until then (no tool: never decoded).
+            row.pending.append(token)
+            if self._backtick[token] or row.finder.waiting:
+                call = row.finder.feed(self._turn_text(row))
+                if call is not None:
+                    return "output_fence" if call is STOP else self._start_tool(row, call, requests)
         if len(row.tokens) >= self.max_length or len(row.tokens) >= row.params.max_length:
             return "max_length"
         if row.turn_tokens >= row.params.max_new_tokens_per_turn:
             return "max_new_tokens"
         return None
+
+    def _turn_text(self, row: _Row) -> str:
+        if row.pending:
+            row.turn_text += row.stream.steps(row.pending)
+            row.pending.clear()
+        return row.turn_text
 
     def _start_tool(self, row: _Row, code: str, requests) -> str | None:
         if len(row.tokens) >= self.max_length:
@@ -550,6 +563,7 @@ class Sampler:
         row.turn += 1
         row.turn_tokens = 0
         row.turn_text = ""
+        row.pending = []
         row.finder = self._new_finder()
         row.closed_by_eot = False
         row.stream = self.tok.decode_stream()

@@ -655,6 +655,12 @@ class DecodeStream:
             return ""
         return self._decoder.decode(self.tokenizer._token_bytes(token_id))
 
+    def steps(self, token_ids) -> str:
+        """Feed several token ids at once: the same text as their steps joined, in one decoder call."""
+        if self.skip_special_tokens:
+            token_ids = [t for t in token_ids if int(t) not in self.tokenizer.special_ids]
+        return self._decoder.decode(b"".join(self.tokenizer._token_bytes(int(t)) for t in token_ids))
+
     def flush(self) -> str:
         """End of sequence: return U+FFFD for a trailing incomplete character (else "")."""
         return self._decoder.decode(b"", final=True)

@@ -74,15 +74,20 @@ class FenceFinder:
     straddle tokens): no more work per token than the fixed-string scan it replaces.
     """
 
-    __slots__ = ("opener", "stop", "start", "scan", "longest")
+    __slots__ = ("opener", "stop", "start", "scan", "longest", "waiting")
 
     def __init__(self, opener: str, stop: str | None = None):
         self.opener, self.stop = opener, stop
         self.start = -1  # where the open call's text begins, -1 while no call is open
         self.scan = 0  # where the next search starts
         self.longest = max(len(opener), len(stop or ""))
+        # True while a fence's first characters are written but not what it opens ("```py"): the next
+        # tokens decide, whatever characters they hold. Otherwise only a token with a backtick can change
+        # what feed returns, so a caller may feed only after those (the sampler does).
+        self.waiting = False
 
     def feed(self, text: str):
+        self.waiting = False
         if self.start < 0:
             i = text.find(FENCE, self.scan)
             while i >= 0:
@@ -95,6 +100,7 @@ class FenceFinder:
                 if len(tail) < self.longest and (self.opener.startswith(tail) or
                                                  (self.stop is not None and self.stop.startswith(tail))):
                     self.scan = i  # "```py": wait for the rest of the fence
+                    self.waiting = True
                     return None
                 i = text.find(FENCE, i + 1)  # another language's fence (```text): not a call
             else:

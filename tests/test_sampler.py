@@ -415,3 +415,40 @@ def test_counter_based_draws_follow_the_softmax():
     a = gumbel_noise(keys[:3], torch.tensor([5, 6, 7]), vh)
     b = gumbel_noise(keys[[2, 0]], torch.tensor([7, 5]), vh)
     assert torch.equal(a[[2, 0]], b) and not torch.equal(a[0], a[1])
+
+
+def test_feeding_the_fence_finder_only_at_backticks_finds_the_same_calls(tok):
+    """The sampler decodes a turn and scans it only after tokens holding a backtick and while a fence is
+    incomplete. Over texts whose fences fall across tokens in many ways, that finds the same call (or stop) at
+    the same token as decoding and scanning after every token; DecodeStream.steps equals the joined steps."""
+    from mdpo.tools import STOP, FenceFinder
+
+    texts = ["Let me compute.\n```python\nprint(2 + 3)\n```\nDone.",
+             "```py" + "thon\nx = 1\nprint(x)\n```", "Some ```text\nnot code\n``` then ```python\nprint(1)\n```",
+             "Made up:\n```output\n5\n```", "`a` and ``b`` then ```python\ny=`1`\n```", "no fence at all " * 5,
+             "```python\nprint('``')\n```", "``` python\nprint(1)\n```\n```python\nz=2\n```"]
+    backtick = [b"`" in tok._token_bytes(i) for i in range(tok.vocab_size)]
+    found_any = 0
+    for text in texts:
+        ids = tok.encode(text)
+        for split in (ids, [t for i in ids for t in tok.encode(tok.decode([i]))]):  # two tokenisations
+            eager, lazy = FenceFinder("```python", "```output"), FenceFinder("```python", "```output")
+            stream_e, stream_l = tok.decode_stream(), tok.decode_stream()
+            text_e, text_l, pending = "", "", []
+            got_e = got_l = None
+            for k, t in enumerate(split):
+                text_e += stream_e.step(t)
+                r = eager.feed(text_e)
+                if r is not None and got_e is None:
+                    got_e = (k, r)
+                pending.append(t)
+                if backtick[t] or lazy.waiting:  # (without "or lazy.waiting" the "```py" + "thon" case fails)
+                    text_l += stream_l.steps(pending)
+                    pending = []
+                    r = lazy.feed(text_l)
+                    if r is not None and got_l is None:
+                        got_l = (k, r)
+            assert got_l == got_e, (text, got_e, got_l)
+            assert text_l + stream_l.steps(pending) == text_e
+            found_any += got_e is not None
+    assert found_any >= 10

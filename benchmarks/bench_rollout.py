@@ -1,16 +1,16 @@
 """Rollout-engine benchmarks on the CPU: the Sampler's host work per decode step, and multi-turn throughput,
 each against an earlier Sampler (a git revision, default the one before the tensor-op sampler) in the same run.
 
-    python benchmarks/bench_rollout.py [--baseline REV] [--repeats 3] [--threads 1]
+    python benchmarks/bench_rollout.py [--baselines REV ...] [--repeats 3] [--threads 1]
 
 1. Host overhead: the `tiny-gemma` preset (random weights), 256 rows (32 prompts x 8 samples, 8-token
    prompts), temperature 1, no tools, 128 new tokens, one thread. Per decode step: the sampler's wall time
-   divided by its decode steps, minus the time of the model's own forward + head at the same shape (B = 256,
-   one token, the mean attended length), timed alone. What is left is the sampler's host work: building the
+   divided by its decode steps, minus the time of the forward + head of the net it ran (on the CPU the
+   model's oneDNN-packed twin) at the same shape (B = 256, one token, the mean attended length), timed alone. What is left is the sampler's host work: building the
    step's inputs, sampling, reading tokens back, detokenising and scanning each row's text.
 2. Multi-turn: 64 rows, each a scripted trajectory of 3 tool calls (forced tokens through the `choose` hook,
    which still samples every token first; a stub tool answers at once with ~40 tokens), tokens/s.
-The baseline is the Sampler source at --baseline, imported beside the current mdpo (its other modules are
+A baseline is the Sampler source at a git revision, imported beside the current mdpo (its other modules are
 today's). Each measurement is repeated --repeats times, interleaved, best kept; the spread is printed.
 Prints a table, then one JSON line.
 """
@@ -18,7 +18,6 @@ Prints a table, then one JSON line.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import importlib.util
 import json
 import subprocess
@@ -26,7 +25,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -37,6 +35,7 @@ from mdpo import synth  # noqa: E402
 from mdpo.model import GemmaConfig, KVCache, build_model  # noqa: E402
 from mdpo.sampler import Request, SamplingParams  # noqa: E402
 from mdpo.tokenizer import Tokenizer  # noqa: E402
+from common import StubExecutor  # noqa: E402  (benchmarks/common.py)
 
 
 def sampler_class(rev: str | None):
@@ -53,21 +52,6 @@ def sampler_class(rev: str | None):
     sys.modules["sampler_baseline"] = mod  # its dataclasses look their module up while being built
     spec.loader.exec_module(mod)
     return mod.Sampler
-
-
-class Stub:
-    """A tool that answers at once (the interpreter's own cost is bench_sampler's part 3)."""
-
-    def __init__(self, text):
-        self.text = text
-
-    def submit(self, key, code):
-        f = cf.Future()
-        f.set_result(SimpleNamespace(observation=self.text))
-        return f
-
-    def release(self, key):
-        pass
 
 
 @torch.no_grad()
@@ -91,6 +75,7 @@ def host_overhead(classes, model, tok, new: int, repeats: int):
     params = SamplingParams(temperature=1.0, max_new_tokens_per_turn=new)
     times = {name: [] for name in classes}
     steps = {}
+    fwd = float("inf")
     for _ in range(repeats):
         for name, cls in classes.items():
             s = cls(model, tok, batch_size=256, max_length=8 + new + 8, seed=0)
@@ -101,7 +86,8 @@ def host_overhead(classes, model, tok, new: int, repeats: int):
             list(s.generate(reqs, params))
             times[name].append(time.perf_counter() - t0)
             steps[name] = s.stats["decode_steps"]
-    fwd = forward_ms(model, 256, 8 + new // 2)
+        # The net the sampler ran (on the CPU its oneDNN-packed twin), timed between the runs: the VM drifts.
+        fwd = min(fwd, forward_ms(s.net, 256, 8 + new // 2))
     out = {}
     for name in classes:
         per_step = [t / steps[name] * 1e3 for t in times[name]]
@@ -127,7 +113,7 @@ def multiturn(classes, model, tok, repeats: int, rows: int = 64, calls: int = 3)
                 pos[pid] = i + 1
                 return script[i] if i < len(script) else None
 
-            s = cls(model, tok, batch_size=rows, max_length=1024, executor=Stub(obs), choose=choose, seed=0)
+            s = cls(model, tok, batch_size=rows, max_length=1024, executor=StubExecutor(obs), choose=choose, seed=0)
             t0 = time.perf_counter()
             trajs = list(s.generate([Request(f"m{i}", p) for i, p in enumerate(prompts)],
                                     SamplingParams(temperature=1.0)))
@@ -140,7 +126,8 @@ def multiturn(classes, model, tok, repeats: int, rows: int = 64, calls: int = 3)
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--baseline", default="25b1692", help="git revision of the Sampler to compare against")
+    ap.add_argument("--baselines", nargs="+", default=["25b1692"],
+                    help="git revisions of the Sampler to compare against (the first is the reference)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--new", type=int, default=128)
@@ -150,21 +137,24 @@ def main():
              for i in range(400)]
     tok = Tokenizer(synth.train_tokenizer(texts, vocab_size=512))
     model = build_model(GemmaConfig.from_name("tiny-gemma"), seed=0).eval()
-    classes = {"baseline": sampler_class(args.baseline), "current": sampler_class(None)}
+    classes = {rev: sampler_class(rev) for rev in args.baselines} | {"current": sampler_class(None)}
     host = host_overhead(classes, model, tok, args.new, args.repeats)
     multi = multiturn(classes, model, tok, args.repeats)
-    print(f"| measurement | baseline ({args.baseline}) | current | x |")
-    print("|---|---|---|---|")
-    b, c = host["baseline"], host["current"]
-    print(f"| decode step, 256 rows (ms; spread) | {b['step_ms']:.2f} ({b['step_ms']:.2f}-{b['step_ms_max']:.2f}) | "
-          f"{c['step_ms']:.2f} ({c['step_ms']:.2f}-{c['step_ms_max']:.2f}) | {b['step_ms'] / c['step_ms']:.2f} |")
-    print(f"| of which the model's forward + head (ms) | {b['forward_ms']:.2f} | {c['forward_ms']:.2f} | |")
-    print(f"| host work per step (ms) | {b['host_ms']:.2f} | {c['host_ms']:.2f} | {b['host_ms'] / c['host_ms']:.2f} |")
-    mb, mc = multi["baseline"], multi["current"]
-    print(f"| multi-turn, 64 rows x 3 calls (tok/s; spread) | {mb['tok_per_s']:.0f} ({mb['tok_per_s_min']:.0f}-"
-          f"{mb['tok_per_s']:.0f}) | {mc['tok_per_s']:.0f} ({mc['tok_per_s_min']:.0f}-{mc['tok_per_s']:.0f}) | "
-          f"{mc['tok_per_s'] / mb['tok_per_s']:.2f} |")
-    print(json.dumps({"bench": "rollout", "threads": args.threads, "baseline": args.baseline, "host": host,
+    names = list(classes)
+    ref = names[0]
+    print("| measurement | " + " | ".join(names) + f" | x ({ref} / current) |")
+    print("|---" * (len(names) + 2) + "|")
+    cell = lambda d, k, kmax: f"{d[k]:.2f} ({d[k]:.2f}-{d[kmax]:.2f})"  # noqa: E731
+    print("| decode step, 256 rows (ms; spread) | " + " | ".join(cell(host[n], "step_ms", "step_ms_max") for n in names)
+          + f" | {host[ref]['step_ms'] / host['current']['step_ms']:.2f} |")
+    print("| of which the model's forward + head (ms) | " + " | ".join(f"{host[n]['forward_ms']:.2f}" for n in names)
+          + " | |")
+    print("| host work per step (ms) | " + " | ".join(f"{host[n]['host_ms']:.2f}" for n in names)
+          + f" | {host[ref]['host_ms'] / host['current']['host_ms']:.2f} |")
+    print("| multi-turn, 64 rows x 3 calls (tok/s; spread) | " + " | ".join(
+        f"{multi[n]['tok_per_s']:.0f} ({multi[n]['tok_per_s_min']:.0f}-{multi[n]['tok_per_s']:.0f})" for n in names)
+        + f" | {multi['current']['tok_per_s'] / multi[ref]['tok_per_s']:.2f} |")
+    print(json.dumps({"bench": "rollout", "threads": args.threads, "baselines": args.baselines, "host": host,
                       "multiturn": multi}))
 
 

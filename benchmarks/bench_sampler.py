@@ -22,13 +22,11 @@ Prints tables, then one JSON line.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -38,6 +36,7 @@ MODEL_DIR = ROOT / "runs" / "gemma-3-270m"
 
 from mdpo.sampler import Request, Sampler, SamplingParams  # noqa: E402
 from mdpo.tokenizer import Tokenizer  # noqa: E402
+from common import StubExecutor  # noqa: E402  (benchmarks/common.py)
 from mdpo.weights import load_pretrained
 
 TEXT = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
@@ -102,21 +101,6 @@ def bench_decode(model, hf, tok, batch, new, repeats):
             "speedup_compiled": best["hf"] / best["compiled"], "identical": same, "compiled_identical": same_compiled,
             "pack_and_warmup_s": samplers["packed"][1], "compile_and_warmup_s": samplers["compiled"][1],
             "plain_warmup_s": samplers["plain"][1]}
-
-
-class StubExecutor:
-    """Answers at once with a fixed output of about 120 tokens (the interpreter's cost is part 3)."""
-
-    def __init__(self, text):
-        self.text = text
-
-    def submit(self, key, code):
-        f = cf.Future()
-        f.set_result(SimpleNamespace(observation=self.text))
-        return f
-
-    def release(self, key):
-        pass
 
 
 def bench_multiturn(model, hf, tok, n_traj=2, calls=3, turn_len=60, obs_tokens=200):

@@ -1,9 +1,12 @@
-"""Helpers shared by the benchmark scripts: peak-memory measurement of the current process on Linux."""
+"""Helpers shared by the benchmark scripts: peak-memory measurement of the current process on Linux, and a
+tool stub that answers at once."""
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import gc
 import os
+from types import SimpleNamespace
 
 # A fixed mmap threshold makes glibc hand every large buffer back to the OS on free, so RSS follows the bytes
 # actually live; with the default dynamic threshold, freed buffers up to 32 MB stay resident and a peak
@@ -30,3 +33,19 @@ def reset_peak() -> float:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     return rss_mb("VmRSS")
+
+
+class StubExecutor:
+    """A tool that answers every call at once with a fixed text: the sampler's work without the interpreter's
+    (bench_sampler's part 3 measures that)."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def submit(self, key, code):
+        f = cf.Future()
+        f.set_result(SimpleNamespace(observation=self.text))
+        return f
+
+    def release(self, key):
+        pass

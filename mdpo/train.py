@@ -12,7 +12,8 @@ training), and stored in OUT/reference.jsonl under a key of everything they depe
 One precision: model.dtype is the compute dtype of every forward here. The weights and the optimiser's state
 stay fp32 (an update of lr x 1e-3 is below bf16's resolution for most weights); FSDP2 casts the gathered
 weights to model.dtype for each block's forward and backward and reduces gradients in fp32. The model is under
-FSDP2 also in a single process (a one-member group), so one process and many run the same numerics, and the
+FSDP2 also in a single process (a one-member group; in fp32 a single process runs the model unwrapped, which
+computes the same numbers), so one process and many run the same numerics, and the
 reference log-probs come from that same sharded, mixed-precision forward, in the micro-batches that step 1
 will use: at step 1 every policy/reference log-ratio is exactly 0. Exports are written in model.dtype.
 
@@ -218,8 +219,13 @@ def shard(model: Gemma, dtype: torch.dtype):
     `dtype` and gradients are reduced in fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    same = dtype == model.embed_tokens.weight.dtype
+    if same and world()[1] == 1:
+        # Alone and without a cast, FSDP2 would only add hooks (no communication, the same numbers): the
+        # model runs as it is, at full speed (3x faster steps for the CPU demo's small model).
+        return model
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    kw = {"mp_policy": mp} if dtype != model.embed_tokens.weight.dtype else {}
+    kw = {} if same else {"mp_policy": mp}
     for block in model.layers:
         fully_shard(block, **kw)
     fully_shard(model, **kw)

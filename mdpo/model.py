@@ -246,6 +246,7 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         self.scale = c.query_scale
         self.softcap = c.attn_softcap
+        self.window = c.sliding_window if c.layer_types[layer_idx] == "sliding" else None
         self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=False)
         self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
@@ -263,6 +264,11 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if getattr(cache, "paged", False):
+            # A packed step over a paged cache (mdpo.paged.StepView): it writes k, v into its blocks and runs the
+            # attention of each row over that row's blocks (the step's rows have different lengths).
+            out = cache.attend(self.layer_idx, q, k, v, self.scale, self.softcap, self.window, impl)
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, positions, kv_len)  # (B, Hkv, S, D)
         if impl == "sdpa" and self.softcap is None:
@@ -396,7 +402,9 @@ class Gemma(nn.Module):
         x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
 
         c = self.config
-        if cache is not None:
+        if getattr(cache, "paged", False):  # the paged step masks by itself
+            kv_len, k_pos = None, None
+        elif cache is not None:
             if kv_len is None:
                 kv_len = int(positions.max()) + 1  # attend over cache slots [0, kv_len): one host sync
             if kv_len > cache.max_len:
@@ -415,7 +423,7 @@ class Gemma(nn.Module):
         masks = {}
         for sliding in (False, True):
             window = c.sliding_window if sliding else None
-            if plain_causal and fused and (window is None or T <= window):
+            if k_pos is None or (plain_causal and fused and (window is None or T <= window)):
                 masks[sliding] = None
             else:
                 masks[sliding] = attention_mask(positions, k_pos, window, x.dtype)

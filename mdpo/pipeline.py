@@ -163,6 +163,12 @@ def share_key(model: str, problems: list[dict], n: int | range, params: Sampling
     return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:24]
 
 
+def kv_options(cfg: ExperimentConfig) -> dict:
+    """The sampler's KV-cache settings (they change speed and memory, never a trajectory: not in share_key)."""
+    r = cfg.rollout
+    return {"block_size": r.kv_block_size, "kv_cache_gb": r.kv_cache_gb, "prefill_chunk": r.prefill_chunk}
+
+
 def sample(model: str, problems: list[dict], path: Path, n: int | range, params: SamplingParams, cfg: ExperimentConfig,
            desc: str, batch_size: int, seed: int, share: Path | None = None):
     """sample_graded on this rank's share of `problems`; the shares are then merged into `path` (rank 0).
@@ -189,13 +195,13 @@ def sample(model: str, problems: list[dict], path: Path, n: int | range, params:
     if ws == 1:
         return sample_graded(model, problems, path, n, params, batch_size=batch_size, seed=seed,
                              timeout=cfg.rollout.executor_timeout, desc=desc, compile=cfg.rollout.compile,
-                             empty_output=cfg.rollout.empty_output, dtype=parse_dtype(cfg.model.dtype))
+                             empty_output=cfg.rollout.empty_output, dtype=parse_dtype(cfg.model.dtype), kv=kv_options(cfg))
     part = path.with_name(f"{path.stem}.rank{rank}.jsonl")
     # The same seed on every rank: a sample's randomness depends on (seed, prompt, sample id) only, so the
     # trajectories do not depend on the number of ranks.
     sample_graded(model, problems[rank::ws], part, n, params, batch_size=batch_size, seed=seed,
                   timeout=cfg.rollout.executor_timeout, desc=desc, compile=cfg.rollout.compile,
-                  empty_output=cfg.rollout.empty_output, dtype=parse_dtype(cfg.model.dtype))
+                  empty_output=cfg.rollout.empty_output, dtype=parse_dtype(cfg.model.dtype), kv=kv_options(cfg))
     barrier()
     if rank == 0:
         parts = [path.with_name(f"{path.stem}.rank{r}.jsonl") for r in range(ws)]

@@ -1,15 +1,18 @@
 """Batched, KV-cached sampling of tool-integrated trajectories, with the interpreter in the loop.
 
-B slots share one preallocated KV cache. Each slot holds one trajectory; a token at position p lives in
-cache slot p of its row, so rows of any lengths decode together. One loop iteration:
+Up to B rows (slots) decode together over one KV cache (mdpo.paged: a pool of blocks with a table per row,
+or the dense layout of one block per row). Each row holds one trajectory. One loop iteration:
 
-1. admit:  free slots take the next samples. N samples of one prompt share one prefill: the prompt runs
-           once, its KV is copied to the sibling rows (and kept on the side for siblings admitted later),
-           and every sibling draws its first token from the same logits.
+1. admit:  free slots take the next samples while the pool has room. N samples of one prompt share one
+           prefill: the first feeds the prompt, its siblings take the prompt's blocks (paged: shared, copied on
+           write; dense: copied) and draw their first token from the same logits; the prompt's KV is kept for
+           siblings admitted later.
 2. tools:  finished interpreter calls are turned into observation tokens and queued on their row.
-3. extend: a row with several queued tokens (an observation) feeds them in one forward over that row
-           alone; nothing already in the cache is recomputed.
-4. decode: all rows with one queued token advance in one batched (B, 1) forward.
+3. step:   ONE forward for every row with queued tokens: admitted prompts, observations and single decoded
+           tokens packed into one row of tokens with per-token positions (the weights are read once a step).
+           Blocks are reserved first; when the pool is short the newest row is preempted and later feeds its
+           whole trajectory again (its draws are a pure function of (seed, prompt, sample, position), so it
+           goes on as it would have). Every fed row then samples its next token: one host sync per step.
 
 A row pauses when its model turn makes a tool call (mdpo.tools: a closed ```python block for the interpreter):
 the call goes to the tool and the other rows keep decoding. The turn markup around the tool's observation comes
@@ -44,8 +47,9 @@ import torch
 
 from mdpo.chat import ChatFormat, for_tokenizer
 from mdpo.extraction import LIMIT_MESSAGE
-from mdpo.model import Gemma, KVCache
+from mdpo.model import Gemma
 from mdpo.packed import is_fresh, pack_for_cpu, should_pack
+from mdpo.paged import Feed, PagedKVCache, StepView, plan_blocks
 from mdpo.tools import STOP, PythonTool, Tool, ToolResult
 from mdpo.trajectory import Role, Trajectory
 
@@ -103,12 +107,10 @@ class _Row:
     tool_status: list = field(default_factory=list)  # executor status of each call (ok, error, timeout, ...)
     calls: list = field(default_factory=list)  # the code of each call, as run (what a continuation replays)
     key: int = 0  # this sample's random key: (seed, prompt id, sample id) hashed (gumbel_noise)
-
-
-def decode_step(net, tokens, positions, cache, kv_len: int, rows):
-    """One decode step over every slot: tokens and positions (B, 1) -> fp32 logits (R, V) of `rows` (R,)."""
-    hidden = net(tokens, positions=positions, cache=cache, return_hidden=True, kv_len=kv_len)
-    return net.head(hidden[rows, 0]).float()  # the (large) head only for the rows that step
+    order: int = 0  # admission order: the oldest rows are fed first, the newest preempted first
+    leader: int | None = None  # slot of the sibling whose prompt prefill this row waits for
+    recompute: bool = False  # preempted: its next feed is its whole trajectory again
+    prefilling: bool = False  # the first of a prompt's samples, feeding the prompt for its siblings too
 
 
 _MASK32 = 0xFFFFFFFF
@@ -157,54 +159,78 @@ def filter_logits(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> 
     return x
 
 
+def step_hidden(net, view: StepView) -> torch.Tensor:
+    """One packed step (mdpo.paged): final-norm hidden states (1, N, d) of every packed token."""
+    return net(view.tokens, positions=view.positions, cache=view, return_hidden=True)
+
+
+def step_logits(net, view: StepView) -> torch.Tensor:
+    """One packed step (mdpo.paged): fp32 logits (F, V) of each feed's last token."""
+    hidden = net(view.tokens, positions=view.positions, cache=view, return_hidden=True)
+    return net.head(hidden[0, view.last]).float()  # the (large) head only where a token is sampled
+
+
 class GraphedStep:
-    """The decode step as CUDA graphs: one per attended length, rounded up to a multiple of `bucket`.
+    """Decode-only steps as CUDA graphs, one per read shape (the attended length, rounded up to `bucket`).
 
     Eager, a 7B decode step dispatches about a thousand small kernels from Python, and on an H200 that, not
     memory, sets its speed: 67-108 ms a step at any batch size against 4.2 ms to read the weights
     (docs/LOG.md, the first GPU check). A graph replays the recorded kernels in one launch. Its shapes are
-    fixed: all B slots step (tokens and positions are copied into static buffers; rows that do not step write
-    where their next real token overwrites), the head runs on all B rows, and the attended length is the
-    bucket (slots beyond a row's position are masked, as in any cache read). The graphs share one memory pool;
-    each step's logits are read before the next replay. Off CUDA the same static-shape step runs eagerly
-    (that is what the CPU tests compare with the plain step).
+    fixed: the step covers every row (PagedKVCache.plan(all_rows=True): rows that do not step are padding
+    that writes where nothing is read), the head runs on all of them, and the read length is bucketed. The
+    step's inputs (tokens, positions, write slots, read slots, masks' position differences) are copied into
+    the captured view's tensors before each replay; the graphs share one memory pool, and each step's logits
+    are read before the next replay. Off CUDA the same static-shape step runs eagerly (what the CPU tests
+    compare with the plain step).
     """
 
-    def __init__(self, net, cache: KVCache, batch_size: int, max_length: int, bucket: int, device):
-        self.net, self.cache, self.max_length, self.bucket = net, cache, max_length, bucket
-        self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
-        self.positions = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
-        self.all_rows = torch.arange(batch_size, device=device)
-        self.graphs: dict[int, tuple] = {}
+    def __init__(self, net, device):
+        self.net = net
+        self.graphs: dict[tuple, tuple] = {}
         self.capture = torch.device(device).type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
 
-    def kv_len(self, needed: int) -> int:
-        return min(self.max_length, -(-needed // self.bucket) * self.bucket)
+    @staticmethod
+    def _tensors(view: StepView) -> list[torch.Tensor]:
+        seg = view.segments[0]
+        out = [view.tokens, view.positions] + [view.write[k] for k in sorted(view.write)]
+        out += [seg["read"][k] for k in sorted(seg["read"]) if isinstance(seg["read"][k], torch.Tensor)]
+        return out + [seg["mask"][k] for k in sorted(seg["mask"])]
 
-    def __call__(self, net, tokens, positions, cache, kv_len: int, rows):
-        n = self.kv_len(kv_len)
-        self.tokens.copy_(tokens, non_blocking=True)
-        self.positions.copy_(positions, non_blocking=True)
+    def __call__(self, net, view: StepView) -> torch.Tensor:
+        assert len(view.segments) == 1 and view.segments[0]["q_index"] is None, "decode-only steps"
+        every = torch.arange(view.tokens.shape[1], device=view.tokens.device)
         if not self.capture:
-            return decode_step(self.net, self.tokens, self.positions, self.cache, n, self.all_rows)[rows]
-        if n not in self.graphs:
-            self.graphs[n] = self._capture(n)
-        graph, logits = self.graphs[n]
+            view.last, last = every, view.last
+            return step_logits(self.net, view)[last]
+        seg = view.segments[0]
+        key = tuple((k, v if isinstance(v, int) else tuple(v.shape)) for k, v in sorted(seg["read"].items()))
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(view, every)
+        static, graph, logits = self.graphs[key]
+        for dst, src in zip(self._tensors(static), self._tensors(view)):
+            dst.copy_(src, non_blocking=True)
         graph.replay()
-        return logits[rows]
+        return logits[view.last]
 
-    def _capture(self, n: int):
-        args = (self.net, self.tokens, self.positions, self.cache, n, self.all_rows)
+    def _capture(self, view: StepView, every: torch.Tensor):
+        static = StepView(view.cache)
+        static.segments, static.seg_rows = [dict(view.segments[0])], list(view.seg_rows)
+        seg = static.segments[0]
+        seg["read"] = {k: (v if isinstance(v, int) else v.clone()) for k, v in seg["read"].items()}
+        seg["mask"] = {k: v.clone() for k, v in seg["mask"].items()}
+        static.tokens, static.positions, static.last = view.tokens.clone(), view.positions.clone(), every
+        static.write = {k: v.clone() for k, v in view.write.items()}
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # a warm-up off the capture (library handles, workspaces)
-            decode_step(*args)
+            step_logits(self.net, static)
         torch.cuda.current_stream().wait_stream(side)
+        static._masks.clear()  # masks are made inside the graph, from the static position differences
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = decode_step(*args)
-        return graph, logits
+            logits = step_logits(self.net, static)
+        return static, graph, logits
 
 
 class Sampler:
@@ -213,32 +239,40 @@ class Sampler:
     Args:
         model: a Gemma (eval mode, any dtype/device).
         tokenizer: a mdpo Tokenizer (stop ids, incremental decoding, observation encoding).
-        batch_size: number of slots decoded together.
-        max_length: KV cache length; no trajectory grows beyond it.
+        batch_size: most rows decoded together (with a paged cache, the pool may admit fewer).
+        max_length: no trajectory grows beyond it.
         tool: a mdpo.tools.Tool (finds a call in the model's turn, runs it, makes the observation), e.g.
             PythonTool(pool) for the paper's interpreter. None: no calls are made.
         executor: shorthand for tool=PythonTool(executor) (an ExecutorPool, or any object with
             submit(key, code) -> Future and release(key)).
         chat: the turn markup (mdpo.chat.ChatFormat); None: the tokenizer's family's.
-        seed: seed of the sampling generator.
+        seed: seed of the counter-based draws (gumbel_noise).
         choose: testing hook, (prompt_id, sample_id, generated ids) -> forced token id or None.
+        block_size: KV block size (mdpo.paged); >= max_length is the dense layout (one block per row, nothing
+            shared or preempted, decode reads slices). None: 16 on CUDA, dense elsewhere (on a CPU a paged read
+            is a gather as costly as the attention itself, and memory is rarely the limit).
+        kv_cache_gb: the paged pool's size; None: what batch_size rows of max_length need, capped on CUDA at
+            90% of the device memory free once the model is loaded.
+        prefill_chunk: most tokens one row feeds in a step; a longer prompt, observation or recompute goes in
+            chunks over several steps (bounds a step's work and, with sliding windows, a row's blocks).
         pack: run a oneDNN-packed twin of the model (mdpo.packed): about 2x faster decoding on CPU, at the cost
             of a second copy of the weights. None = on wherever it applies (CPU, fp32 or native bf16) and that
             copy takes less than half the available memory.
-        graphs: run the decode step as CUDA graphs (GraphedStep; on the CPU its static-shape step runs eagerly);
+        graphs: run decode-only steps as CUDA graphs (GraphedStep; on the CPU its static-shape step runs eagerly);
             None = on for a CUDA model unless compile.
-        compile: run the batched decode step through torch.compile (prefills stay eager). It fuses the norms,
-            RoPE and residual adds between the matmuls, which on CPU are a quarter of a 270M decode step.
-            Costs a compile on first use (about a minute on 2 cores; cached on disk after that); the step
-            takes the weights as inputs, so updated or repacked weights need no recompile. Logits match the
-            eager step to ~1e-6 in fp32; in bf16 fused reductions round differently (up to ~2 bf16 ulps of a
-            logit), so an exact tie between top tokens can break the other way.
+        compile: run decode-only steps through torch.compile. It fuses the norms, RoPE and residual adds between the
+            matmuls, which on CPU are a quarter of a 270M decode step. Costs a compile on first use (about a
+            minute on 2 cores; cached on disk after that); the step takes the weights as inputs, so updated or
+            repacked weights need no recompile. Logits match the eager step to ~1e-6 in fp32; in bf16 fused
+            reductions round differently (up to ~2 bf16 ulps of a logit), so an exact tie between top tokens can
+            break the other way.
     """
 
     def __init__(self, model: Gemma, tokenizer, batch_size: int = 8, max_length: int = 2048, executor=None,
                  seed: int = 0, choose: Callable | None = None, model_name: str = "", pack: bool | None = None,
                  compile: bool = False, tool: Tool | None = None, chat: ChatFormat | None = None,
-                 graphs: bool | None = None, graph_bucket: int = 128):
+                 graphs: bool | None = None, graph_bucket: int = 128, block_size: int | None = None,
+                 kv_cache_gb: float | None = None, prefill_chunk: int = 512, verbose: bool = False):
         self.model = model
         self.tok = tokenizer
         self.B = batch_size
@@ -255,18 +289,25 @@ class Sampler:
         self.seed = seed
         self.pack = should_pack(model) if pack is None else pack
         self.net = model  # what forwards run on: the model, or its packed twin (refreshed in generate)
-        # dynamic=True: the attended length and the number of stepping rows change every step; traced
-        # symbolically they cost one compile, not one per value. emulate_precision_casts rounds fused
-        # intermediates to the activation dtype where eager does, which keeps bf16 steps close to eager's.
-        self._step = torch.compile(decode_step, dynamic=True, options={"emulate_precision_casts": True}) \
-            if compile else decode_step
-        self.cache = KVCache(model.config, batch_size, max_length, self.dtype, self.device)
+        # dynamic=True: the number of tokens and the attended length change every step; traced symbolically they
+        # cost a compile per kind of step, not one per value. emulate_precision_casts rounds fused intermediates
+        # to the activation dtype where eager does, which keeps bf16 steps close to eager's.
+        # Only decode-only steps (the hot path, one shape of step) are compiled: steps that also feed prompts or
+        # observations are rarer and each mix of segments would be a compile of its own.
+        self._compiled = torch.compile(step_hidden, dynamic=True, options={"emulate_precision_casts": True}) \
+            if compile else None
+        self.prefill_chunk = prefill_chunk
+        self.kv = self._make_cache(block_size, kv_cache_gb)
+        if verbose:
+            print(self.memory_plan())
         if graphs is None:
             graphs = self.device.type == "cuda" and not compile
+        self._graphed = None
         if graphs:
             if compile or self.pack:
                 raise ValueError("graphs=True runs the plain model's step: pass compile=False, pack=False")
-            self._step = GraphedStep(model, self.cache, batch_size, max_length, graph_bucket, self.device)
+            self._graphed = GraphedStep(model, self.device)
+        self.graph_bucket = graph_bucket
         self.chat = c = chat or for_tokenizer(tokenizer)
         self.eot_id = self._single_id(c.end_turn)
         self.sot_id = self._single_id(c.start_turn)  # sampled: ends the trajectory (module docstring)
@@ -274,7 +315,8 @@ class Sampler:
         self.tokenizer_id = hashlib.sha256(tokenizer.model_proto).hexdigest()[:16]
         self._vocab_hash: torch.Tensor | None = None  # gumbel_noise's per-token hashes, made on first use
         self.stats = {"forward_calls": 0, "prefill_tokens": 0, "extend_tokens": 0, "decode_steps": 0,
-                      "sampled_tokens": 0, "tool_calls": 0}
+                      "decode_tokens": 0, "recompute_tokens": 0, "preemptions": 0, "sampled_tokens": 0,
+                      "tool_calls": 0}
         # Encoded once: the template pieces injected around every tool turn.
         self._close_turn = tokenizer.encode(c.close)
         self._after_eot = tokenizer.encode(c.close[len(c.end_turn):])  # the model wrote <end_of_turn> itself
@@ -283,6 +325,34 @@ class Sampler:
         # Which ids' bytes hold a backtick: only those can open or close a call (see _append_sampled).
         self._backtick = [b"`" in tokenizer._token_bytes(i) for i in range(tokenizer.vocab_size)] \
             if self.tool is not None else []
+
+    def _make_cache(self, block_size: int | None, kv_cache_gb: float | None) -> PagedKVCache:
+        cfg = self.model.config
+        if block_size is None:
+            block_size = 16 if self.device.type == "cuda" else self.max_length
+        budget = None if kv_cache_gb is None else int(kv_cache_gb * 2 ** 30)
+        if budget is None and self.device.type == "cuda" and block_size < self.max_length:
+            free, _ = torch.cuda.mem_get_info(self.device)
+            dense = self.B * self.max_length * self.model.kv_bytes_per_token(self.dtype)
+            budget = min(dense, int(0.9 * free))
+        blocks = plan_blocks(cfg, self.B, self.max_length, block_size, budget, self.dtype, self.prefill_chunk) \
+            if block_size < self.max_length else None
+        return PagedKVCache(cfg, self.B, self.max_length, block_size, blocks, self.dtype, self.device,
+                            max_feed=self.prefill_chunk)
+
+    def memory_plan(self, typical_length: int = 700) -> str:
+        """One line: weights, pool, the tokens it holds, and how many rows of a typical length fit."""
+        kv, gb = self.kv, 2 ** 30
+        if kv.dense:
+            return (f"kv cache: weights {self.model.weight_bytes() / gb:.2f} GB, dense pool {kv.pool_bytes() / gb:.2f}"
+                    f" GB: {self.B} rows of {self.max_length} tokens")
+        per_token = self.model.kv_bytes_per_token(self.dtype)
+        tokens = kv.pool_bytes() // per_token
+        # A running row of that length holds its blocks up to there (sliding groups: the window's).
+        fit = min((g.num_blocks - 1) // kv.blocks_for(g, typical_length - 1, typical_length) for g in kv.groups)
+        return (f"kv cache: weights {self.model.weight_bytes() / gb:.2f} GB, paged pool {kv.pool_bytes() / gb:.2f} GB"
+                f" in blocks of {kv.bs}: {tokens} tokens of all layers, {fit} rows of {typical_length} tokens "
+                f"(at most {self.B} rows run)")
 
     def _single_id(self, marker: str) -> int | None:
         ids = self.tok.encode(marker)
@@ -315,15 +385,24 @@ class Sampler:
                 raise ValueError(f"request {r.prompt_id!r}: prompt of {len(r.tokens)} tokens does not fit "
                                  f"max_length {self.max_length}")
         rows: list[_Row | None] = [None] * self.B
-        prefixes: dict[int, tuple] = {}  # req -> (per-layer (k, v) of the prompt, last logits)
-        while queue or any(r is not None for r in rows):
-            yield from self._admit(requests, default, queue, rows, prefixes)
-            yield from self._collect_tools(rows)
-            yield from self._extend(rows)
-            if not (yield from self._decode(rows)):
-                waiting = [r.future for r in rows if r is not None and r.future is not None]
-                if waiting:
-                    cf.wait(waiting, return_when=cf.FIRST_COMPLETED)
+        held: dict[int, tuple] = {}  # req -> (the prompt's KV kept for siblings not admitted yet, its last logits)
+        self._starved = False  # a row could not be fed for want of blocks: admit nothing new until it is
+        try:
+            while queue or any(r is not None for r in rows):
+                yield from self._admit(requests, default, queue, rows, held)
+                yield from self._collect_tools(rows)
+                if not (yield from self._step(rows, held, queue)):
+                    waiting = [r.future for r in rows if r is not None and r.future is not None]
+                    if waiting:
+                        cf.wait(waiting, return_when=cf.FIRST_COMPLETED)
+                    elif not any(r is not None for r in rows) and queue:
+                        raise RuntimeError("the KV pool admits no prompt: raise kv_cache_gb")
+        finally:
+            for handle, _ in held.values():
+                self.kv.drop(handle)
+            for i, r in enumerate(rows):
+                if r is not None:
+                    self.kv.release(i)
 
     def _row_key(self, prompt_id: str, sample_id: int) -> int:
         """A sample's random key depends only on (seed, prompt id, sample id): not on the batch it shares, the
@@ -333,49 +412,55 @@ class Sampler:
 
     # --- loop stages ---
 
-    def _admit(self, requests, default, queue, rows, prefixes):
+    def _new_row(self, r: Request, req: int, sample_id: int, p: SamplingParams, length: int) -> _Row:
+        n = len(r.tokens)
+        self._admitted += 1
+        return _Row(req=req, sample_id=sample_id, params=p, tokens=list(r.tokens),
+                    roles=list(r.roles) if r.roles is not None else [Role.PROMPT] * n,
+                    turns=list(r.turns) if r.turns is not None else [0] * n,
+                    logprobs=[0.0] * n, length=length, turn=max(1, r.turns[-1] if r.turns else 1),
+                    stream=self.tok.decode_stream(), finder=self._new_finder(),
+                    key=self._row_key(r.prompt_id, sample_id), order=self._admitted)
+
+    _admitted = 0
+
+    def _admit(self, requests, default, queue, rows, held):
+        """Free slots take the next samples while the pool has room. N samples of one prompt share one prefill:
+        the first (the leader) feeds the prompt; its siblings take the prompt's blocks and draw their first token
+        from the same logits after that step; siblings admitted in a later step take them from `held`."""
         free = [i for i, r in enumerate(rows) if r is None]
-        while free and queue:
+        running = sum(r is not None for r in rows)
+        while free and queue and not self._starved:
             req = queue[0][0]
+            r = requests[req]
+            if req not in held and not self.kv.can_admit(len(r.tokens), reserve=running):
+                break
             group = []
             while queue and queue[0][0] == req and len(group) < len(free):
                 group.append(queue.popleft()[1])
             slots, free = free[: len(group)], free[len(group):]
-            prompt = requests[req].tokens
-            n = len(prompt)
-            slot_t = torch.tensor(slots, device=self.device)
-            if req in prefixes:
-                kv, logits = prefixes[req]
-                for layer, (k, v) in enumerate(kv):
-                    self.cache.k[layer][slot_t, :, :n] = k
-                    self.cache.v[layer][slot_t, :, :n] = v
-            else:
-                logits = self._forward_row(slots[0], prompt, 0)
-                self.stats["prefill_tokens"] += n
-                if len(slots) > 1:
-                    self.cache.copy_prefix(slots[0], slot_t[1:], n)
-                if queue and queue[0][0] == req:  # siblings still waiting for a slot keep the prompt's KV
-                    kv = [(k[slots[0], :, :n].clone(), v[slots[0], :, :n].clone())
-                          for k, v in zip(self.cache.k, self.cache.v)]
-                    prefixes[req] = (kv, logits)
-            if not (queue and queue[0][0] == req):
-                prefixes.pop(req, None)
-            r = requests[req]
+            running += len(group)
             p = r.params or default
-            for slot, sample_id in zip(slots, group):
-                rows[slot] = _Row(req=req, sample_id=sample_id, params=p, tokens=list(prompt),
-                                  roles=list(r.roles) if r.roles is not None else [Role.PROMPT] * n,
-                                  turns=list(r.turns) if r.turns is not None else [0] * n,
-                                  logprobs=[0.0] * n, length=n, turn=max(1, r.turns[-1] if r.turns else 1),
-                                  stream=self.tok.decode_stream(), finder=self._new_finder(),
-                                  key=self._row_key(r.prompt_id, sample_id))
+            n = len(r.tokens)
+            adopted = req in held
+            if adopted:
+                handle, logits = held[req]
+                for slot, sample_id in zip(slots, group):
+                    rows[slot] = self._new_row(r, req, sample_id, p, length=n)
+                    self.kv.adopt(handle, slot)
+            else:
+                rows[slots[0]] = self._new_row(r, req, group[0], p, length=0)
+                rows[slots[0]].prefilling = True
+                for slot, sample_id in zip(slots[1:], group[1:]):
+                    rows[slot] = self._new_row(r, req, sample_id, p, length=n)
+                    rows[slot].leader = slots[0]
+            for slot in slots:
                 for code in r.replay:  # queued first: the session runs a key's cells in order
-                    self.tool.submit((r.prompt_id, sample_id), code)
-            toks, lps = self._sample([rows[s] for s in slots], logits.expand(len(slots), -1), requests)
-            for slot, t, lp in zip(slots, toks, lps):
-                done = self._append_sampled(rows[slot], t, lp, requests)
-                if done:
-                    yield self._finish(rows, slot, done, requests)
+                    self.tool.submit((r.prompt_id, rows[slot].sample_id), code)
+            if not (queue and queue[0][0] == req) and req in held:
+                self.kv.drop(held.pop(req)[0])  # the prompt's last sample is in
+            if adopted:  # they draw their first tokens now, from the held logits
+                yield from self._draw_and_append(rows, slots, logits.expand(len(slots), -1))
 
     def _collect_tools(self, rows):
         for i, row in enumerate(rows):
@@ -392,75 +477,108 @@ class Sampler:
             if done:
                 yield self._finish(rows, i, done, self._requests)
 
-    def _extend(self, rows):
-        """Feed every row's queued observation (several tokens) in one right-padded forward over those rows."""
-        ext = [i for i, row in enumerate(rows)
-               if row is not None and row.future is None and len(row.tokens) - row.length > 1]
-        if not ext:
-            return
-        logits = self._forward_rows(ext, [rows[i].tokens[rows[i].length:] for i in ext], [rows[i].length for i in ext])
-        for i in ext:
-            self.stats["extend_tokens"] += len(rows[i].tokens) - rows[i].length
-            rows[i].length = len(rows[i].tokens)
-        toks, lps = self._sample([rows[i] for i in ext], logits, self._requests)
-        for i, t, lp in zip(ext, toks, lps):
-            done = self._append_sampled(rows[i], t, lp, self._requests)
-            if done:
-                yield self._finish(rows, i, done, self._requests)
+    def _preempt(self, rows, i: int):
+        """Give back row i's blocks; it will feed its whole trajectory again (its tokens and state are kept)."""
+        self.kv.release(i)
+        rows[i].length = 0
+        rows[i].recompute = True
+        self.stats["preemptions"] += 1
 
-    def _decode(self, rows):
-        """One (B, 1) step for every row with exactly one queued token; returns whether any row stepped."""
-        active = [i for i, r in enumerate(rows) if r is not None and r.future is None
-                  and len(r.tokens) - r.length == 1]
-        if not active:
+    def _schedule(self, rows, held) -> list[Feed]:
+        """What each row feeds this step, oldest rows first, with blocks reserved for it. When the pool runs
+        short: drop held prompts first, then preempt the newest row that holds blocks and is not fed this step
+        (possibly the row asking)."""
+        want = sorted((i for i, r in enumerate(rows) if r is not None and r.future is None and r.leader is None
+                       and len(r.tokens) > r.length), key=lambda i: rows[i].order)
+        feeds, fed = [], set()
+        self._starved = False
+        for i in want:
+            r = rows[i]
+            end = min(len(r.tokens), r.length + self.prefill_chunk)  # long feeds go in chunks
+            while not self.kv.ensure(i, r.length, end):
+                if held:
+                    req = next(iter(held))
+                    self.kv.drop(held.pop(req)[0])
+                    continue
+                holders = [j for j, x in enumerate(rows) if x is not None and j not in fed and j != i
+                           and self.kv.holds(j)]
+                victim = max(holders + [i], key=lambda j: rows[j].order)
+                if victim == i:
+                    if r.length:
+                        self._preempt(rows, i)
+                    self._starved = True
+                    break
+                self._preempt(rows, victim)
+            else:
+                feeds.append(Feed(i, r.length, r.tokens[r.length:end]))
+                fed.add(i)
+        if not feeds and self._starved:
+            raise RuntimeError(f"the KV pool cannot hold one row: raise kv_cache_gb (pool: {self.memory_plan()})")
+        return feeds
+
+    def _step(self, rows, held, queue):
+        """One forward for everything that is fed this step; returns whether anything was."""
+        feeds = self._schedule(rows, held)
+        if not feeds:
             return False
-        # Rows that are not stepping get a dummy token at their next free slot (or slot 0 if empty): the
-        # write lands where that row's next real token will overwrite it, and keeps the step's shape static.
-        tokens = [0] * self.B
-        positions = [0] * self.B
-        for i, r in enumerate(rows):
-            if r is not None:
-                positions[i] = min(r.length, self.max_length - 1)
-        for i in active:
-            tokens[i] = rows[i].tokens[-1]
-        t = torch.tensor(tokens, device=self.device)[:, None]  # (B, 1)
-        p = torch.tensor(positions, device=self.device)[:, None]  # (B, 1)
-        logits = self._step(self.net, t, p, self.cache, max(positions) + 1, torch.tensor(active, device=self.device))
+        for f in feeds:
+            r, n = rows[f.row], len(f.tokens)
+            prompt = len(self._requests[r.req].tokens)
+            if r.recompute:
+                self.stats["recompute_tokens"] += n
+            elif f.start < prompt:
+                self.stats["prefill_tokens"] += n
+            elif n > 1:
+                self.stats["extend_tokens"] += n
+            else:
+                self.stats["decode_tokens"] += 1
+        decode_only = all(len(f.tokens) == 1 for f in feeds)
+        graphed = self._graphed is not None and decode_only
+        view = self.kv.plan(feeds, all_rows=graphed, bucket=self.graph_bucket if graphed else 1)
+        if graphed:
+            logits = self._graphed(self.net, view)
+        else:
+            if self._compiled is not None and decode_only:
+                # The head (one matmul: nothing to fuse) stays outside: the number of sampled rows changes every
+                # step and would cost recompiles where it crosses 1 or equals the number of packed tokens.
+                logits = self.net.head(self._compiled(self.net, view)[0, view.last]).float()
+            else:
+                logits = step_logits(self.net, view)
         self.stats["forward_calls"] += 1
-        self.stats["decode_steps"] += 1
-        for i in active:
-            rows[i].length += 1
-        toks, lps = self._sample([rows[i] for i in active], logits, self._requests)
-        for i, t, lp in zip(active, toks, lps):
-            done = self._append_sampled(rows[i], t, lp, self._requests)
-            if done:
-                yield self._finish(rows, i, done, self._requests)
+        self.stats["decode_steps"] += any(len(f.tokens) == 1 for f in feeds)
+        slots, index = [], []
+        for j, f in enumerate(feeds):
+            r = rows[f.row]
+            r.length = f.start + len(f.tokens)
+            self.kv.trim(f.row, r.length)
+            if r.length < len(r.tokens):  # a chunk of a long feed: the rest comes next step, nothing is drawn
+                continue
+            r.recompute = False
+            slots.append(f.row)
+            index.append(j)
+            if not r.prefilling:
+                continue
+            r.prefilling = False  # a leader's prompt is in: its siblings take its blocks and its logits
+            n = len(r.tokens)
+            for s in [s for s, x in enumerate(rows) if x is not None and x.leader == f.row]:
+                self.kv.share(f.row, s, n)
+                rows[s].leader = None
+                slots.append(s)
+                index.append(j)
+            if queue and queue[0][0] == r.req and r.req not in held:  # and siblings not admitted yet
+                held[r.req] = (self.kv.hold(f.row, n), logits[j: j + 1].clone())
+        if slots:
+            yield from self._draw_and_append(rows, slots, logits[torch.tensor(index, device=logits.device)])
         return True
 
+    def _draw_and_append(self, rows, slots, logits):
+        toks, lps = self._sample([rows[s] for s in slots], logits, self._requests)
+        for s, t, lp in zip(slots, toks, lps):
+            done = self._append_sampled(rows[s], t, lp, self._requests)
+            if done:
+                yield self._finish(rows, s, done, self._requests)
+
     # --- pieces ---
-
-    def _forward_row(self, slot: int, tokens: list[int], start: int) -> torch.Tensor:
-        """Feed `tokens` at positions start.. into one row's cache; fp32 logits (1, V) of the last one."""
-        return self._forward_rows([slot], [tokens], [start])
-
-    def _forward_rows(self, slots: list[int], seqs: list[list[int]], starts: list[int]) -> torch.Tensor:
-        """Feed seqs[j] at positions starts[j].. into row slots[j]'s cache, all rows in one forward; fp32 logits
-        (R, V) of each row's last token. Shorter rows are padded at the end: a pad sits at a position after the
-        row's real tokens (capped at the cache's last slot), so no real token attends to it, and its cache
-        write lands in a slot the row has not reached yet, which the row's own token overwrites later."""
-        L = max(len(q) for q in seqs)
-        x = torch.zeros(len(seqs), L, dtype=torch.long)
-        for j, q in enumerate(seqs):
-            x[j, : len(q)] = torch.tensor(q)
-        pos = (torch.tensor(starts)[:, None] + torch.arange(L)[None]).clamp(max=self.max_length - 1)
-        view = self.cache.select(torch.tensor(slots, device=self.device))
-        # The attended length is known here: passing it spares the model a host sync on every prefill/extend.
-        kv_len = min(max(starts) + L, self.max_length)  # the last (pad) position + 1
-        hidden = self.net(x.to(self.device), positions=pos.to(self.device), cache=view, return_hidden=True,
-                          kv_len=kv_len)
-        self.stats["forward_calls"] += 1
-        last = torch.tensor([len(q) - 1 for q in seqs], device=self.device)
-        return self.net.head(hidden[torch.arange(len(seqs), device=self.device), last]).float()
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor, requests):
         """Draw one token per row from fp32 logits (R, V), all rows in tensor ops; returns (ids, model log-probs
@@ -572,6 +690,7 @@ class Sampler:
     def _finish(self, rows, slot: int, reason: str, requests) -> Trajectory:
         row = rows[slot]
         rows[slot] = None
+        self.kv.release(slot)
         req = requests[row.req]
         if self.tool is not None:
             self.tool.release((req.prompt_id, row.sample_id))

@@ -20,7 +20,9 @@ def test_gpu_check_smoke_runs_every_section():
         assert out[f"parity/{name}/2L"] == {"max_abs_diff": 0.0, "top1_agree": 1.0}
     assert out["step/tiny-gemma/bfloat16/ac=True"]["tok_per_s"] > 0
     assert out["step/tiny-gemma/fsdp_mixed_bf16/ac=True"]["tok_per_s"] > 0  # train.py's own path
-    # The static-shape decode step (what CUDA graphs replay) gives the eager step's greedy tokens.
-    assert out["rollout/tiny-gemma/greedy_graphs_vs_eager"] == {"rows_identical": "8/8"}
-    assert out["rollout/tiny-gemma/rows=4"]["graphs_tok_per_s"] > 0
+    # The static-shape paged decode step (what CUDA graphs replay) gives the eager dense step's greedy tokens.
+    assert out["rollout/tiny-gemma/greedy_graphs_paged_vs_eager_dense"] == {"rows_identical": "8/8"}
+    row = out["rollout/tiny-gemma/rows=4"]
+    assert row["paged_tok_per_s"] > 0 and row["dense_tok_per_s"] > 0 and row["paged_preemptions"] == 0
+    assert out["rollout/tiny-gemma/kv_plan"]["plan"].startswith("kv cache: weights")
     assert out["demo"]["exit"] == 0 and out["demo"]["summary"]["final_accuracy"]["n"] == 6

@@ -1,0 +1,509 @@
+"""The sampler's KV cache: a pool of fixed-size blocks, block tables per row, and attention over one packed step.
+
+Why paged: a dense cache reserves rows x max_length positions in every layer up front. Gemma-7B holds 0.46 MB
+per token in bf16, so 64 rows of 2048 tokens take 60 GB before the first token, and each of a prompt's N samples
+keeps its own copy of the prompt. Here memory is a pool of blocks of `block_size` positions:
+* a row holds only the blocks its tokens occupy (block tables map a row's logical blocks to pool blocks);
+* the N samples of a prompt share the prompt's blocks (reference counts); a row that writes into a shared
+  block first gets a private copy of it (copy-on-write, only ever the prompt's last, partial block);
+* layers with a sliding window hold their own blocks and give back those that fell out of the window;
+* when the pool runs out, the sampler preempts a row (`release`) and later feeds its whole trajectory again.
+
+Layout. Layers are split into groups with one block table each: full-attention layers, and sliding layers whose
+window is short enough to ever free a block (otherwise all layers form one group). For each of its layers a
+group holds keys and values of shape (num_blocks, block_size, H_kv, D). Block 0 of every group is the null
+block: never handed out, written by padding rows, never attended (see `plan`).
+
+Dense mode (block_size >= max_length): one block per row, row r owns block r + 1 for good. Nothing is shared
+(siblings get a copy of the prompt, `share`) and nothing is preempted, but the decode segment reads the pool as a
+slice, not a gather: on a CPU a gather costs as much as the attention it feeds (docs/LOG.md), so dense is the
+CPU default and paged the CUDA one.
+
+A step. `plan(feeds)` packs what every row feeds -- a prompt, an observation, a whole trajectory after a
+preemption, or one decoded token -- into one (1, N) row of tokens with per-token positions (decoding rows first).
+Each layer's `StepView.attend` writes the step's keys and values into their blocks, then attends in two
+segments: rows feeding one token as one batch of (R, H, 1, D) queries, rows feeding several as right-padded
+(R, H, T, D) queries. Each segment reads only its rows' live blocks (a sliding group from the window's first
+block on), with an additive mask from positions. The linear layers, which read all the weights, run once on all
+N tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mdpo.model import GemmaConfig, eager_attention
+
+
+class BlockAllocator:
+    """Free list and reference counts of one group's blocks. Block 0 is the null block and is never handed out."""
+
+    def __init__(self, num_blocks: int):
+        self.ref = [0] * num_blocks
+        self.free = list(range(num_blocks - 1, 0, -1))  # popped from the end: low ids first
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def alloc(self) -> int:
+        b = self.free.pop()
+        self.ref[b] = 1
+        return b
+
+    def incref(self, b: int):
+        self.ref[b] += 1
+
+    def decref(self, b: int):
+        self.ref[b] -= 1
+        if self.ref[b] == 0:
+            self.free.append(b)
+        elif self.ref[b] < 0:
+            raise RuntimeError(f"block {b} released more often than it was taken")
+
+
+class _Group:
+    """Layers that share block tables: their pools, allocator and every row's table."""
+
+    def __init__(self, layers, window, num_blocks, block_size, max_rows, max_blocks, config, dtype, device):
+        self.layers, self.window, self.num_blocks = layers, window, num_blocks
+        shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        self.k = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
+        self.v = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
+        self.alloc = BlockAllocator(num_blocks)
+        self.tables: list[list[int]] = [[] for _ in range(max_rows)]  # logical -> pool block; 0 = given back
+        self.table = np.zeros((max_rows, max_blocks), dtype=np.int64)  # the same, for vectorised plans
+        self.first = [0] * max_rows  # first logical block a row still holds (sliding groups free the ones before)
+        self.peak = 0  # most blocks held at once
+
+    def live_blocks(self) -> int:
+        return self.num_blocks - 1 - self.alloc.num_free
+
+
+@dataclass
+class Feed:
+    """What one row feeds in a step: `tokens` at positions start, start + 1, ..."""
+
+    row: int
+    start: int
+    tokens: list[int]
+
+
+def kv_groups(config: GemmaConfig, max_length: int, block_size: int) -> list[tuple[list[int], int | None]]:
+    """(layers, window) per block-table group: sliding layers get their own tables only if their window can free
+    a block before max_length; otherwise every layer shares one table (its window still masks)."""
+    window = config.sliding_window
+    sliding = [i for i, t in enumerate(config.layer_types) if t == "sliding"]
+    full = [i for i, t in enumerate(config.layer_types) if t != "sliding"]
+    if not sliding or not full or window + block_size > max_length:
+        return [(list(range(config.num_layers)), None)]
+    return [(full, None), (sliding, window)]
+
+
+def row_blocks(window: int | None, max_length: int, block_size: int, max_feed: int) -> int:
+    """Most blocks one row holds in a group at once: all of max_length, or (sliding) a window plus the longest
+    feed, which is written before the blocks that fell out of the window are given back."""
+    if window is None:
+        return -(-max_length // block_size)
+    return min(-(-max_length // block_size), -(-(window + max_feed) // block_size) + 1)
+
+
+def plan_blocks(config: GemmaConfig, max_rows: int, max_length: int, block_size: int, budget_bytes: int | None,
+                dtype: torch.dtype, max_feed: int = 512) -> list[int]:
+    """Blocks per group for a pool of `budget_bytes` (None: what max_rows rows of max_length need, which is
+    never more than a dense cache). The budget is split between groups in proportion to what one row of
+    max_length holds in each; every group gets at least one such row plus the null block."""
+    groups = kv_groups(config, max_length, block_size)
+    per_block = [2 * len(layers) * block_size * config.num_kv_heads * config.head_dim * dtype.itemsize
+                 for layers, _ in groups]
+    row_blocks_ = [row_blocks(w, max_length, block_size, max_feed) for _, w in groups]
+    if budget_bytes is None:
+        return [max_rows * n + 1 for n in row_blocks_]
+    row_bytes = sum(n * b for n, b in zip(row_blocks_, per_block))
+    rows = budget_bytes / row_bytes
+    return [max(int(rows * n), n) + 1 for n in row_blocks_]
+
+
+class PagedKVCache:
+    """Block pools and tables for up to `max_rows` rows of at most `max_length` tokens (see the module docstring).
+
+    num_blocks: blocks per group (plan_blocks), ignored in dense mode (block_size >= max_length).
+    max_feed: most tokens a row feeds in one step (the sampler's prefill_chunk); a pool must hold one row.
+    """
+
+    def __init__(self, config: GemmaConfig, max_rows: int, max_length: int, block_size: int,
+                 num_blocks: list[int] | None = None, dtype=torch.float32, device=None, max_feed: int = 512):
+        self.config, self.max_rows, self.max_length = config, max_rows, max_length
+        self.dense = block_size >= max_length
+        self.bs = bs = max_length if self.dense else block_size
+        self.max_blocks = -(-max_length // bs)
+        self.dtype, self.device = dtype, torch.device(device or "cpu")
+        spec = kv_groups(config, max_length, bs)
+        if self.dense:
+            num_blocks = [max_rows + 1]
+        elif num_blocks is None:
+            num_blocks = plan_blocks(config, max_rows, max_length, bs, None, dtype, max_feed)
+        if len(num_blocks) != len(spec):
+            raise ValueError(f"{len(num_blocks)} block counts for {len(spec)} groups")
+        self.groups = [_Group(layers, w, n, bs, max_rows, self.max_blocks, config, dtype, device)
+                       for (layers, w), n in zip(spec, num_blocks)]
+        self.group_of = {i: g for g in self.groups for i in g.layers}
+        for g in self.groups:
+            need = row_blocks(g.window, max_length, bs, max_feed)
+            if g.num_blocks - 1 < need:
+                raise ValueError(f"a KV pool of {g.num_blocks - 1} blocks cannot hold one row of {max_length} "
+                                 f"tokens ({need} blocks): raise rollout.kv_cache_gb")
+        if self.dense:
+            g = self.groups[0]
+            g.table[:, 0] = np.arange(1, max_rows + 1)
+            for r in range(max_rows):
+                g.tables[r] = [r + 1]
+        self._copies: list[tuple[_Group, int, int, int]] = []  # (group, src block, dst block, positions) pending
+        # A CPU without native bf16 (no AVX512-BF16/AMX) runs bf16 attention through a slow emulated path: 6x the
+        # time of casting the keys and values read to fp32 and attending in fp32 (docs/LOG.md). Scores and
+        # softmax are accumulated in fp32 either way; the output is rounded back to the activation dtype.
+        self.upcast = self.device.type == "cpu" and dtype != torch.float32 and not (
+            dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        self.stats = {"cow_copies": 0, "peak_blocks": 0}
+
+    # --- memory accounting ---
+
+    def bytes_per_block(self, g: _Group) -> int:
+        c = self.config
+        return 2 * len(g.layers) * self.bs * c.num_kv_heads * c.head_dim * self.dtype.itemsize
+
+    def pool_bytes(self) -> int:
+        return sum(g.num_blocks * self.bytes_per_block(g) for g in self.groups)
+
+    def held_bytes(self) -> int:
+        """Bytes of the blocks rows (and held prefixes) hold now."""
+        if self.dense:
+            return self.pool_bytes()
+        return sum(g.live_blocks() * self.bytes_per_block(g) for g in self.groups)
+
+    def blocks_for(self, g: _Group, start: int, end: int) -> int:
+        """Blocks a row needs in group g to feed positions [start, end) with nothing cached."""
+        lo = max(0, start - g.window + 1) if g.window else 0
+        return (end - 1) // self.bs - lo // self.bs + 1
+
+    def can_admit(self, n_tokens: int, reserve: int) -> bool:
+        """Whether a prompt of n_tokens fits with `reserve` blocks per group left for the rows already running."""
+        if self.dense:
+            return True
+        return all(g.alloc.num_free >= self.blocks_for(g, 0, n_tokens) + reserve for g in self.groups)
+
+    # --- tables ---
+
+    def _set(self, g: _Group, row: int, j: int, block: int):
+        t = g.tables[row]
+        if j == len(t):
+            t.append(block)
+        else:
+            t[j] = block
+        g.table[row, j] = block
+
+    def ensure(self, row: int, start: int, end: int) -> bool:
+        """Give `row` private blocks for positions [start, end). Positions before start are cached already (a
+        row's earlier steps, or a shared prompt), so only the blocks from start's on are looked at: one or two
+        per decoding row. False, with nothing changed, if a group has too few free blocks."""
+        if self.dense:
+            return True
+        j0, j1 = start // self.bs, (end - 1) // self.bs
+        for g in self.groups:
+            t = g.tables[row]
+            need = sum(1 for j in range(j0, j1 + 1) if j >= len(t) or t[j] == 0 or g.alloc.ref[t[j]] > 1)
+            if need > g.alloc.num_free:
+                return False
+        for g in self.groups:
+            t = g.tables[row]
+            if not t:
+                g.first[row] = j0
+            while len(t) < j0:  # blocks before a sliding window that were never needed
+                self._set(g, row, len(t), 0)
+            for j in range(j0, j1 + 1):
+                if j < len(t) and t[j] != 0:
+                    old = t[j]
+                    if g.alloc.ref[old] > 1:  # copy-on-write: another row (or a held prompt) reads this block too
+                        new = g.alloc.alloc()
+                        self._copies.append((g, old, new, start - j * self.bs))  # only positions before start
+                        g.alloc.decref(old)
+                        self._set(g, row, j, new)
+                else:
+                    self._set(g, row, j, g.alloc.alloc())
+        live = 0
+        for g in self.groups:
+            n = g.live_blocks()
+            g.peak, live = max(g.peak, n), live + n
+        if live > self.stats["peak_blocks"]:
+            self.stats["peak_blocks"] = live
+        return True
+
+    def trim(self, row: int, next_pos: int):
+        """Sliding groups: give back the blocks no query at next_pos or later can see."""
+        for g in self.groups:
+            if g.window is None:
+                continue
+            keep = max(0, next_pos - g.window + 1) // self.bs  # first block the window of next_pos reaches
+            t = g.tables[row]
+            for j in range(g.first[row], min(keep, len(t))):
+                if t[j]:
+                    g.alloc.decref(t[j])
+                    self._set(g, row, j, 0)
+            g.first[row] = max(g.first[row], keep)
+
+    def holds(self, row: int) -> bool:
+        """Whether `row` holds any block (what preempting it would give back)."""
+        return not self.dense and any(any(g.tables[row]) for g in self.groups)
+
+    def release(self, row: int):
+        """Give back every block of `row` (it finished, or was preempted)."""
+        if self.dense:
+            return
+        for g in self.groups:
+            for b in g.tables[row]:
+                if b:
+                    g.alloc.decref(b)
+            g.tables[row] = []
+            g.table[row] = 0
+            g.first[row] = 0
+
+    def share(self, src: int, dst: int, n: int):
+        """Row dst starts with row src's first n positions (a sibling sample of the same prompt). Paged: dst refers
+        to src's blocks; dense: the positions are copied before the next step."""
+        if self.dense:
+            g = self.groups[0]
+            self._copies.append((g, src + 1, dst + 1, n))
+            return
+        for g in self.groups:
+            lo = max(0, n - g.window) // self.bs if g.window else 0  # what the next query (at n) can see
+            for j in range(lo, (n - 1) // self.bs + 1):
+                b = g.tables[src][j]
+                g.alloc.incref(b)
+                while len(g.tables[dst]) < j:
+                    self._set(g, dst, len(g.tables[dst]), 0)
+                self._set(g, dst, j, b)
+            g.first[dst] = lo
+
+    def hold(self, row: int, n: int):
+        """Keep row's first n positions for siblings admitted later (`adopt`), independent of the row's fate."""
+        if self.dense:
+            g, b = self.groups[0], row + 1
+            return [(g, {i: (g.k[i][b, :n].clone(), g.v[i][b, :n].clone()) for i in g.layers})], n
+        held = []
+        for g in self.groups:
+            lo = max(0, n - g.window) // self.bs if g.window else 0
+            blocks = g.tables[row][lo: (n - 1) // self.bs + 1]
+            for b in blocks:
+                g.alloc.incref(b)
+            held.append((g, lo, blocks))
+        return held, n
+
+    def adopt(self, handle, row: int):
+        held, n = handle
+        if self.dense:
+            (g, kv), = held
+            for i, (k, v) in kv.items():
+                g.k[i][row + 1, :n] = k
+                g.v[i][row + 1, :n] = v
+            return
+        for g, lo, blocks in held:
+            for j, b in enumerate(blocks, start=lo):
+                g.alloc.incref(b)
+                while len(g.tables[row]) < j:
+                    self._set(g, row, len(g.tables[row]), 0)
+                self._set(g, row, j, b)
+            g.first[row] = lo
+
+    def drop(self, handle):
+        held, _ = handle
+        if not self.dense:
+            for g, _, blocks in held:
+                for b in blocks:
+                    g.alloc.decref(b)
+
+    def held_handle_blocks(self, handle) -> int:
+        return 0 if self.dense else sum(len(blocks) for _, _, blocks in handle[0])
+
+    # --- a step ---
+
+    def _apply_copies(self):
+        for g, src, dst, n in self._copies:
+            if n > 0:
+                for i in g.layers:
+                    g.k[i][dst, :n] = g.k[i][src, :n]
+                    g.v[i][dst, :n] = g.v[i][src, :n]
+                self.stats["cow_copies"] += 1
+        self._copies.clear()
+
+    def plan(self, feeds: list[Feed], all_rows: bool = False, bucket: int = 1) -> "StepView":
+        """Pack `feeds` into one step (see the module docstring). Decoding feeds (one token) come first, then the
+        others; `StepView.last[f]` is the index in the packed row of feed f's last token.
+
+        all_rows: the decode segment covers every row 0..max_rows-1, rows without a one-token feed as padding
+        (token 0, attending position 0 only, writing to the null block or, dense, to their last position, which
+        no token ever occupies: the token at max_length - 1 is sampled, never fed). Always so in dense mode,
+        where it lets the segment read the pool as a slice. bucket: the decode segment's read length is rounded
+        up to a multiple of it (static shapes for CUDA graphs)."""
+        self._apply_copies()
+        bs, dev = self.bs, self.device
+        all_rows = all_rows or self.dense
+        dec = [(f_i, f) for f_i, f in enumerate(feeds) if len(f.tokens) == 1]
+        multi = [(f_i, f) for f_i, f in enumerate(feeds) if len(f.tokens) > 1]
+        if len(dec) + len(multi) < len(feeds):
+            raise ValueError("a feed without tokens")
+        if all_rows:
+            rows = np.arange(self.max_rows)
+            qpos = np.zeros(self.max_rows, dtype=np.int64)  # mask positions; padding attends position 0
+            wpos = np.full(self.max_rows, self.max_length - 1, dtype=np.int64)  # positions written
+            toks = np.zeros(self.max_rows, dtype=np.int64)
+            for _, f in dec:
+                qpos[f.row] = wpos[f.row] = f.start
+                toks[f.row] = f.tokens[0]
+            real = np.zeros(self.max_rows, dtype=bool)
+            real[[f.row for _, f in dec]] = True
+            last = {f_i: f.row for f_i, f in dec}
+        else:
+            rows = np.array([f.row for _, f in dec], dtype=np.int64)
+            qpos = wpos = np.array([f.start for _, f in dec], dtype=np.int64)
+            toks = np.array([f.tokens[0] for _, f in dec], dtype=np.int64)
+            real = np.ones(len(dec), dtype=bool)
+            last = {f_i: j for j, (f_i, _) in enumerate(dec)}
+        n_dec = len(rows)
+        m_tokens = [t for _, f in multi for t in f.tokens]
+        m_pos = [f.start + i for _, f in multi for i in range(len(f.tokens))]
+        offset = n_dec
+        for f_i, f in multi:
+            offset += len(f.tokens)
+            last[f_i] = offset - 1
+        tokens = np.concatenate([toks, np.array(m_tokens, dtype=np.int64)])
+        positions = np.concatenate([wpos, np.array(m_pos, dtype=np.int64)])
+
+        view = StepView(self)
+        view.tokens = torch.from_numpy(tokens).to(dev)[None]
+        view.positions = torch.from_numpy(np.where(positions < 0, 0, positions)).to(dev)[None]
+        view.last = torch.tensor([last[i] for i in range(len(feeds))], device=dev)
+        # Rope positions: padding rows rotate at their written position; it never matters (never attended).
+        write_rows = np.concatenate([rows, np.repeat([f.row for _, f in multi], [len(f.tokens) for _, f in multi])
+                                     .astype(np.int64)])
+        for g in self.groups:
+            blk = g.table[write_rows, np.minimum(positions // bs, self.max_blocks - 1)]
+            if all_rows and not self.dense:
+                blk[:n_dec][~real] = 0  # paged padding writes into the null block
+            view.write[id(g)] = torch.from_numpy(blk * bs + positions % bs).to(dev)
+        if n_dec:
+            view.segments.append(self._segment(rows, qpos[:, None], qpos, np.where(real, qpos, 0), None,
+                                               bucket, slice_ok=self.dense))
+            view.seg_rows.append(n_dec)
+        if multi:
+            T = max(len(f.tokens) for _, f in multi)
+            m_rows = np.array([f.row for _, f in multi], dtype=np.int64)
+            starts = np.array([f.start for _, f in multi], dtype=np.int64)
+            lens = np.array([len(f.tokens) for _, f in multi], dtype=np.int64)
+            # Pad queries repeat their row's last token (position and packed index): finite, discarded.
+            steps = np.minimum(np.arange(T)[None], (lens - 1)[:, None])
+            q_pos = starts[:, None] + steps
+            firsts = np.concatenate([[0], np.cumsum(lens)[:-1]]) + n_dec
+            q_index = firsts[:, None] + steps
+            valid = (np.arange(T)[None] < lens[:, None]).reshape(-1)
+            view.segments.append(self._segment(m_rows, q_pos, starts, starts + lens - 1, q_index, 1, False))
+            view.seg_rows.append(torch.from_numpy(np.nonzero(valid)[0]).to(dev))
+        return view
+
+    def _segment(self, rows, q_pos, first_q, last_q, q_index, bucket, slice_ok):
+        """Read plan of one segment: for each group, the pool slots to gather (R, S) (or a slice length), and the
+        additive mask (R, 1, T, S) from query positions q_pos (R, T) and the slots' positions."""
+        bs, dev = self.bs, self.device
+        seg = {"q_index": None if q_index is None else torch.from_numpy(q_index.reshape(-1)).to(dev),
+               "T": q_pos.shape[1], "R": len(rows), "read": {}, "mask": {}}
+        qp = torch.from_numpy(q_pos).to(dev)
+        for g in self.groups:
+            lo = (np.maximum(0, first_q - g.window + 1) // bs) if g.window else np.zeros_like(first_q)
+            hi = last_q // bs
+            nb = int((hi - lo).max()) + 1
+            if slice_ok:  # dense: every row, block r + 1, read as a slice of the pool
+                S = min(self.max_length, -(-int(last_q.max() + 1) // bucket) * bucket)
+                kpos = torch.arange(S, device=dev)[None].expand(len(rows), S)
+                seg["read"][id(g)] = S
+            else:
+                step = max(1, bucket // bs)  # the read length in whole blocks, rounded up to the bucket
+                nb = min(self.max_blocks, -(-nb // step) * step)
+                idx = lo[:, None] + np.arange(nb)[None]
+                blocks = np.where(idx < self.max_blocks, g.table[rows[:, None], np.minimum(idx, self.max_blocks - 1)],
+                                  0)
+                slots = (blocks[:, :, None] * bs + np.arange(bs)[None, None]).reshape(len(rows), -1)
+                kp = (idx[:, :, None] * bs + np.arange(bs)[None, None]).reshape(len(rows), -1)
+                seg["read"][id(g)] = torch.from_numpy(slots).to(dev)
+                kpos = torch.from_numpy(kp).to(dev)
+            # q - k (R, T, S); the mask itself is made per window in StepView (a group may mix full and sliding
+            # layers), keys beyond a row's query (padding, null blocks) are hidden by causality.
+            seg["mask"][id(g)] = qp[:, :, None] - kpos[:, None, :]
+        return seg
+
+
+class StepView:
+    """One step's packed inputs and read plans; the model's attention calls `attend` for every layer."""
+
+    paged = True
+
+    def __init__(self, cache: PagedKVCache):
+        self.cache = cache
+        self.tokens = self.positions = self.last = None
+        self.write: dict[int, torch.Tensor] = {}
+        self.segments: list[dict] = []
+        self.seg_rows: list = []  # decode: number of rows; multi: indices of the real tokens in (R * T)
+        self._masks: dict = {}
+
+    def _mask(self, s: int, seg: dict, g: _Group, window: int | None, dtype) -> torch.Tensor:
+        key = (s, id(g), window, dtype)
+        if key not in self._masks:
+            delta = seg["mask"][id(g)]
+            visible = delta >= 0
+            if window is not None:
+                visible = visible & (delta < window)
+            m = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+            self._masks[key] = m.masked_fill_(~visible, float("-inf"))[:, None]  # (R, 1, T, S)
+        return self._masks[key]
+
+    def attend(self, layer: int, q, k, v, scale: float, softcap: float | None, window: int | None, impl: str):
+        """q (1, H, N, D), k / v (1, H_kv, N, D) of the packed step -> attention output (1, H, N, D)."""
+        c = self.cache
+        g = c.group_of[layer]
+        H, N, D = q.shape[1], q.shape[2], q.shape[3]
+        kf, vf = g.k[layer].view(-1, *g.k[layer].shape[2:]), g.v[layer].view(-1, *g.v[layer].shape[2:])
+        kf.index_copy_(0, self.write[id(g)], k[0].transpose(0, 1))  # (N, H_kv, D) into their slots
+        vf.index_copy_(0, self.write[id(g)], v[0].transpose(0, 1))
+        outs, start = [], 0
+        for s, (seg, rows) in enumerate(zip(self.segments, self.seg_rows)):
+            R, T = seg["R"], seg["T"]
+            if seg["q_index"] is None:  # decode: the first R packed tokens, one per row
+                qs = q[0, :, start: start + R].transpose(0, 1)[:, :, None]  # (R, H, 1, D)
+                start += R
+            else:
+                qs = q[0][:, seg["q_index"]].view(H, R, T, D).transpose(0, 1)  # (R, H, T, D)
+            read = seg["read"][id(g)]
+            if isinstance(read, int):  # dense slice: rows 0..R-1 own blocks 1..R
+                ks, vs = g.k[layer][1: R + 1, :read], g.v[layer][1: R + 1, :read]
+            else:
+                ks = kf.index_select(0, read.view(-1)).view(R, -1, *kf.shape[1:])
+                vs = vf.index_select(0, read.view(-1)).view(R, -1, *vf.shape[1:])
+            if c.upcast:  # cast (R, S, H_kv, D) before the transpose: a cast of the strided view is 4x slower
+                qs, ks, vs = qs.float(), ks.float(), vs.float()
+            ks, vs = ks.transpose(1, 2), vs.transpose(1, 2)  # (R, H_kv, S, D)
+            mask = self._mask(s, seg, g, window, qs.dtype)
+            if impl == "sdpa" and softcap is None:
+                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale,
+                                                   enable_gqa=qs.shape[1] != ks.shape[1])
+            else:
+                o = eager_attention(qs, ks, vs, mask, scale, softcap)
+            o = o.to(q.dtype)
+            if seg["q_index"] is None:
+                outs.append(o[:, :, 0])  # (R, H, D)
+            else:
+                outs.append(o.transpose(1, 2).reshape(R * T, H, D)[rows])
+        out = torch.cat(outs) if len(outs) > 1 else outs[0]
+        return out.transpose(0, 1)[None]  # (1, H, N, D)

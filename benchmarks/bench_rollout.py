@@ -1,13 +1,15 @@
 """Rollout-engine benchmarks on the CPU: the Sampler's host work per decode step, and multi-turn throughput,
-each against an earlier Sampler (a git revision, default the one before the tensor-op sampler) in the same run.
+each against earlier Samplers (git revisions; default the one before issue 11, and session 8's) in the same run.
 
     python benchmarks/bench_rollout.py [--baselines REV ...] [--repeats 3] [--threads 1]
 
 1. Host overhead: the `tiny-gemma` preset (random weights), 256 rows (32 prompts x 8 samples, 8-token
    prompts), temperature 1, no tools, 128 new tokens, one thread. Per decode step: the sampler's wall time
-   divided by its decode steps, minus the time of the forward + head of the net it ran (on the CPU the
-   model's oneDNN-packed twin) at the same shape (B = 256, one token, the mean attended length), timed alone. What is left is the sampler's host work: building the
-   step's inputs, sampling, reading tokens back, detokenising and scanning each row's text.
+   divided by its decode steps, minus the time of the model step it runs, alone, at the same shape (B = 256,
+   one token, the mean attended length), with the net it ran (on the CPU the model's oneDNN-packed twin): the
+   model's KVCache forward for samplers before session 8, the packed step over a dense paged pool after
+   (runs_packed_steps; both are printed). What is left is the sampler's host work: scheduling, building the
+   step's inputs, sampling, reading tokens back, recording them, detokenising and scanning rows' text.
 2. Multi-turn: 64 rows, each a scripted trajectory of 3 tool calls (forced tokens through the `choose` hook,
    which still samples every token first; a stub tool answers at once with ~40 tokens), tokens/s.
 3. KV memory (today's Sampler only): bytes the paged pool holds per live token, against the ideal (kv_memory).
@@ -27,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,6 +72,29 @@ def forward_ms(model, rows: int, kv_len: int, repeats: int = 20) -> float:
     return best * 1e3
 
 
+@torch.no_grad()
+def packed_forward_ms(model, rows: int, max_length: int, kv_len: int, repeats: int = 20) -> float:
+    """The packed step (mdpo.paged, what today's Sampler runs) + head alone, `rows` rows decoding one token each
+    at position kv_len - 1 of a dense pool: ms, best of `repeats`."""
+    from mdpo.paged import Feeds, PagedKVCache
+    from mdpo.sampler import step_logits
+    kv = PagedKVCache(model.config, rows, max_length, max_length, None, model.embed_tokens.weight.dtype)
+    tokens = torch.randint(3, model.config.vocab_size, (rows,)).numpy()
+    view = kv.plan(Feeds(np.arange(rows), np.full(rows, kv_len - 1), np.ones(rows, dtype=np.int64), tokens))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step_logits(model, view)
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def runs_packed_steps(cls) -> bool:
+    """Whether a Sampler class runs the model through packed steps over a paged cache (session 8 on) or through
+    the model's own KVCache forward (before)."""
+    return hasattr(sys.modules[cls.__module__], "step_logits")
+
+
 def host_overhead(classes, model, tok, new: int, repeats: int):
     prompts = [[2] + torch.randint(3, 512, (7,), generator=torch.Generator().manual_seed(i)).tolist()
                for i in range(32)]
@@ -76,7 +102,7 @@ def host_overhead(classes, model, tok, new: int, repeats: int):
     params = SamplingParams(temperature=1.0, max_new_tokens_per_turn=new)
     times = {name: [] for name in classes}
     steps = {}
-    fwd = float("inf")
+    fwd = packed = float("inf")
     for _ in range(repeats):
         for name, cls in classes.items():
             s = cls(model, tok, batch_size=256, max_length=8 + new + 8, seed=0)
@@ -89,11 +115,14 @@ def host_overhead(classes, model, tok, new: int, repeats: int):
             steps[name] = s.stats["decode_steps"]
         # The net the sampler ran (on the CPU its oneDNN-packed twin), timed between the runs: the VM drifts.
         fwd = min(fwd, forward_ms(s.net, 256, 8 + new // 2))
+        packed = min(packed, packed_forward_ms(s.net, 256, 8 + new + 8, 8 + new // 2))
     out = {}
-    for name in classes:
+    for name, cls in classes.items():
         per_step = [t / steps[name] * 1e3 for t in times[name]]
+        own = packed if runs_packed_steps(cls) else fwd  # host work: what the sampler adds to its own model step
         out[name] = {"step_ms": min(per_step), "step_ms_max": max(per_step), "forward_ms": fwd,
-                     "host_ms": min(per_step) - fwd, "decode_steps": steps[name]}
+                     "packed_forward_ms": packed, "host_ms": min(per_step) - own,
+                     "host_ms_vs_kvcache_forward": min(per_step) - fwd, "decode_steps": steps[name]}
     return out
 
 
@@ -144,8 +173,8 @@ def kv_memory(tok, n: int = 8, prompt: int = 150, new: int = 700, block_size: in
 
     def measured_plan(feeds, **kw):  # the blocks held for this step's forward, after last step's trim
         view = plan(feeds, **kw)
-        ends = [f.start + len(f.tokens) for f in feeds]
-        if len(feeds) == n:
+        ends = (feeds.starts + feeds.lens).tolist()
+        if len(ends) == n:
             ideal = 0
             for g in kv.groups:
                 if g.window is None:
@@ -173,7 +202,7 @@ def kv_memory(tok, n: int = 8, prompt: int = 150, new: int = 700, block_size: in
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--baselines", nargs="+", default=["25b1692", "2c866d8"],
+    ap.add_argument("--baselines", nargs="+", default=["25b1692", "2d1cbc2"],
                     help="git revisions of the Sampler to compare against (the first is the reference)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
@@ -195,9 +224,9 @@ def main():
     cell = lambda d, k, kmax: f"{d[k]:.2f} ({d[k]:.2f}-{d[kmax]:.2f})"  # noqa: E731
     print("| decode step, 256 rows (ms; spread) | " + " | ".join(cell(host[n], "step_ms", "step_ms_max") for n in names)
           + f" | {host[ref]['step_ms'] / host['current']['step_ms']:.2f} |")
-    print("| of which the model's forward + head (ms) | " + " | ".join(f"{host[n]['forward_ms']:.2f}" for n in names)
-          + " | |")
-    print("| host work per step (ms) | " + " | ".join(f"{host[n]['host_ms']:.2f}" for n in names)
+    print("| the model's forward + head alone: KVCache forward / packed step (ms) | " + " | ".join(
+        f"{host[n]['forward_ms']:.2f} / {host[n]['packed_forward_ms']:.2f}" for n in names) + " | |")
+    print("| host work per step: step - its own model step (ms) | " + " | ".join(f"{host[n]['host_ms']:.2f}" for n in names)
           + f" | {host[ref]['host_ms'] / host['current']['host_ms']:.2f} |")
     print("| multi-turn, 64 rows x 3 calls (tok/s; spread) | " + " | ".join(
         f"{multi[n]['tok_per_s']:.0f} ({multi[n]['tok_per_s_min']:.0f}-{multi[n]['tok_per_s']:.0f})" for n in names)

@@ -44,7 +44,7 @@ class BlockAllocator:
     """Free list and reference counts of one group's blocks. Block 0 is the null block and is never handed out."""
 
     def __init__(self, num_blocks: int):
-        self.ref = [0] * num_blocks
+        self.ref = np.zeros(num_blocks, dtype=np.int64)  # an array: the sampler checks many rows' blocks at once
         self.free = list(range(num_blocks - 1, 0, -1))  # popped from the end: low ids first
 
     @property
@@ -77,8 +77,10 @@ class _Group:
         self.v = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
         self.alloc = BlockAllocator(num_blocks)
         self.tables: list[list[int]] = [[] for _ in range(max_rows)]  # logical -> pool block; 0 = given back
-        self.table = np.zeros((max_rows, max_blocks), dtype=np.int64)  # the same, for vectorised plans
-        self.first = [0] * max_rows  # first logical block a row still holds (sliding groups free the ones before)
+        # The same, for vectorised plans, and one more row, all null blocks, for padding rows (plan's pad_to).
+        self.table = np.zeros((max_rows + 1, max_blocks), dtype=np.int64)
+        self.first = np.zeros(max_rows, dtype=np.int64)  # first logical block a row still holds (sliding groups
+        # free the ones before)
         self.peak = 0  # most blocks held at once
 
     def live_blocks(self) -> int:
@@ -92,6 +94,23 @@ class Feed:
     row: int
     start: int
     tokens: list[int]
+
+
+@dataclass
+class Feeds:
+    """A step's feeds as arrays: feed f is row rows[f] feeding lens[f] tokens from position starts[f]; `tokens`
+    holds them all, feed after feed. What the sampler builds without a Python object per row."""
+
+    rows: np.ndarray
+    starts: np.ndarray
+    lens: np.ndarray
+    tokens: np.ndarray
+
+    @staticmethod
+    def of(feeds: list[Feed]) -> "Feeds":
+        return Feeds(np.array([f.row for f in feeds], dtype=np.int64), np.array([f.start for f in feeds], dtype=np.int64),
+                     np.array([len(f.tokens) for f in feeds], dtype=np.int64),
+                     np.array([t for f in feeds for t in f.tokens], dtype=np.int64))
 
 
 def kv_groups(config: GemmaConfig, max_length: int, block_size: int) -> list[tuple[list[int], int | None]]:
@@ -160,7 +179,7 @@ class PagedKVCache:
                                  f"tokens ({need} blocks): raise rollout.kv_cache_gb")
         if self.dense:
             g = self.groups[0]
-            g.table[:, 0] = np.arange(1, max_rows + 1)
+            g.table[:max_rows, 0] = np.arange(1, max_rows + 1)
             for r in range(max_rows):
                 g.tables[r] = [r + 1]
         self._copies: list[tuple[_Group, int, int, int]] = []  # (group, src block, dst block, positions) pending
@@ -170,6 +189,7 @@ class PagedKVCache:
         self.upcast = self.device.type == "cpu" and dtype != torch.float32 and not (
             dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
         self.stats = {"cow_copies": 0, "peak_blocks": 0}
+        self._arange: torch.Tensor | None = None
 
     # --- memory accounting ---
 
@@ -243,6 +263,27 @@ class PagedKVCache:
             self.stats["peak_blocks"] = live
         return True
 
+    def has_blocks(self, rows: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        """Which rows can feed [start, end) with no block to allocate or copy (`ensure` would change nothing):
+        the feed stays in one block that the row holds alone. Most decoding rows, checked in a few array ops."""
+        if self.dense:
+            return np.ones(len(rows), dtype=bool)
+        j = starts // self.bs
+        ok = (ends - 1) // self.bs == j
+        j = np.minimum(j, self.max_blocks - 1)
+        for g in self.groups:
+            b = g.table[rows, j]
+            ok &= (b != 0) & (g.alloc.ref[b] == 1)
+        return ok
+
+    def trim_rows(self, rows: np.ndarray, next_pos: np.ndarray):
+        """`trim` for many rows; Python runs only for those with a block to give back."""
+        for g in self.groups:
+            if g.window is not None:
+                keep = np.maximum(0, next_pos - g.window + 1) // self.bs
+                for i in np.nonzero(keep > g.first[rows])[0].tolist():
+                    self.trim(int(rows[i]), int(next_pos[i]))
+
     def trim(self, row: int, next_pos: int):
         """Sliding groups: give back the blocks no query at next_pos or later can see."""
         for g in self.groups:
@@ -250,7 +291,7 @@ class PagedKVCache:
                 continue
             keep = max(0, next_pos - g.window + 1) // self.bs  # first block the window of next_pos reaches
             t = g.tables[row]
-            for j in range(g.first[row], min(keep, len(t))):
+            for j in range(int(g.first[row]), min(keep, len(t))):
                 if t[j]:
                     g.alloc.decref(t[j])
                     self._set(g, row, j, 0)
@@ -340,109 +381,129 @@ class PagedKVCache:
                 self.stats["cow_copies"] += 1
         self._copies.clear()
 
-    def plan(self, feeds: list[Feed], all_rows: bool = False, bucket: int = 1) -> "StepView":
+    def plan(self, feeds: "Feeds | list[Feed]", pad_to: int | None = None, bucket: int = 1,
+             all_rows: bool = False) -> "StepView":
         """Pack `feeds` into one step (see the module docstring). Decoding feeds (one token) come first, then the
         others; `StepView.last[f]` is the index in the packed row of feed f's last token.
 
-        all_rows: the decode segment covers every row 0..max_rows-1, rows without a one-token feed as padding
-        (token 0, attending position 0 only, writing to the null block or, dense, to their last position, which
-        no token ever occupies: the token at max_length - 1 is sampled, never fed). Always so in dense mode,
-        where it lets the segment read the pool as a slice. bucket: the decode segment's read length is rounded
-        up to a multiple of it (static shapes for CUDA graphs)."""
+        pad_to: the decode segment has exactly this many rows (static shapes for CUDA graphs): the decoding rows,
+        then padding rows (token 0 at position 0, attending position 0 only, writing into the null block through
+        a table row of null blocks kept for them). all_rows: pad_to=max_rows. Dense mode always runs every slot
+        in slot order, which lets the segment read the pool as a slice; its padding rows write to their own last
+        position, which no token ever occupies (the token at max_length - 1 is sampled, never fed).
+        bucket: the decode segment's read length is rounded up to a multiple of it (static shapes again)."""
+        if isinstance(feeds, list):
+            feeds = Feeds.of(feeds)
         self._apply_copies()
         bs, dev = self.bs, self.device
-        all_rows = all_rows or self.dense
-        dec = [(f_i, f) for f_i, f in enumerate(feeds) if len(f.tokens) == 1]
-        multi = [(f_i, f) for f_i, f in enumerate(feeds) if len(f.tokens) > 1]
-        if len(dec) + len(multi) < len(feeds):
+        pad_to = self.max_rows if all_rows else pad_to
+        lens = feeds.lens
+        if (lens < 1).any():
             raise ValueError("a feed without tokens")
-        if all_rows:
+        first_tok = np.cumsum(lens) - lens  # each feed's first token in feeds.tokens
+        dec = np.nonzero(lens == 1)[0]
+        multi = np.nonzero(lens > 1)[0]
+        last = np.zeros(len(lens), dtype=np.int64)
+        d_rows, d_pos, d_tok = feeds.rows[dec], feeds.starts[dec], feeds.tokens[first_tok[dec]]
+        if self.dense:
             rows = np.arange(self.max_rows)
             qpos = np.zeros(self.max_rows, dtype=np.int64)  # mask positions; padding attends position 0
             wpos = np.full(self.max_rows, self.max_length - 1, dtype=np.int64)  # positions written
             toks = np.zeros(self.max_rows, dtype=np.int64)
-            for _, f in dec:
-                qpos[f.row] = wpos[f.row] = f.start
-                toks[f.row] = f.tokens[0]
+            qpos[d_rows] = wpos[d_rows] = d_pos
+            toks[d_rows] = d_tok
             real = np.zeros(self.max_rows, dtype=bool)
-            real[[f.row for _, f in dec]] = True
-            last = {f_i: f.row for f_i, f in dec}
+            real[d_rows] = True
+            last[dec] = d_rows
+        elif pad_to is not None:
+            pad = pad_to - len(dec)
+            if pad < 0:
+                raise ValueError(f"{len(dec)} decoding rows do not fit a step padded to {pad_to}")
+            rows = np.concatenate([d_rows, np.full(pad, self.max_rows)])  # the table row of null blocks
+            qpos = np.concatenate([d_pos, np.zeros(pad, dtype=np.int64)])
+            wpos = np.concatenate([d_pos, np.full(pad, self.max_length - 1)])
+            toks = np.concatenate([d_tok, np.zeros(pad, dtype=np.int64)])
+            real = np.arange(pad_to) < len(dec)
+            last[dec] = np.arange(len(dec))
         else:
-            rows = np.array([f.row for _, f in dec], dtype=np.int64)
-            qpos = wpos = np.array([f.start for _, f in dec], dtype=np.int64)
-            toks = np.array([f.tokens[0] for _, f in dec], dtype=np.int64)
+            rows, qpos, wpos, toks = d_rows, d_pos, d_pos, d_tok
             real = np.ones(len(dec), dtype=bool)
-            last = {f_i: j for j, (f_i, _) in enumerate(dec)}
+            last[dec] = np.arange(len(dec))
         n_dec = len(rows)
-        m_tokens = [t for _, f in multi for t in f.tokens]
-        m_pos = [f.start + i for _, f in multi for i in range(len(f.tokens))]
-        offset = n_dec
-        for f_i, f in multi:
-            offset += len(f.tokens)
-            last[f_i] = offset - 1
-        tokens = np.concatenate([toks, np.array(m_tokens, dtype=np.int64)])
-        positions = np.concatenate([wpos, np.array(m_pos, dtype=np.int64)])
+        m_lens = lens[multi]
+        m_rows = feeds.rows[multi]
+        m_starts = feeds.starts[multi]
+        m_feed = np.repeat(np.arange(len(multi)), m_lens)  # which multi feed each of their tokens belongs to
+        m_step = np.arange(len(m_feed)) - np.repeat(np.cumsum(m_lens) - m_lens, m_lens)  # its index in the feed
+        m_tokens = feeds.tokens[first_tok[multi][m_feed] + m_step]
+        m_pos = m_starts[m_feed] + m_step
+        last[multi] = n_dec + np.cumsum(m_lens) - 1
+        tokens = np.concatenate([toks, m_tokens])
+        positions = np.concatenate([wpos, m_pos])
 
         view = StepView(self)
-        view.tokens = torch.from_numpy(tokens).to(dev)[None]
-        view.positions = torch.from_numpy(np.where(positions < 0, 0, positions)).to(dev)[None]
-        view.last = torch.tensor([last[i] for i in range(len(feeds))], device=dev)
+        view.tokens = _upload(tokens, dev)[None]
+        view.positions = _upload(np.maximum(positions, 0), dev)[None]
+        view.last = _upload(last, dev)
         # Rope positions: padding rows rotate at their written position; it never matters (never attended).
-        write_rows = np.concatenate([rows, np.repeat([f.row for _, f in multi], [len(f.tokens) for _, f in multi])
-                                     .astype(np.int64)])
+        write_rows = np.concatenate([rows, m_rows[m_feed]])
         for g in self.groups:
             blk = g.table[write_rows, np.minimum(positions // bs, self.max_blocks - 1)]
-            if all_rows and not self.dense:
-                blk[:n_dec][~real] = 0  # paged padding writes into the null block
-            view.write[id(g)] = torch.from_numpy(blk * bs + positions % bs).to(dev)
+            view.write[id(g)] = _upload(blk * bs + positions % bs, dev)
         if n_dec:
             view.segments.append(self._segment(rows, qpos[:, None], qpos, np.where(real, qpos, 0), None,
                                                bucket, slice_ok=self.dense))
             view.seg_rows.append(n_dec)
-        if multi:
-            T = max(len(f.tokens) for _, f in multi)
-            m_rows = np.array([f.row for _, f in multi], dtype=np.int64)
-            starts = np.array([f.start for _, f in multi], dtype=np.int64)
-            lens = np.array([len(f.tokens) for _, f in multi], dtype=np.int64)
+        if len(multi):
+            T = int(m_lens.max())
             # Pad queries repeat their row's last token (position and packed index): finite, discarded.
-            steps = np.minimum(np.arange(T)[None], (lens - 1)[:, None])
-            q_pos = starts[:, None] + steps
-            firsts = np.concatenate([[0], np.cumsum(lens)[:-1]]) + n_dec
-            q_index = firsts[:, None] + steps
-            valid = (np.arange(T)[None] < lens[:, None]).reshape(-1)
-            view.segments.append(self._segment(m_rows, q_pos, starts, starts + lens - 1, q_index, 1, False))
-            view.seg_rows.append(torch.from_numpy(np.nonzero(valid)[0]).to(dev))
+            steps = np.minimum(np.arange(T)[None], (m_lens - 1)[:, None])
+            q_pos = m_starts[:, None] + steps
+            q_index = (n_dec + np.cumsum(m_lens) - m_lens)[:, None] + steps
+            valid = (np.arange(T)[None] < m_lens[:, None]).reshape(-1)
+            view.segments.append(self._segment(m_rows, q_pos, m_starts, m_starts + m_lens - 1, q_index, 1, False))
+            view.seg_rows.append(_upload(np.nonzero(valid)[0], dev))
         return view
 
     def _segment(self, rows, q_pos, first_q, last_q, q_index, bucket, slice_ok):
         """Read plan of one segment: for each group, the pool slots to gather (R, S) (or a slice length), and the
-        additive mask (R, 1, T, S) from query positions q_pos (R, T) and the slots' positions."""
+        additive mask (R, 1, T, S) from query positions q_pos (R, T) and the slots' positions. Paged reads go up
+        as block ids (R, blocks) and are widened to slots on the device: a fraction of the bytes and host work."""
         bs, dev = self.bs, self.device
-        seg = {"q_index": None if q_index is None else torch.from_numpy(q_index.reshape(-1)).to(dev),
+        seg = {"q_index": None if q_index is None else _upload(q_index.reshape(-1), dev),
                "T": q_pos.shape[1], "R": len(rows), "read": {}, "mask": {}}
-        qp = torch.from_numpy(q_pos).to(dev)
+        qp = _upload(q_pos, dev)
         for g in self.groups:
-            lo = (np.maximum(0, first_q - g.window + 1) // bs) if g.window else np.zeros_like(first_q)
-            hi = last_q // bs
-            nb = int((hi - lo).max()) + 1
             if slice_ok:  # dense: every row, block r + 1, read as a slice of the pool
                 S = min(self.max_length, -(-int(last_q.max() + 1) // bucket) * bucket)
-                kpos = torch.arange(S, device=dev)[None].expand(len(rows), S)
+                kpos = self._positions(S)[None]
                 seg["read"][id(g)] = S
             else:
+                lo = (np.maximum(0, first_q - g.window + 1) // bs) if g.window else np.zeros_like(first_q)
                 step = max(1, bucket // bs)  # the read length in whole blocks, rounded up to the bucket
-                nb = min(self.max_blocks, -(-nb // step) * step)
+                nb = min(self.max_blocks, -(-(int((last_q // bs - lo).max()) + 1) // step) * step)
                 idx = lo[:, None] + np.arange(nb)[None]
                 blocks = np.where(idx < self.max_blocks, g.table[rows[:, None], np.minimum(idx, self.max_blocks - 1)],
                                   0)
-                slots = (blocks[:, :, None] * bs + np.arange(bs)[None, None]).reshape(len(rows), -1)
-                kp = (idx[:, :, None] * bs + np.arange(bs)[None, None]).reshape(len(rows), -1)
-                seg["read"][id(g)] = torch.from_numpy(slots).to(dev)
-                kpos = torch.from_numpy(kp).to(dev)
+                seg["read"][id(g)] = (_upload(blocks, dev)[:, :, None] * bs + self._positions(bs)).reshape(len(rows), -1)
+                kpos = _upload(lo * bs, dev)[:, None] + self._positions(nb * bs)[None]
             # q - k (R, T, S); the mask itself is made per window in StepView (a group may mix full and sliding
             # layers), keys beyond a row's query (padding, null blocks) are hidden by causality.
             seg["mask"][id(g)] = qp[:, :, None] - kpos[:, None, :]
         return seg
+
+    def _positions(self, n: int) -> torch.Tensor:
+        """arange(n) on the device, from one cached arange of every position the blocks of a row hold."""
+        if self._arange is None:
+            self._arange = torch.arange(self.max_blocks * self.bs, device=self.device)
+        return self._arange[:n]
+
+
+def _upload(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array as a tensor on `device`. On CUDA the copy is queued without waiting for the device (the sampler
+    allows itself one synchronisation a step, when it reads the drawn tokens back)."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t if device.type == "cpu" else t.to(device, non_blocking=True)
 
 
 class StepView:

@@ -43,13 +43,15 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 
 from mdpo.chat import ChatFormat, for_tokenizer
 from mdpo.extraction import LIMIT_MESSAGE
 from mdpo.model import Gemma
 from mdpo.packed import is_fresh, pack_for_cpu, should_pack
-from mdpo.paged import Feed, PagedKVCache, StepView, plan_blocks
+from mdpo.paged import Feeds, PagedKVCache, StepView, plan_blocks
+from mdpo.sampling import Drawer, counter_uniform
 from mdpo.tools import STOP, PythonTool, Tool, ToolResult
 from mdpo.trajectory import Role, Trajectory
 
@@ -86,77 +88,62 @@ class Request:
     replay: list[str] = field(default_factory=list)
 
 
-@dataclass
 class _Row:
-    req: int
-    sample_id: int
-    params: SamplingParams
-    tokens: list[int]
-    roles: list[int]
-    turns: list[int]
-    logprobs: list[float]
-    length: int  # tokens whose keys/values are in the cache; tokens[length:] are queued for the next forward
-    stream: object
-    turn: int = 1
-    turn_tokens: int = 0
-    turn_text: str = ""  # the model turn's text, decoded up to the last token that could touch a fence
-    pending: list = field(default_factory=list)  # the turn's tokens sampled since (not decoded yet)
-    finder: object = None  # the tool's call finder for this turn (mdpo.tools.FenceFinder); None without a tool
-    future: cf.Future | None = None
-    closed_by_eot: bool = False
-    tool_status: list = field(default_factory=list)  # executor status of each call (ok, error, timeout, ...)
-    calls: list = field(default_factory=list)  # the code of each call, as run (what a continuation replays)
-    key: int = 0  # this sample's random key: (seed, prompt id, sample id) hashed (gumbel_noise)
-    order: int = 0  # admission order: the oldest rows are fed first, the newest preempted first
-    leader: int | None = None  # slot of the sibling whose prompt prefill this row waits for
-    recompute: bool = False  # preempted: its next feed is its whole trajectory again
-    prefilling: bool = False  # the first of a prompt's samples, feeding the prompt for its siblings too
+    """What Python keeps of a row: its request, tool state and turn text. Its tokens and counters live in the
+    sampler's _Slots arrays, row `slot`."""
+
+    __slots__ = ("req", "sample_id", "params", "stream", "turn_text", "decoded", "finder", "future", "closed_by_eot",
+                 "tool_status", "calls")
+
+    def __init__(self, req: int, sample_id: int, params: SamplingParams, stream, finder, decoded: int):
+        self.req, self.sample_id, self.params = req, sample_id, params
+        self.stream = stream
+        self.turn_text = ""  # the model turn's text, decoded up to index `decoded` of the row's tokens
+        self.decoded = decoded
+        self.finder = finder  # the tool's call finder for this turn (mdpo.tools.FenceFinder); None without a tool
+        self.future: cf.Future | None = None
+        self.closed_by_eot = False
+        self.tool_status: list = []  # executor status of each call (ok, error, timeout, ...)
+        self.calls: list = []  # the code of each call, as run (what a continuation replays)
 
 
-_MASK32 = 0xFFFFFFFF
+class _Slots:
+    """Every slot's tokens and counters as arrays, so that a step appends to all rows and checks them in a few
+    numpy operations, and Python looks at a row only where something happens (a stop token, a backtick, a
+    limit). tok / role / turn / lp (B, max_length) hold each row's trajectory; n its length; cached how many of
+    its tokens are in the KV cache (tokens[cached:n] are fed next)."""
 
+    def __init__(self, B: int, L: int):
+        self.tok = np.zeros((B, L), np.int64)
+        self.role = np.zeros((B, L), np.int8)
+        self.turn = np.zeros((B, L), np.int32)
+        self.lp = np.zeros((B, L), np.float64)
+        self.n = np.zeros(B, np.int64)
+        self.cached = np.zeros(B, np.int64)
+        self.prompt = np.zeros(B, np.int64)  # the request's prompt length
+        self.now = np.zeros(B, np.int32)  # the model turn being written (turn index of its tokens)
+        self.turn_tokens = np.zeros(B, np.int64)  # tokens sampled in this turn
+        self.turn_max = np.zeros(B, np.int64)  # params.max_new_tokens_per_turn
+        self.limit = np.zeros(B, np.int64)  # min(sampler max_length, params.max_length)
+        self.temp = np.zeros(B, np.float64)
+        self.top_k = np.zeros(B, np.int64)
+        self.top_p = np.ones(B, np.float64)
+        self.key = np.zeros(B, np.int64)  # the sample's random key: (seed, prompt id, sample id) hashed
+        self.order = np.zeros(B, np.int64)  # admission order: the oldest rows are fed first, the newest preempted first
+        self.live = np.zeros(B, bool)  # a row holds the slot
+        self.ready = np.zeros(B, bool)  # may be fed: not paused on a tool call, not waiting for its leader's prefill
+        self.waiting = np.zeros(B, bool)  # its finder waits for the rest of a fence (mdpo.tools.FenceFinder.waiting)
+        self.recompute = np.zeros(B, bool)  # preempted: its next feeds are its whole trajectory again
+        self.prefilling = np.zeros(B, bool)  # the first of a prompt's samples, feeding the prompt for its siblings too
 
-def _mix32(h: torch.Tensor) -> torch.Tensor:
-    """MurmurHash3's 32-bit finaliser on int64 tensors holding 32-bit values. The products overflow int64 and
-    wrap; their low 32 bits, which the mask keeps, are the same as in unsigned 32-bit arithmetic."""
-    h = h ^ (h >> 16)
-    h = (h * 0x85EBCA6B) & _MASK32
-    h = h ^ (h >> 13)
-    h = (h * 0xC2B2AE35) & _MASK32
-    return h ^ (h >> 16)
-
-
-def gumbel_noise(keys: torch.Tensor, positions: torch.Tensor, vocab_hash: torch.Tensor) -> torch.Tensor:
-    """Gumbel(0, 1) noise (R, V), a pure function of each row's 63-bit key, its position and the token id.
-
-    Counter-based: a draw depends on (seed, prompt id, sample id, position) and nothing else: not on the batch,
-    the slot, the device or what was drawn before, so a resumed or re-batched run draws the same tokens. The
-    uniform has 24 bits (the float32 mantissa); the largest Gumbel value it can give is 17.3, so a token is
-    misdrawn only where that truncation matters, with probability below 1e-7 per draw.
-    vocab_hash: _mix32 of each token id plus a constant (precomputed once per vocabulary and device).
-    """
-    row = _mix32((keys & _MASK32) ^ _mix32(((keys >> 32) & _MASK32) ^ _mix32(positions & _MASK32)))
-    h = _mix32(row[:, None] ^ vocab_hash[None, :])
-    u = ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # in (0, 1), never 0 or 1
-    return -torch.log(-torch.log(u))
-
-
-def filter_logits(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Set to -inf what top-k (k > 0: keep tokens at least as large as the k-th largest, ties included) and
-    then top-p (drop a token once the more likely ones reach p; the top one always stays) remove, for all
-    rows at once. top_k (R,) int, 0 = off; top_p (R,) float, 1 = off. Returns a new tensor."""
-    x = x.clone()
-    k_max = int(top_k.max()) if top_k.numel() else 0  # the parameters are host data: no device sync
-    if k_max > 0:
-        kth = x.topk(min(k_max, x.shape[-1]), dim=-1).values.gather(1, (top_k.clamp(min=1) - 1)[:, None])
-        x = x.masked_fill((top_k[:, None] > 0) & (x < kth), float("-inf"))
-    if bool((top_p < 1).any()):
-        sorted_x, order = x.sort(dim=-1, descending=True)
-        probs = torch.softmax(sorted_x, dim=-1)
-        # Only rows that ask for it: at p = 1 a rounded cumulative sum can reach 1 before the last token.
-        drop = ((probs.cumsum(-1) - probs) >= top_p[:, None]) & (top_p < 1)[:, None]
-        x = x.scatter(1, order, sorted_x.masked_fill(drop, float("-inf")))
-    return x
+    def put(self, s: int, tokens, role, turn, lps=None):
+        """Append tokens (roles, turn indices, log-probs: one value or one per token) to row s."""
+        a, b = self.n[s], self.n[s] + len(tokens)
+        self.tok[s, a:b] = tokens
+        self.role[s, a:b] = role
+        self.turn[s, a:b] = turn
+        self.lp[s, a:b] = 0.0 if lps is None else lps
+        self.n[s] = b
 
 
 def step_hidden(net, view: StepView) -> torch.Tensor:
@@ -171,13 +158,14 @@ def step_logits(net, view: StepView) -> torch.Tensor:
 
 
 class GraphedStep:
-    """Decode-only steps as CUDA graphs, one per read shape (the attended length, rounded up to `bucket`).
+    """Decode-only steps as CUDA graphs, one per step shape (rows and attended length, each bucketed).
 
     Eager, a 7B decode step dispatches about a thousand small kernels from Python, and on an H200 that, not
     memory, sets its speed: 67-108 ms a step at any batch size against 4.2 ms to read the weights
     (docs/LOG.md, the first GPU check). A graph replays the recorded kernels in one launch. Its shapes are
-    fixed: the step covers every row (PagedKVCache.plan(all_rows=True): rows that do not step are padding
-    that writes where nothing is read), the head runs on all of them, and the read length is bucketed. The
+    fixed: the step covers the decoding rows padded to a row bucket (Sampler._row_bucket: powers of two from 8 to
+    B; PagedKVCache.plan(pad_to=...): padding rows read and write only null blocks; dense: every slot), the head
+    runs on all of them, and the read length is bucketed: one graph per (rows, length) bucket. The
     step's inputs (tokens, positions, write slots, read slots, masks' position differences) are copied into
     the captured view's tensors before each replay; the graphs share one memory pool, and each step's logits
     are read before the next replay. Off CUDA the same static-shape step runs eagerly (what the CPU tests
@@ -246,7 +234,7 @@ class Sampler:
         executor: shorthand for tool=PythonTool(executor) (an ExecutorPool, or any object with
             submit(key, code) -> Future and release(key)).
         chat: the turn markup (mdpo.chat.ChatFormat); None: the tokenizer's family's.
-        seed: seed of the counter-based draws (gumbel_noise).
+        seed: seed of the counter-based draws (mdpo.sampling).
         choose: testing hook, (prompt_id, sample_id, generated ids) -> forced token id or None.
         block_size: KV block size (mdpo.paged); >= max_length is the dense layout (one block per row, nothing
             shared or preempted, decode reads slices). None: 16 on CUDA, dense elsewhere (on a CPU a paged read
@@ -313,7 +301,7 @@ class Sampler:
         self.sot_id = self._single_id(c.start_turn)  # sampled: ends the trajectory (module docstring)
         self.stop_ids = set(tokenizer.stop_ids) | {i for i in (self.eot_id, self.sot_id) if i is not None}
         self.tokenizer_id = hashlib.sha256(tokenizer.model_proto).hexdigest()[:16]
-        self._vocab_hash: torch.Tensor | None = None  # gumbel_noise's per-token hashes, made on first use
+        self._drawer = Drawer()
         self.stats = {"forward_calls": 0, "prefill_tokens": 0, "extend_tokens": 0, "decode_steps": 0,
                       "decode_tokens": 0, "recompute_tokens": 0, "preemptions": 0, "sampled_tokens": 0,
                       "tool_calls": 0}
@@ -322,9 +310,12 @@ class Sampler:
         self._after_eot = tokenizer.encode(c.close[len(c.end_turn):])  # the model wrote <end_of_turn> itself
         self._open_model = tokenizer.encode(c.open(c.model_role))
         self._max_calls = tokenizer.encode(MAX_CALLS_TEXT)
-        # Which ids' bytes hold a backtick: only those can open or close a call (see _append_sampled).
-        self._backtick = [b"`" in tokenizer._token_bytes(i) for i in range(tokenizer.vocab_size)] \
-            if self.tool is not None else []
+        # Which ids' bytes hold a backtick: only those can open or close a call (see _after_token).
+        self._vocab = max(model.config.vocab_size, tokenizer.vocab_size)
+        self._backtick = np.zeros(self._vocab, bool)
+        if self.tool is not None:
+            self._backtick[:tokenizer.vocab_size] = [b"`" in tokenizer._token_bytes(i)
+                                                     for i in range(tokenizer.vocab_size)]
 
     def _make_cache(self, block_size: int | None, kv_cache_gb: float | None) -> PagedKVCache:
         cfg = self.model.config
@@ -353,6 +344,11 @@ class Sampler:
         return (f"kv cache: weights {self.model.weight_bytes() / gb:.2f} GB, paged pool {kv.pool_bytes() / gb:.2f} GB"
                 f" in blocks of {kv.bs}: {tokens} tokens of all layers, {fit} rows of {typical_length} tokens "
                 f"(at most {self.B} rows run)")
+
+    def _row_bucket(self, n: int) -> int:
+        """The rows a graphed decode step runs for n decoding rows: the next power of two from 8 on, at most B (a
+        graph per bucket and read length; padding costs at most as much as the rows themselves)."""
+        return min(self.B, max(8, 1 << (n - 1).bit_length()))
 
     def _single_id(self, marker: str) -> int | None:
         ids = self.tok.encode(marker)
@@ -384,25 +380,29 @@ class Sampler:
             if len(r.tokens) >= self.max_length:
                 raise ValueError(f"request {r.prompt_id!r}: prompt of {len(r.tokens)} tokens does not fit "
                                  f"max_length {self.max_length}")
+        self._special = np.zeros(self._vocab, bool)  # stop ids (read here: a caller may change stop_ids)
+        self._special[list(self.stop_ids)] = True
+        self.s = _Slots(self.B, self.max_length)
         rows: list[_Row | None] = [None] * self.B
+        self._paused: set[int] = set()  # slots waiting for a tool call
+        self._followers: dict[int, list[int]] = {}  # leader slot -> siblings waiting for its prompt
         held: dict[int, tuple] = {}  # req -> (the prompt's KV kept for siblings not admitted yet, its last logits)
         self._starved = False  # a row could not be fed for want of blocks: admit nothing new until it is
         try:
-            while queue or any(r is not None for r in rows):
+            while queue or self.s.live.any():
                 yield from self._admit(requests, default, queue, rows, held)
                 yield from self._collect_tools(rows)
                 if not (yield from self._step(rows, held, queue)):
-                    waiting = [r.future for r in rows if r is not None and r.future is not None]
+                    waiting = [rows[i].future for i in self._paused]
                     if waiting:
                         cf.wait(waiting, return_when=cf.FIRST_COMPLETED)
-                    elif not any(r is not None for r in rows) and queue:
+                    elif not self.s.live.any() and queue:
                         raise RuntimeError("the KV pool admits no prompt: raise kv_cache_gb")
         finally:
             for handle, _ in held.values():
                 self.kv.drop(handle)
-            for i, r in enumerate(rows):
-                if r is not None:
-                    self.kv.release(i)
+            for i in np.nonzero(self.s.live)[0]:
+                self.kv.release(int(i))
 
     def _row_key(self, prompt_id: str, sample_id: int) -> int:
         """A sample's random key depends only on (seed, prompt id, sample id): not on the batch it shares, the
@@ -412,24 +412,30 @@ class Sampler:
 
     # --- loop stages ---
 
-    def _new_row(self, r: Request, req: int, sample_id: int, p: SamplingParams, length: int) -> _Row:
-        n = len(r.tokens)
-        self._admitted += 1
-        return _Row(req=req, sample_id=sample_id, params=p, tokens=list(r.tokens),
-                    roles=list(r.roles) if r.roles is not None else [Role.PROMPT] * n,
-                    turns=list(r.turns) if r.turns is not None else [0] * n,
-                    logprobs=[0.0] * n, length=length, turn=max(1, r.turns[-1] if r.turns else 1),
-                    stream=self.tok.decode_stream(), finder=self._new_finder(),
-                    key=self._row_key(r.prompt_id, sample_id), order=self._admitted)
-
     _admitted = 0
+
+    def _new_row(self, slot: int, r: Request, req: int, sample_id: int, p: SamplingParams, cached: int) -> _Row:
+        s, n = self.s, len(r.tokens)
+        s.n[slot] = 0
+        s.put(slot, r.tokens, r.roles if r.roles is not None else Role.PROMPT, r.turns if r.turns is not None else 0)
+        s.cached[slot], s.prompt[slot] = cached, n
+        s.now[slot] = max(1, r.turns[-1] if r.turns else 1)
+        s.turn_tokens[slot], s.turn_max[slot] = 0, p.max_new_tokens_per_turn
+        s.limit[slot] = min(self.max_length, p.max_length)
+        s.temp[slot], s.top_k[slot], s.top_p[slot] = p.temperature, p.top_k, p.top_p
+        s.key[slot] = self._row_key(r.prompt_id, sample_id)
+        self._admitted += 1
+        s.order[slot] = self._admitted
+        s.live[slot], s.ready[slot], s.waiting[slot], s.recompute[slot] = True, True, False, False
+        s.prefilling[slot] = False
+        return _Row(req, sample_id, p, self.tok.decode_stream(), self._new_finder(), decoded=n)
 
     def _admit(self, requests, default, queue, rows, held):
         """Free slots take the next samples while the pool has room. N samples of one prompt share one prefill:
         the first (the leader) feeds the prompt; its siblings take the prompt's blocks and draw their first token
         from the same logits after that step; siblings admitted in a later step take them from `held`."""
-        free = [i for i, r in enumerate(rows) if r is None]
-        running = sum(r is not None for r in rows)
+        free = np.nonzero(~self.s.live)[0].tolist()
+        running = self.B - len(free)
         while free and queue and not self._starved:
             req = queue[0][0]
             r = requests[req]
@@ -446,256 +452,274 @@ class Sampler:
             if adopted:
                 handle, logits = held[req]
                 for slot, sample_id in zip(slots, group):
-                    rows[slot] = self._new_row(r, req, sample_id, p, length=n)
+                    rows[slot] = self._new_row(slot, r, req, sample_id, p, cached=n)
                     self.kv.adopt(handle, slot)
             else:
-                rows[slots[0]] = self._new_row(r, req, group[0], p, length=0)
-                rows[slots[0]].prefilling = True
+                rows[slots[0]] = self._new_row(slots[0], r, req, group[0], p, cached=0)
+                self.s.prefilling[slots[0]] = True
                 for slot, sample_id in zip(slots[1:], group[1:]):
-                    rows[slot] = self._new_row(r, req, sample_id, p, length=n)
-                    rows[slot].leader = slots[0]
+                    rows[slot] = self._new_row(slot, r, req, sample_id, p, cached=n)
+                    self.s.ready[slot] = False
+                if len(slots) > 1:
+                    self._followers[slots[0]] = slots[1:]
             for slot in slots:
                 for code in r.replay:  # queued first: the session runs a key's cells in order
                     self.tool.submit((r.prompt_id, rows[slot].sample_id), code)
             if not (queue and queue[0][0] == req) and req in held:
                 self.kv.drop(held.pop(req)[0])  # the prompt's last sample is in
             if adopted:  # they draw their first tokens now, from the held logits
-                yield from self._draw_and_append(rows, slots, logits.expand(len(slots), -1))
+                yield from self._draw_and_append(rows, np.array(slots), logits.expand(len(slots), -1))
 
     def _collect_tools(self, rows):
-        for i, row in enumerate(rows):
-            if row is None or row.future is None or not row.future.done():
+        for i in sorted(self._paused):
+            row = rows[i]
+            if not row.future.done():
                 continue
             fut, row.future = row.future, None
+            self._paused.discard(i)
+            self.s.ready[i] = True
             try:
                 result = fut.result()
             except Exception as e:  # the tool itself failed: report it as the observation, keep going
                 result = ToolResult(f"{type(e).__name__}: {e}", "crashed")
             observation = self.tool.observation(result)
             row.tool_status.append(getattr(result, "status", "ok"))
-            done = self._inject(row, observation)
+            done = self._inject(rows, i, observation)
             if done:
-                yield self._finish(rows, i, done, self._requests)
+                yield self._finish(rows, i, done)
 
-    def _preempt(self, rows, i: int):
+    def _preempt(self, i: int):
         """Give back row i's blocks; it will feed its whole trajectory again (its tokens and state are kept)."""
         self.kv.release(i)
-        rows[i].length = 0
-        rows[i].recompute = True
+        self.s.cached[i] = 0
+        self.s.recompute[i] = True
         self.stats["preemptions"] += 1
 
-    def _schedule(self, rows, held) -> list[Feed]:
-        """What each row feeds this step, oldest rows first, with blocks reserved for it. When the pool runs
-        short: drop held prompts first, then preempt the newest row that holds blocks and is not fed this step
-        (possibly the row asking)."""
-        want = sorted((i for i, r in enumerate(rows) if r is not None and r.future is None and r.leader is None
-                       and len(r.tokens) > r.length), key=lambda i: rows[i].order)
-        feeds, fed = [], set()
+    def _schedule(self, held) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """What each row feeds this step, oldest rows first, with blocks reserved for it: (rows, starts, ends).
+        When the pool runs short: drop held prompts first, then preempt the newest row that holds blocks and is
+        not fed this step (possibly the row asking)."""
+        s = self.s
         self._starved = False
-        for i in want:
-            r = rows[i]
-            end = min(len(r.tokens), r.length + self.prefill_chunk)  # long feeds go in chunks
-            while not self.kv.ensure(i, r.length, end):
+        want = np.nonzero(s.live & s.ready & (s.n > s.cached))[0]
+        want = want[np.argsort(s.order[want], kind="stable")]
+        starts = s.cached[want]
+        ends = np.minimum(s.n[want], starts + self.prefill_chunk)  # long feeds go in chunks
+        ok = self.kv.has_blocks(want, starts, ends)  # the common case: nothing to allocate, copy or preempt
+        if ok.all():
+            return want, starts, ends
+        fed: list[int] = []
+        fed_set: set[int] = set()
+        for k, i in enumerate(want.tolist()):
+            start = int(s.cached[i])
+            if ok[k] and start == starts[k]:
+                fed.append(i)
+                fed_set.add(i)
+                continue
+            end = min(int(s.n[i]), start + self.prefill_chunk)
+            while not self.kv.ensure(i, start, end):
                 if held:
                     req = next(iter(held))
                     self.kv.drop(held.pop(req)[0])
                     continue
-                holders = [j for j, x in enumerate(rows) if x is not None and j not in fed and j != i
-                           and self.kv.holds(j)]
-                victim = max(holders + [i], key=lambda j: rows[j].order)
+                holders = [j for j in np.nonzero(s.live)[0].tolist()
+                           if j not in fed_set and j != i and self.kv.holds(j)]
+                victim = max(holders + [i], key=lambda j: s.order[j])
                 if victim == i:
-                    if r.length:
-                        self._preempt(rows, i)
+                    if start:
+                        self._preempt(i)
                     self._starved = True
                     break
-                self._preempt(rows, victim)
+                self._preempt(victim)
             else:
-                feeds.append(Feed(i, r.length, r.tokens[r.length:end]))
-                fed.add(i)
-        if not feeds and self._starved:
+                fed.append(i)
+                fed_set.add(i)
+        if not fed and self._starved:
             raise RuntimeError(f"the KV pool cannot hold one row: raise kv_cache_gb (pool: {self.memory_plan()})")
-        return feeds
+        rows = np.array(fed, dtype=np.int64)
+        starts = s.cached[rows]
+        return rows, starts, np.minimum(s.n[rows], starts + self.prefill_chunk)
 
     def _step(self, rows, held, queue):
         """One forward for everything that is fed this step; returns whether anything was."""
-        feeds = self._schedule(rows, held)
-        if not feeds:
+        s = self.s
+        fed, starts, ends = self._schedule(held)
+        if not len(fed):
             return False
-        for f in feeds:
-            r, n = rows[f.row], len(f.tokens)
-            prompt = len(self._requests[r.req].tokens)
-            if r.recompute:
-                self.stats["recompute_tokens"] += n
-            elif f.start < prompt:
-                self.stats["prefill_tokens"] += n
-            elif n > 1:
-                self.stats["extend_tokens"] += n
-            else:
-                self.stats["decode_tokens"] += 1
-        decode_only = all(len(f.tokens) == 1 for f in feeds)
+        lens = ends - starts
+        rec = s.recompute[fed]
+        pre = ~rec & (starts < s.prompt[fed])
+        self.stats["recompute_tokens"] += int(lens[rec].sum())
+        self.stats["prefill_tokens"] += int(lens[pre].sum())
+        self.stats["extend_tokens"] += int(lens[~rec & ~pre & (lens > 1)].sum())
+        single = lens == 1
+        self.stats["decode_tokens"] += int((single & ~rec & ~pre).sum())
+        decode_only = bool(single.all())
+        if decode_only:
+            tokens = s.tok[fed, starts]
+        else:
+            tokens = np.concatenate([s.tok[i, a:b] for i, a, b in zip(fed.tolist(), starts.tolist(), ends.tolist())])
         graphed = self._graphed is not None and decode_only
-        view = self.kv.plan(feeds, all_rows=graphed, bucket=self.graph_bucket if graphed else 1)
+        view = self.kv.plan(Feeds(fed, starts, lens, tokens), pad_to=self._row_bucket(len(fed)) if graphed else None,
+                            bucket=self.graph_bucket if graphed else 1)
         if graphed:
             logits = self._graphed(self.net, view)
+        elif self._compiled is not None and decode_only:
+            # The head (one matmul: nothing to fuse) stays outside: the number of sampled rows changes every
+            # step and would cost recompiles where it crosses 1 or equals the number of packed tokens.
+            logits = self.net.head(self._compiled(self.net, view)[0, view.last]).float()
         else:
-            if self._compiled is not None and decode_only:
-                # The head (one matmul: nothing to fuse) stays outside: the number of sampled rows changes every
-                # step and would cost recompiles where it crosses 1 or equals the number of packed tokens.
-                logits = self.net.head(self._compiled(self.net, view)[0, view.last]).float()
-            else:
-                logits = step_logits(self.net, view)
+            logits = step_logits(self.net, view)
         self.stats["forward_calls"] += 1
-        self.stats["decode_steps"] += any(len(f.tokens) == 1 for f in feeds)
-        slots, index = [], []
-        for j, f in enumerate(feeds):
-            r = rows[f.row]
-            r.length = f.start + len(f.tokens)
-            self.kv.trim(f.row, r.length)
-            if r.length < len(r.tokens):  # a chunk of a long feed: the rest comes next step, nothing is drawn
-                continue
-            r.recompute = False
-            slots.append(f.row)
-            index.append(j)
-            if not r.prefilling:
-                continue
-            r.prefilling = False  # a leader's prompt is in: its siblings take its blocks and its logits
-            n = len(r.tokens)
-            for s in [s for s, x in enumerate(rows) if x is not None and x.leader == f.row]:
-                self.kv.share(f.row, s, n)
-                rows[s].leader = None
-                slots.append(s)
-                index.append(j)
-            if queue and queue[0][0] == r.req and r.req not in held:  # and siblings not admitted yet
-                held[r.req] = (self.kv.hold(f.row, n), logits[j: j + 1].clone())
-        if slots:
-            yield from self._draw_and_append(rows, slots, logits[torch.tensor(index, device=logits.device)])
+        self.stats["decode_steps"] += bool(single.any())
+        s.cached[fed] = ends
+        self.kv.trim_rows(fed, ends)
+        whole = ends == s.n[fed]  # a chunk of a long feed draws nothing: the rest comes next step
+        draw_rows, index = fed[whole], np.nonzero(whole)[0]
+        s.recompute[draw_rows] = False
+        leading = s.prefilling[draw_rows]
+        if leading.any():
+            extra_rows, extra_index = [], []
+            for i, j in zip(draw_rows[leading].tolist(), index[leading].tolist()):
+                r = rows[i]
+                s.prefilling[i] = False  # a leader's prompt is in: its siblings take its blocks and its logits
+                n = int(s.prompt[i])
+                for sib in self._followers.pop(i, []):
+                    self.kv.share(i, sib, n)
+                    s.ready[sib] = True
+                    extra_rows.append(sib)
+                    extra_index.append(j)
+                if queue and queue[0][0] == r.req and r.req not in held:  # and siblings not admitted yet
+                    held[r.req] = (self.kv.hold(i, n), logits[j: j + 1].clone())
+            draw_rows = np.concatenate([draw_rows, np.array(extra_rows, dtype=np.int64)])
+            index = np.concatenate([index, np.array(extra_index, dtype=np.int64)])
+        if len(draw_rows):
+            if len(index) != logits.shape[0] or (index != np.arange(len(index))).any():
+                logits = logits[torch.from_numpy(index).to(logits.device, non_blocking=True)]
+            yield from self._draw_and_append(rows, draw_rows, logits)
         return True
 
-    def _draw_and_append(self, rows, slots, logits):
-        toks, lps = self._sample([rows[s] for s in slots], logits, self._requests)
-        for s, t, lp in zip(slots, toks, lps):
-            done = self._append_sampled(rows[s], t, lp, self._requests)
-            if done:
-                yield self._finish(rows, s, done, self._requests)
-
-    # --- pieces ---
-
-    def _sample(self, rows: list[_Row], logits: torch.Tensor, requests):
-        """Draw one token per row from fp32 logits (R, V), all rows in tensor ops; returns (ids, model log-probs
-        of those ids) as lists, read back in one host sync."""
-        ids = logits.argmax(-1)
-        temps = [r.params.temperature for r in rows]
-        if any(t > 0 for t in temps):
-            ids = self._draw(rows, logits, ids, temps)
+    def _draw_and_append(self, rows, slots: np.ndarray, logits: torch.Tensor):
+        """Draw a token for each of `slots` from its logits (R, V), append them all, and look in Python only at the
+        rows whose token ends a turn, may open or close a call, or reaches a limit."""
+        s = self.s
+        dev = logits.device
+        n = s.n[slots]
+        ids, lse = self._drawer.draw(logits, s.temp[slots], s.top_k[slots], s.top_p[slots],
+                                     counter_uniform(s.key[slots], n))
         if self.choose is not None:
-            for j, r in enumerate(rows):
-                forced = self.choose(requests[r.req].prompt_id, r.sample_id, r.tokens[len(requests[r.req].tokens):])
+            for j, i in enumerate(slots.tolist()):
+                r = rows[i]
+                forced = self.choose(self._requests[r.req].prompt_id, r.sample_id, s.tok[i, s.prompt[i]: n[j]].tolist())
                 if forced is not None:
                     ids[j] = forced
         # log p(id) = logit(id) - logsumexp(logits): the model's own distribution, before temperature/top-k/p.
-        chosen = logits.gather(1, ids[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
-        self.stats["sampled_tokens"] += len(rows)
-        both = torch.stack((ids.to(torch.float64), chosen.to(torch.float64))).tolist()  # ids < 2^53: exact
-        return [int(i) for i in both[0]], both[1]
+        chosen = logits.gather(1, ids[:, None])[:, 0] - lse
+        both = torch.stack((ids.to(torch.float64), chosen.to(torch.float64))).cpu().numpy()  # the one host sync
+        ids, lps = both[0].astype(np.int64), both[1]
+        self.stats["sampled_tokens"] += len(slots)
+        s.tok[slots, n] = ids
+        s.role[slots, n] = Role.MODEL
+        s.turn[slots, n] = s.now[slots]
+        s.lp[slots, n] = lps
+        s.n[slots] = n = n + 1
+        s.turn_tokens[slots] += 1
+        look = self._special[ids] | (n >= s.limit[slots]) | (s.turn_tokens[slots] >= s.turn_max[slots])
+        if self.tool is not None:
+            look |= self._backtick[ids] | s.waiting[slots]
+        for i in slots[look].tolist():
+            done = self._after_token(rows, i)
+            if done:
+                yield self._finish(rows, i, done)
 
-    def _draw(self, rows: list[_Row], logits: torch.Tensor, ids: torch.Tensor, temps: list[float]) -> torch.Tensor:
-        """Replace the greedy ids of temperature > 0 rows by Gumbel-max draws from their filtered distributions:
-        argmax(x / T + g) with g ~ Gumbel(0, 1) is a draw from softmax(x / T)."""
-        dev = logits.device
-        temp = torch.tensor(temps, device=dev)
-        x = filter_logits(logits / temp.clamp(min=1e-6)[:, None],
-                          torch.tensor([r.params.top_k for r in rows], device=dev),
-                          torch.tensor([r.params.top_p for r in rows], device=dev))
-        if self._vocab_hash is None or self._vocab_hash.shape[0] != logits.shape[1]:
-            self._vocab_hash = _mix32(torch.arange(logits.shape[1], device=dev) + 0x9E3779B9)
-        g = gumbel_noise(torch.tensor([r.key for r in rows], device=dev),
-                         torch.tensor([len(r.tokens) for r in rows], device=dev), self._vocab_hash)
-        return torch.where(temp > 0, (x + g).argmax(-1), ids)
+    # --- pieces ---
 
-    def _append_sampled(self, row: _Row, token: int, logprob: float, requests) -> str | None:
-        """Record a sampled token and advance the row's turn state; returns a finish reason or None."""
-        row.tokens.append(token)
-        row.roles.append(Role.MODEL)
-        row.turns.append(row.turn)
-        row.logprobs.append(logprob)
-        row.turn_tokens += 1
+    def _after_token(self, rows, i: int) -> str | None:
+        """Row i's new token may end its turn, open or close a call, or reach a limit: returns a finish reason or
+        None (a tool call started, or nothing happened)."""
+        s, row = self.s, rows[i]
+        n = int(s.n[i])
+        token = int(s.tok[i, n - 1])
         if token in self.stop_ids:
             if token == self.sot_id:
                 return "start_of_turn"
             if token == self.eot_id and row.finder is not None:
-                code = row.finder.open_call(self._turn_text(row))
+                code = row.finder.open_call(self._turn_text(i, row, n - 1))
                 if code is not None:  # <end_of_turn> inside an open block ends the block too: run what was written
                     row.closed_by_eot = True
-                    return self._start_tool(row, code, requests)
+                    return self._start_tool(rows, i, code)
             return "eos" if token != self.eot_id else "end_of_turn"
-        if row.finder is not None:
+        if row.finder is not None and (self._backtick[token] or row.finder.waiting):
             # The text is needed only where a call can open or close: tokens holding a backtick, and those
             # after an incomplete fence. The others wait, undecoded, until then (no tool: never decoded).
-            row.pending.append(token)
-            if self._backtick[token] or row.finder.waiting:
-                call = row.finder.feed(self._turn_text(row))
-                if call is not None:
-                    return "output_fence" if call is STOP else self._start_tool(row, call, requests)
-        if len(row.tokens) >= self.max_length or len(row.tokens) >= row.params.max_length:
+            call = row.finder.feed(self._turn_text(i, row, n))
+            s.waiting[i] = row.finder.waiting
+            if call is not None:
+                return "output_fence" if call is STOP else self._start_tool(rows, i, call)
+        if n >= s.limit[i]:
             return "max_length"
-        if row.turn_tokens >= row.params.max_new_tokens_per_turn:
+        if s.turn_tokens[i] >= s.turn_max[i]:
             return "max_new_tokens"
         return None
 
-    def _turn_text(self, row: _Row) -> str:
-        if row.pending:
-            row.turn_text += row.stream.steps(row.pending)
-            row.pending.clear()
+    def _turn_text(self, i: int, row: _Row, upto: int) -> str:
+        if row.decoded < upto:
+            row.turn_text += row.stream.steps(self.s.tok[i, row.decoded: upto].tolist())
+            row.decoded = upto
         return row.turn_text
 
-    def _start_tool(self, row: _Row, code: str, requests) -> str | None:
-        if len(row.tokens) >= self.max_length:
+    def _start_tool(self, rows, i: int, code: str) -> str | None:
+        if self.s.n[i] >= self.max_length:
             return "max_length"
-        key = (requests[row.req].prompt_id, row.sample_id)
+        row = rows[i]
+        key = (self._requests[row.req].prompt_id, row.sample_id)
         row.calls.append(code.strip("\n"))
         row.future = self.tool.submit(key, row.calls[-1])
+        self._paused.add(i)
+        self.s.ready[i] = False
         self.stats["tool_calls"] += 1
         return None
 
-    def _inject(self, row: _Row, observation: str) -> str | None:
+    def _inject(self, rows, i: int, observation: str) -> str | None:
         """Queue the tool turn after a paused row's code; returns a finish reason if the row ends here."""
+        s, row = self.s, rows[i]
+        turn = int(s.now[i])
         close = self._after_eot if row.closed_by_eot else self._close_turn
-        pieces = [(close, Role.TEMPLATE, row.turn),
-                  (self.chat.tool_turn_ids(self.tok, observation), Role.TOOL, row.turn)]
-        last_call = row.turn >= row.params.max_turns
+        pieces = [(close, Role.TEMPLATE, turn), (self.chat.tool_turn_ids(self.tok, observation), Role.TOOL, turn)]
+        last_call = turn >= row.params.max_turns
         if last_call:
-            pieces.append((self._open_model + self._max_calls, Role.TEMPLATE, row.turn + 1))
+            pieces.append((self._open_model + self._max_calls, Role.TEMPLATE, turn + 1))
         else:
-            pieces.append((self._open_model, Role.TEMPLATE, row.turn + 1))
-        limit = min(self.max_length, row.params.max_length)
-        for ids, role, turn in pieces:
-            ids = ids[: max(0, limit - len(row.tokens))]
-            row.tokens += ids
-            row.roles += [role] * len(ids)
-            row.turns += [turn] * len(ids)
-            row.logprobs += [0.0] * len(ids)
+            pieces.append((self._open_model, Role.TEMPLATE, turn + 1))
+        limit = int(s.limit[i])
+        for ids, role, t in pieces:
+            s.put(i, ids[: max(0, limit - int(s.n[i]))], role, t)
         if last_call:
             return "max_turns"
-        if len(row.tokens) >= limit:
+        if s.n[i] >= limit:
             return "max_length"
-        row.turn += 1
-        row.turn_tokens = 0
+        s.now[i] = turn + 1
+        s.turn_tokens[i] = 0
+        s.waiting[i] = False
         row.turn_text = ""
-        row.pending = []
+        row.decoded = int(s.n[i])
         row.finder = self._new_finder()
         row.closed_by_eot = False
         row.stream = self.tok.decode_stream()
         return None
 
-    def _finish(self, rows, slot: int, reason: str, requests) -> Trajectory:
-        row = rows[slot]
-        rows[slot] = None
-        self.kv.release(slot)
-        req = requests[row.req]
+    def _finish(self, rows, i: int, reason: str) -> Trajectory:
+        s, row = self.s, rows[i]
+        rows[i] = None
+        s.live[i] = s.ready[i] = False
+        self._paused.discard(i)
+        self.kv.release(i)
+        req = self._requests[row.req]
         if self.tool is not None:
             self.tool.release((req.prompt_id, row.sample_id))
-        return Trajectory(prompt_id=req.prompt_id, sample_id=row.sample_id, tokens=row.tokens,
-                          roles=[int(r) for r in row.roles], turns=row.turns, logprobs=row.logprobs,
+        n = int(s.n[i])
+        return Trajectory(prompt_id=req.prompt_id, sample_id=row.sample_id, tokens=s.tok[i, :n].tolist(),
+                          roles=s.role[i, :n].tolist(), turns=s.turn[i, :n].tolist(), logprobs=s.lp[i, :n].tolist(),
                           finish_reason=reason, model=self.model_name, tokenizer=self.tokenizer_id,
                           # A continuation's record starts with its prefix's calls and their statuses.
                           meta=dict(req.meta, tool_status=list(req.meta.get("tool_status", [])) + row.tool_status,

@@ -4,6 +4,7 @@ import concurrent.futures as cf
 import time
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -377,7 +378,7 @@ def _old_filter(x, top_k, top_p):
 
 
 def test_top_k_top_p_keep_the_same_token_sets_as_the_per_row_filter():
-    from mdpo.sampler import filter_logits
+    from mdpo.sampling import filter_logits
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 300, generator=g) * 3
     x[5] = x[5].clamp(max=6.0)
@@ -394,28 +395,61 @@ def test_top_k_top_p_keep_the_same_token_sets_as_the_per_row_filter():
 
 
 def test_counter_based_draws_follow_the_softmax():
-    """Chi-square goodness of fit of Gumbel-max draws with counter-based noise against softmax(x / T): 40000
-    draws over 12 tokens, from many (key, position) counters. Also: a draw is a pure function of its counter."""
-    from mdpo.sampler import _mix32, gumbel_noise
+    """Chi-square goodness of fit of inverse-CDF draws with counter-based uniforms against softmax(x / T): 40000
+    draws over 300 tokens (blocks of 32, the last one padded), from many (key, position) counters, with the
+    tokens grouped into 12 bins of about equal probability. Also: a uniform is a pure function of its counter."""
+    from mdpo.sampling import Drawer, counter_uniform
     g = torch.Generator().manual_seed(1)
-    logits = torch.randn(12, generator=g) * 1.5
+    logits = torch.randn(300, generator=g) * 1.5
     T = 0.8
-    probs = torch.softmax(logits / T, -1)
-    vh = _mix32(torch.arange(12) + 0x9E3779B9)
+    probs = torch.softmax(logits / T, -1).double()
     n_keys, n_pos = 400, 100
-    keys = (torch.arange(n_keys, dtype=torch.int64) * 0x9E3779B97F4A7C1 + 12345) & ((1 << 63) - 1)
-    counts = torch.zeros(12)
+    keys = (np.arange(n_keys, dtype=np.int64) * 0x9E3779B97F4A7C1 + 12345) & ((1 << 63) - 1)
+    drawer = Drawer()
+    counts = torch.zeros(300, dtype=torch.float64)
     for p in range(n_pos):
-        noise = gumbel_noise(keys, torch.full((n_keys,), p), vh)
-        draws = (logits / T + noise).argmax(-1)
-        counts += torch.bincount(draws, minlength=12)
+        ids, lse = drawer.draw(logits.expand(n_keys, -1), np.full(n_keys, T), np.zeros(n_keys, np.int64),
+                               np.ones(n_keys), counter_uniform(keys, np.full(n_keys, p)))
+        counts += torch.bincount(ids, minlength=300).double()
+    assert torch.allclose(lse, torch.logsumexp(logits, -1).expand(n_keys), atol=1e-5)  # the untempered normaliser
     n = n_keys * n_pos
-    chi2 = (((counts - n * probs) ** 2) / (n * probs)).sum().item()
+    order = probs.argsort()
+    bins = torch.bucketize(probs[order].cumsum(0), torch.linspace(0, 1, 13)[1:-1].double())  # 12 equal-mass bins
+    observed = torch.zeros(12, dtype=torch.float64).index_add_(0, bins, counts[order])
+    expected = torch.zeros(12, dtype=torch.float64).index_add_(0, bins, probs[order] * n)
+    chi2 = (((observed - expected) ** 2) / expected).sum().item()
     assert chi2 < 31.3  # the 0.001 critical value of chi-square with 11 degrees of freedom
-    # Same counter, same noise, in any batch composition; another position, other noise.
-    a = gumbel_noise(keys[:3], torch.tensor([5, 6, 7]), vh)
-    b = gumbel_noise(keys[[2, 0]], torch.tensor([7, 5]), vh)
-    assert torch.equal(a[[2, 0]], b) and not torch.equal(a[0], a[1])
+    # Same counter, same uniform, in any batch composition; another position, another uniform.
+    a = counter_uniform(keys[:3], np.array([5, 6, 7]))
+    b = counter_uniform(keys[[2, 0]], np.array([7, 5]))
+    assert np.array_equal(a[[2, 0]], b) and len(set(a.tolist())) == 3 and bool(((a > 0) & (a < 1)).all())
+    # SplitMix64 (Steele et al. 2014) seeded with 0: its first outputs are the published test values.
+    first = [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]
+    assert counter_uniform(np.zeros(3, np.int64), np.arange(3)).tolist() == [((v >> 11) + 0.5) / 2 ** 53 for v in first]
+
+
+def test_inverse_cdf_against_a_float64_search():
+    """The two-level search picks the token whose float64 cumulative-softmax interval holds u, for uniforms
+    anywhere in (0, 1) including next to 0, 1 and block edges; it never picks a token of probability 0 (top-k's
+    -inf, the padding of the last block), and greedy rows take the argmax in the same call."""
+    from mdpo.sampling import Drawer
+    g = torch.Generator().manual_seed(3)
+    V = 1000  # blocks of 32; the last is padded with 24 entries
+    x = torch.randn(64, V, generator=g) * 4
+    x[:, 990:] = float("-inf")  # nothing at the end of the vocabulary: u close to 1 must not land there
+    u = torch.rand(64, generator=g, dtype=torch.float64)
+    u[:4] = torch.tensor([1e-16, 1 - 2 ** -53, 0.5, 1 - 1e-9], dtype=torch.float64)
+    ids, _ = Drawer().inverse_cdf(x, u)
+    cdf = torch.softmax(x.double(), -1).cumsum(-1)
+    ref = (cdf < u[:, None] * cdf[:, -1:]).sum(-1).clamp(max=989)
+    close = (cdf.gather(1, ref[:, None])[:, 0] - u * cdf[:, -1]).abs() < 1e-6  # a boundary within float32 rounding
+    assert bool(((ids == ref) | close).all()) and (ids != ref).sum() <= 1
+    assert bool((ids < 990).all()) and ids[1] == 989 and ids[0] == int(torch.isfinite(x[0]).nonzero()[0])
+    logits = torch.randn(5, 300, generator=g)
+    ids, _ = Drawer().draw(logits, np.array([0.0, 1.0, 0.0, 0.7, 1.0]), np.array([0, 0, 0, 1, 0]),
+                           np.array([1.0, 1.0, 1.0, 1.0, 0.5]), np.linspace(0.1, 0.9, 5))
+    top = logits.argmax(-1)
+    assert ids[0] == top[0] and ids[2] == top[2] and ids[3] == top[3]  # greedy rows; top-k 1 is greedy too
 
 
 def test_feeding_the_fence_finder_only_at_backticks_finds_the_same_calls(tok):

@@ -8,7 +8,8 @@ each against earlier Samplers (git revisions; default the one before issue 11, a
    divided by its decode steps, minus the time of the model step it runs, alone, at the same shape (B = 256,
    one token, the mean attended length), with the net it ran (on the CPU the model's oneDNN-packed twin): the
    model's KVCache forward for samplers before session 8, the packed step over a dense paged pool after
-   (runs_packed_steps; both are printed). What is left is the sampler's host work: scheduling, building the
+   (runs_packed_steps; both are printed), timed as the mean of 128 back-to-back calls like the sampler's steps
+   (mean_ms). What is left is the sampler's host work: scheduling, building the
    step's inputs, sampling, reading tokens back, recording them, detokenising and scanning rows' text.
 2. Multi-turn: 64 rows, each a scripted trajectory of 3 tool calls (forced tokens through the `choose` hook,
    which still samples every token first; a stub tool answers at once with ~40 tokens), tokens/s.
@@ -58,35 +59,39 @@ def sampler_class(rev: str | None):
     return mod.Sampler
 
 
-@torch.no_grad()
-def forward_ms(model, rows: int, kv_len: int, repeats: int = 20) -> float:
-    """The model's decode forward + head alone at (rows, 1) attending kv_len slots: ms, best of `repeats`."""
-    cache = KVCache(model.config, rows, kv_len, model.embed_tokens.weight.dtype)
-    tokens = torch.randint(3, model.config.vocab_size, (rows, 1))
-    pos = torch.full((rows, 1), kv_len - 1)
+def mean_ms(fn, steps: int = 128, repeats: int = 3) -> float:
+    """Mean time of `steps` back-to-back calls, best of `repeats` runs: measured the way a sampler's step is (its
+    run's wall time over its steps, best of the runs), so the jitter of single calls is in both or in neither."""
+    fn()
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        model.head(model(tokens, positions=pos, cache=cache, return_hidden=True, kv_len=kv_len)[:, 0]).float()
-        best = min(best, time.perf_counter() - t0)
+        for _ in range(steps):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / steps)
     return best * 1e3
 
 
 @torch.no_grad()
-def packed_forward_ms(model, rows: int, max_length: int, kv_len: int, repeats: int = 20) -> float:
+def forward_ms(model, rows: int, kv_len: int) -> float:
+    """The model's decode forward + head alone at (rows, 1) attending kv_len slots (ms, mean_ms)."""
+    cache = KVCache(model.config, rows, kv_len, model.embed_tokens.weight.dtype)
+    tokens = torch.randint(3, model.config.vocab_size, (rows, 1))
+    pos = torch.full((rows, 1), kv_len - 1)
+    return mean_ms(lambda: model.head(model(tokens, positions=pos, cache=cache, return_hidden=True,
+                                            kv_len=kv_len)[:, 0]).float())
+
+
+@torch.no_grad()
+def packed_forward_ms(model, rows: int, max_length: int, kv_len: int) -> float:
     """The packed step (mdpo.paged, what today's Sampler runs) + head alone, `rows` rows decoding one token each
-    at position kv_len - 1 of a dense pool: ms, best of `repeats`."""
+    at position kv_len - 1 of a dense pool (ms, mean_ms)."""
     from mdpo.paged import Feeds, PagedKVCache
     from mdpo.sampler import step_logits
     kv = PagedKVCache(model.config, rows, max_length, max_length, None, model.embed_tokens.weight.dtype)
     tokens = torch.randint(3, model.config.vocab_size, (rows,)).numpy()
     view = kv.plan(Feeds(np.arange(rows), np.full(rows, kv_len - 1), np.ones(rows, dtype=np.int64), tokens))
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step_logits(model, view)
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
+    return mean_ms(lambda: step_logits(model, view))
 
 
 def runs_packed_steps(cls) -> bool:

@@ -430,23 +430,23 @@ class PagedKVCache:
             real = np.ones(len(dec), dtype=bool)
             last[dec] = np.arange(len(dec))
         n_dec = len(rows)
-        m_lens = lens[multi]
-        m_rows = feeds.rows[multi]
-        m_starts = feeds.starts[multi]
-        m_feed = np.repeat(np.arange(len(multi)), m_lens)  # which multi feed each of their tokens belongs to
-        m_step = np.arange(len(m_feed)) - np.repeat(np.cumsum(m_lens) - m_lens, m_lens)  # its index in the feed
-        m_tokens = feeds.tokens[first_tok[multi][m_feed] + m_step]
-        m_pos = m_starts[m_feed] + m_step
-        last[multi] = n_dec + np.cumsum(m_lens) - 1
-        tokens = np.concatenate([toks, m_tokens])
-        positions = np.concatenate([wpos, m_pos])
+        tokens, positions, write_rows = toks, wpos, rows
+        if len(multi):
+            m_lens = lens[multi]
+            m_rows = feeds.rows[multi]
+            m_starts = feeds.starts[multi]
+            m_feed = np.repeat(np.arange(len(multi)), m_lens)  # which multi feed each of their tokens belongs to
+            m_step = np.arange(len(m_feed)) - np.repeat(np.cumsum(m_lens) - m_lens, m_lens)  # its index in the feed
+            last[multi] = n_dec + np.cumsum(m_lens) - 1
+            tokens = np.concatenate([toks, feeds.tokens[first_tok[multi][m_feed] + m_step]])
+            positions = np.concatenate([wpos, m_starts[m_feed] + m_step])
+            write_rows = np.concatenate([rows, m_rows[m_feed]])
 
         view = StepView(self)
         view.tokens = _upload(tokens, dev)[None]
         view.positions = _upload(np.maximum(positions, 0), dev)[None]
         view.last = _upload(last, dev)
         # Rope positions: padding rows rotate at their written position; it never matters (never attended).
-        write_rows = np.concatenate([rows, m_rows[m_feed]])
         for g in self.groups:
             blk = g.table[write_rows, np.minimum(positions // bs, self.max_blocks - 1)]
             view.write[id(g)] = _upload(blk * bs + positions % bs, dev)

@@ -502,12 +502,13 @@ class Sampler:
         s = self.s
         self._starved = False
         want = np.nonzero(s.live & s.ready & (s.n > s.cached))[0]
-        want = want[np.argsort(s.order[want], kind="stable")]
         starts = s.cached[want]
         ends = np.minimum(s.n[want], starts + self.prefill_chunk)  # long feeds go in chunks
         ok = self.kv.has_blocks(want, starts, ends)  # the common case: nothing to allocate, copy or preempt
         if ok.all():
             return want, starts, ends
+        by_age = np.argsort(s.order[want], kind="stable")
+        want, starts, ends, ok = want[by_age], starts[by_age], ends[by_age], ok[by_age]
         fed: list[int] = []
         fed_set: set[int] = set()
         for k, i in enumerate(want.tolist()):
@@ -547,14 +548,20 @@ class Sampler:
         if not len(fed):
             return False
         lens = ends - starts
-        rec = s.recompute[fed]
-        pre = ~rec & (starts < s.prompt[fed])
-        self.stats["recompute_tokens"] += int(lens[rec].sum())
-        self.stats["prefill_tokens"] += int(lens[pre].sum())
-        self.stats["extend_tokens"] += int(lens[~rec & ~pre & (lens > 1)].sum())
         single = lens == 1
-        self.stats["decode_tokens"] += int((single & ~rec & ~pre).sum())
         decode_only = bool(single.all())
+        rec = s.recompute[fed]
+        pre = starts < s.prompt[fed]  # (a prompt of one token is fed like a decoded one)
+        if decode_only and not rec.any():
+            n_pre = int(pre.sum())
+            self.stats["prefill_tokens"] += n_pre
+            self.stats["decode_tokens"] += len(fed) - n_pre
+        else:
+            pre &= ~rec
+            self.stats["recompute_tokens"] += int(lens[rec].sum())
+            self.stats["prefill_tokens"] += int(lens[pre].sum())
+            self.stats["extend_tokens"] += int(lens[~rec & ~pre & ~single].sum())
+            self.stats["decode_tokens"] += int((single & ~rec & ~pre).sum())
         if decode_only:
             tokens = s.tok[fed, starts]
         else:
@@ -571,7 +578,7 @@ class Sampler:
         else:
             logits = step_logits(self.net, view)
         self.stats["forward_calls"] += 1
-        self.stats["decode_steps"] += bool(single.any())
+        self.stats["decode_steps"] += decode_only or bool(single.any())
         s.cached[fed] = ends
         self.kv.trim_rows(fed, ends)
         whole = ends == s.n[fed]  # a chunk of a long feed draws nothing: the rest comes next step
@@ -603,25 +610,26 @@ class Sampler:
         """Draw a token for each of `slots` from its logits (R, V), append them all, and look in Python only at the
         rows whose token ends a turn, may open or close a call, or reaches a limit."""
         s = self.s
-        dev = logits.device
         n = s.n[slots]
-        ids, lse = self._drawer.draw(logits, s.temp[slots], s.top_k[slots], s.top_p[slots],
-                                     counter_uniform(s.key[slots], n))
+        ids, logp = self._drawer.draw(logits, s.temp[slots], s.top_k[slots], s.top_p[slots],
+                                      counter_uniform(s.key[slots], n))
         if self.choose is not None:
+            forced = False
             for j, i in enumerate(slots.tolist()):
                 r = rows[i]
-                forced = self.choose(self._requests[r.req].prompt_id, r.sample_id, s.tok[i, s.prompt[i]: n[j]].tolist())
-                if forced is not None:
-                    ids[j] = forced
-        # log p(id) = logit(id) - logsumexp(logits): the model's own distribution, before temperature/top-k/p.
-        chosen = logits.gather(1, ids[:, None])[:, 0] - lse
-        both = torch.stack((ids.to(torch.float64), chosen.to(torch.float64))).cpu().numpy()  # the one host sync
+                f = self.choose(self._requests[r.req].prompt_id, r.sample_id, s.tok[i, s.prompt[i]: n[j]].tolist())
+                if f is not None:
+                    ids[j], forced = f, True
+            if forced:
+                logp = self._drawer.logprobs(logits, ids)
+        both = torch.stack((ids.to(torch.float64), logp.to(torch.float64))).cpu().numpy()  # the one host sync
         ids, lps = both[0].astype(np.int64), both[1]
         self.stats["sampled_tokens"] += len(slots)
-        s.tok[slots, n] = ids
-        s.role[slots, n] = Role.MODEL
-        s.turn[slots, n] = s.now[slots]
-        s.lp[slots, n] = lps
+        at = slots * self.max_length + n  # flat indices into the (B, max_length) arrays
+        s.tok.ravel()[at] = ids
+        s.role.ravel()[at] = Role.MODEL
+        s.turn.ravel()[at] = s.now[slots]
+        s.lp.ravel()[at] = lps
         s.n[slots] = n = n + 1
         s.turn_tokens[slots] += 1
         look = self._special[ids] | (n >= s.limit[slots]) | (s.turn_tokens[slots] >= s.turn_max[slots])

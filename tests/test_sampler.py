@@ -408,10 +408,10 @@ def test_counter_based_draws_follow_the_softmax():
     drawer = Drawer()
     counts = torch.zeros(300, dtype=torch.float64)
     for p in range(n_pos):
-        ids, lse = drawer.draw(logits.expand(n_keys, -1), np.full(n_keys, T), np.zeros(n_keys, np.int64),
-                               np.ones(n_keys), counter_uniform(keys, np.full(n_keys, p)))
+        ids, logp = drawer.draw(logits.expand(n_keys, -1), np.full(n_keys, T), np.zeros(n_keys, np.int64),
+                                np.ones(n_keys), counter_uniform(keys, np.full(n_keys, p)))
         counts += torch.bincount(ids, minlength=300).double()
-    assert torch.allclose(lse, torch.logsumexp(logits, -1).expand(n_keys), atol=1e-5)  # the untempered normaliser
+        assert torch.allclose(logp, torch.log_softmax(logits, -1)[ids], atol=1e-5)  # the model's own, untempered
     n = n_keys * n_pos
     order = probs.argsort()
     bins = torch.bucketize(probs[order].cumsum(0), torch.linspace(0, 1, 13)[1:-1].double())  # 12 equal-mass bins
@@ -450,6 +450,10 @@ def test_inverse_cdf_against_a_float64_search():
                            np.array([1.0, 1.0, 1.0, 1.0, 0.5]), np.linspace(0.1, 0.9, 5))
     top = logits.argmax(-1)
     assert ids[0] == top[0] and ids[2] == top[2] and ids[3] == top[3]  # greedy rows; top-k 1 is greedy too
+    # Plain sampling (temperature 1, no filters) reads log-probabilities off the softmax it draws from.
+    ids, logp = Drawer().draw(x, np.ones(64), np.zeros(64, np.int64), np.ones(64), u.numpy())
+    assert torch.equal(ids, Drawer().inverse_cdf(x, u)[0])
+    assert torch.allclose(logp, torch.log_softmax(x, -1).gather(1, ids[:, None])[:, 0], atol=1e-5)
 
 
 def test_feeding_the_fence_finder_only_at_backticks_finds_the_same_calls(tok):

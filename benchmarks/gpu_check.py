@@ -16,8 +16,11 @@ section runs on its own (a failure is reported in its row and the others go on):
               2048 tokens that fit beside the weights.
 2. rollout    the real Sampler (temperature 1, 128 new tokens, 8 samples per prompt sharing its prefill, no tools)
               on the same gemma-7b-shaped model at 64 / 128 / 256 rows: tokens/s end to end with its decode
-              step as CUDA graphs (the default on CUDA) and eager; and whether 8 greedy rows of 32 tokens are
-              the same both ways. Needs a tokenizer that decodes every id of the model: Gemma 3's,
+              step as CUDA graphs (the default on CUDA), paged and dense; the same with synthetic tool pauses
+              (every row writes two ```python calls, forced through the `choose` hook, and a stub tool answers
+              each after 50 ms, so rows pause, resume and feed observations in packed steps: model tokens/s);
+              host synchronisations per step (torch.cuda.set_sync_debug_mode); and whether 8 greedy rows of
+              32 tokens are the same paged with graphs and dense eager. Needs a tokenizer that decodes every id of the model: Gemma 3's,
               read from .gpu/tokenizer (the GPU machine fetches nothing, so it travels with the tree: see
               README); the smoke run trains a small one.
 3. parity     bf16 logits of 4-layer gemma-2b and gemma-2-9b shapes against transformers on the same device
@@ -311,7 +314,88 @@ def section_rollout(args, device, out):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         row["paged_over_dense"] = round(row["paged_tok_per_s"] / row["dense_tok_per_s"], 2)
+        row.update(paused_rollout(args, model, tok, reqs, device))
         out[f"rollout/{args.decode_model}/rows={rows}"] = row
+    if device.type == "cuda":
+        try:
+            out[f"rollout/{args.decode_model}/host_syncs"] = host_syncs(sampler_for(8, True), cfg, args, g)
+        except Exception as e:  # reported in its own row: the numbers above stand
+            out[f"rollout/{args.decode_model}/host_syncs"] = {"error": f"{type(e).__name__}: {e}"}
+
+
+def host_syncs(sampler, cfg, args, g) -> dict:
+    """How often a decode step waits for the device (torch.cuda.set_sync_debug_mode): once, to read the drawn
+    tokens back, is the design (mdpo.sampler)."""
+    import warnings
+    from mdpo.sampler import Request, SamplingParams
+    reqs = [Request("s", [2] + torch.randint(3, cfg.vocab_size, (args.prompt - 1,), generator=g).tolist(), n=8)]
+    list(sampler.generate(reqs, SamplingParams(temperature=1.0, max_new_tokens_per_turn=4)))  # graphs captured
+    sampler.stats["forward_calls"] = 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            list(sampler.generate(reqs, SamplingParams(temperature=1.0, max_new_tokens_per_turn=32)))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    return {"per_step": round(len(syncs) / max(1, sampler.stats["forward_calls"]), 2),
+            "steps": sampler.stats["forward_calls"]}
+
+
+class DelayedTool:
+    """A tool executor whose every call answers `text` after `delay_s` seconds (the interpreter's latency, without
+    its work): rows pause on a call while the others decode."""
+
+    def __init__(self, text: str, delay_s: float):
+        import concurrent.futures as cf
+        self.text, self.delay_s = text, delay_s
+        self.pool = cf.ThreadPoolExecutor(max_workers=32)
+
+    def _answer(self):
+        from types import SimpleNamespace
+        time.sleep(self.delay_s)
+        return SimpleNamespace(observation=self.text)
+
+    def submit(self, key, code):
+        return self.pool.submit(self._answer)
+
+    def release(self, key):
+        pass
+
+
+def paused_rollout(args, model, tok, reqs, device) -> dict:
+    """The paged, graphed Sampler on `reqs` with synthetic tool pauses: each row's sampled tokens number k = 0, 1, ...
+    and at k = new/4 and new/2 the `choose` hook forces a ```python call (its other tokens are sampled); the stub
+    tool answers after 50 ms with ~20 tokens of output. Model tokens/s, and the calls made."""
+    from mdpo.sampler import Sampler, SamplingParams
+    from mdpo.trajectory import Role
+    call = tok.encode("```python\nprint(1)\n```")
+    starts = [max(1, args.new // 4), max(2, args.new // 2) + len(call)]
+    seen: dict = {}
+
+    def choose(pid, sid, generated):
+        k = seen.get((pid, sid), 0)
+        seen[(pid, sid)] = k + 1
+        for a in starts:
+            if a <= k < a + len(call):
+                return call[k - a]
+        return None
+    rows = sum(r.n for r in reqs)
+    per_turn = max(args.new, starts[-1] + len(call) + 1)
+    length = args.prompt + 3 * per_turn + 128
+    tool = DelayedTool(" ".join(str(i) for i in range(10)), 0.05)
+    s = Sampler(model, tok, batch_size=rows, max_length=length, seed=0, pack=False, executor=tool, choose=choose)
+    s.stop_ids = set()
+    params = SamplingParams(temperature=1.0, max_new_tokens_per_turn=per_turn, max_turns=3, max_length=length)
+    sync(device)
+    t0 = time.perf_counter()
+    trajs = list(s.generate(reqs, params))
+    sync(device)
+    dt = time.perf_counter() - t0
+    model_tokens = sum(sum(1 for r in t.roles if r == Role.MODEL) for t in trajs)
+    return {"paused_tok_per_s": round(model_tokens / dt, 1), "paused_tool_calls": s.stats["tool_calls"],
+            "paused_forward_calls": s.stats["forward_calls"]}
 
 
 def section_demo(args, device, out):

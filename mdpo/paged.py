@@ -30,7 +30,6 @@ N tokens.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -534,7 +533,7 @@ class StepView:
         """q (1, H, N, D), k / v (1, H_kv, N, D) of the packed step -> attention output (1, H, N, D)."""
         c = self.cache
         g = c.group_of[layer]
-        H, N, D = q.shape[1], q.shape[2], q.shape[3]
+        H, D = q.shape[1], q.shape[3]
         kf, vf = g.k[layer].view(-1, *g.k[layer].shape[2:]), g.v[layer].view(-1, *g.v[layer].shape[2:])
         kf.index_copy_(0, self.write[id(g)], k[0].transpose(0, 1))  # (N, H_kv, D) into their slots
         vf.index_copy_(0, self.write[id(g)], v[0].transpose(0, 1))

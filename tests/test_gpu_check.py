@@ -24,5 +24,6 @@ def test_gpu_check_smoke_runs_every_section():
     assert out["rollout/tiny-gemma/greedy_graphs_paged_vs_eager_dense"] == {"rows_identical": "8/8"}
     row = out["rollout/tiny-gemma/rows=4"]
     assert row["paged_tok_per_s"] > 0 and row["dense_tok_per_s"] > 0 and row["paged_preemptions"] == 0
+    assert row["paused_tok_per_s"] > 0 and row["paused_tool_calls"] == 2 * 4  # two calls in each of 4 rows
     assert out["rollout/tiny-gemma/kv_plan"]["plan"].startswith("kv cache: weights")
     assert out["demo"]["exit"] == 0 and out["demo"]["summary"]["final_accuracy"]["n"] == 6

@@ -399,11 +399,16 @@ class PagedKVCache:
         lens = feeds.lens
         if (lens < 1).any():
             raise ValueError("a feed without tokens")
-        first_tok = np.cumsum(lens) - lens  # each feed's first token in feeds.tokens
-        dec = np.nonzero(lens == 1)[0]
-        multi = np.nonzero(lens > 1)[0]
         last = np.zeros(len(lens), dtype=np.int64)
-        d_rows, d_pos, d_tok = feeds.rows[dec], feeds.starts[dec], feeds.tokens[first_tok[dec]]
+        if len(feeds.tokens) == len(lens):  # one token a feed: a decode step, the usual kind
+            dec, multi = slice(None), np.zeros(0, dtype=np.int64)
+            d_rows, d_pos, d_tok = feeds.rows, feeds.starts, feeds.tokens
+        else:
+            first_tok = np.cumsum(lens) - lens  # each feed's first token in feeds.tokens
+            dec = np.nonzero(lens == 1)[0]
+            multi = np.nonzero(lens > 1)[0]
+            d_rows, d_pos, d_tok = feeds.rows[dec], feeds.starts[dec], feeds.tokens[first_tok[dec]]
+        n_d = len(d_rows)
         if self.dense:
             rows = np.arange(self.max_rows)
             qpos = np.zeros(self.max_rows, dtype=np.int64)  # mask positions; padding attends position 0
@@ -415,19 +420,19 @@ class PagedKVCache:
             real[d_rows] = True
             last[dec] = d_rows
         elif pad_to is not None:
-            pad = pad_to - len(dec)
+            pad = pad_to - n_d
             if pad < 0:
-                raise ValueError(f"{len(dec)} decoding rows do not fit a step padded to {pad_to}")
+                raise ValueError(f"{n_d} decoding rows do not fit a step padded to {pad_to}")
             rows = np.concatenate([d_rows, np.full(pad, self.max_rows)])  # the table row of null blocks
             qpos = np.concatenate([d_pos, np.zeros(pad, dtype=np.int64)])
             wpos = np.concatenate([d_pos, np.full(pad, self.max_length - 1)])
             toks = np.concatenate([d_tok, np.zeros(pad, dtype=np.int64)])
-            real = np.arange(pad_to) < len(dec)
-            last[dec] = np.arange(len(dec))
+            real = np.arange(pad_to) < n_d
+            last[dec] = np.arange(n_d)
         else:
             rows, qpos, wpos, toks = d_rows, d_pos, d_pos, d_tok
-            real = np.ones(len(dec), dtype=bool)
-            last[dec] = np.arange(len(dec))
+            real = np.ones(n_d, dtype=bool)
+            last[dec] = np.arange(n_d)
         n_dec = len(rows)
         tokens, positions, write_rows = toks, wpos, rows
         if len(multi):

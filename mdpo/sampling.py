@@ -7,12 +7,14 @@ device's generator state or what was drawn before, so a resumed, re-batched or p
 would have drawn (up to the logits themselves, which no kernel makes batch-invariant).
 
 Inverse CDF, not Gumbel-max. Gumbel-max needs a hashed noise value per (row, vocabulary entry): about twenty
-integer and log passes over the (R, V) logits, 872 ms a step for 64 rows of Gemma's 262k vocabulary on one CPU
-core, 1.4 ms for 256 rows of 512 (docs/LOG.md, session 9). Inverse CDF needs one uniform per row and three passes
-(max, exp, block sums): 23 ms and 0.15 ms on the same shapes. The search is in two levels: block sums of
-exp(x - max) over blocks of ~sqrt(V) entries, a cumulative sum over the blocks to find the block, then one within
-it. Cumulative sums are in float64 and u has 53 bits, so a token's interval is resolved to ~1e-7 of its own
-probability (the float32 exps), and a token is never drawn because of rounding in a long cumulative sum.
+integer and log passes over the (R, V) logits. With a logsumexp for the log-probabilities it took 991 ms a step
+for 64 rows of Gemma's 262k vocabulary on one CPU core and 1.75 ms for 256 rows of 512; the inverse CDF takes
+22 ms and 0.25 ms (docs/LOG.md, session 9). It needs one uniform per row (counter_uniform, on the host) and, on
+the device, one softmax (which also gives the drawn token's log-probability) and block sums. The search has two
+levels: block sums of the probabilities over blocks of ~sqrt(V) entries, a cumulative sum over the blocks to
+find the block, then one within it. Cumulative sums are in float64 and u has 53 bits, so a token's interval is
+resolved to ~1e-7 of its own probability (the float32 softmax), and no token is drawn for a rounding error in
+a long cumulative sum.
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@ each against earlier Samplers (git revisions; default the one before issue 11, a
    prompts), temperature 1, no tools, 128 new tokens, one thread. Per decode step: the sampler's wall time
    divided by its decode steps, minus the time of the model step it runs, alone, at the same shape (B = 256,
    one token, the mean attended length), with the net it ran (on the CPU the model's oneDNN-packed twin): the
-   model's KVCache forward for samplers before session 8, the packed step over a dense paged pool after
-   (runs_packed_steps; both are printed), timed as the mean of 128 back-to-back calls like the sampler's steps
-   (mean_ms). What is left is the sampler's host work: scheduling, building the
+   model's KVCache forward for samplers before session 8, the packed step over a dense paged pool after, under
+   no_grad or inference_mode as the sampler runs it (model_step), timed as the mean of 128 back-to-back calls
+   like the sampler's steps (mean_ms), attention masks made inside. What is left is the sampler's host work: scheduling, building the
    step's inputs, sampling, reading tokens back, recording them, detokenising and scanning rows' text.
 2. Multi-turn: 64 rows, each a scripted trajectory of 3 tool calls (forced tokens through the `choose` hook,
    which still samples every token first; a stub tool answers at once with ~40 tokens), tokens/s.
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import subprocess
 import sys
@@ -50,11 +51,12 @@ def sampler_class(rev: str | None):
         return Sampler
     src = subprocess.run(["git", "show", f"{rev}:mdpo/sampler.py"], cwd=ROOT, capture_output=True, text=True,
                          check=True).stdout
-    path = Path(tempfile.mkdtemp()) / "sampler_baseline.py"
+    name = f"sampler_{rev}"  # one module per revision: model_step() looks each class's module up
+    path = Path(tempfile.mkdtemp()) / f"{name}.py"
     path.write_text(src)
-    spec = importlib.util.spec_from_file_location("sampler_baseline", path)
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["sampler_baseline"] = mod  # its dataclasses look their module up while being built
+    sys.modules[name] = mod  # its dataclasses look their module up while being built
     spec.loader.exec_module(mod)
     return mod.Sampler
 
@@ -72,7 +74,6 @@ def mean_ms(fn, steps: int = 128, repeats: int = 3) -> float:
     return best * 1e3
 
 
-@torch.no_grad()
 def forward_ms(model, rows: int, kv_len: int) -> float:
     """The model's decode forward + head alone at (rows, 1) attending kv_len slots (ms, mean_ms)."""
     cache = KVCache(model.config, rows, kv_len, model.embed_tokens.weight.dtype)
@@ -82,10 +83,14 @@ def forward_ms(model, rows: int, kv_len: int) -> float:
                                             kv_len=kv_len)[:, 0]).float())
 
 
-@torch.no_grad()
-def packed_forward_ms(model, rows: int, max_length: int, kv_len: int) -> float:
-    """The packed step (mdpo.paged, what today's Sampler runs) + head alone, `rows` rows decoding one token each
-    at position kv_len - 1 of a dense pool (ms, mean_ms)."""
+def packed_forward_ms(model, rows: int, max_length: int, kv_len: int, inference: bool) -> float:
+    """The packed step (mdpo.paged, what samplers from session 8 on run) + head alone, `rows` rows decoding one
+    token each at position kv_len - 1 of a dense pool (ms, mean_ms), under inference_mode or no_grad."""
+    with torch.inference_mode() if inference else torch.no_grad():
+        return _packed_forward_ms(model, rows, max_length, kv_len)
+
+
+def _packed_forward_ms(model, rows: int, max_length: int, kv_len: int) -> float:
     from mdpo.paged import Feeds, PagedKVCache
     from mdpo.sampler import step_logits
     kv = PagedKVCache(model.config, rows, max_length, max_length, None, model.embed_tokens.weight.dtype)
@@ -98,10 +103,13 @@ def packed_forward_ms(model, rows: int, max_length: int, kv_len: int) -> float:
     return mean_ms(step)
 
 
-def runs_packed_steps(cls) -> bool:
-    """Whether a Sampler class runs the model through packed steps over a paged cache (session 8 on) or through
-    the model's own KVCache forward (before)."""
-    return hasattr(sys.modules[cls.__module__], "step_logits")
+def model_step(cls) -> str:
+    """How a Sampler class runs the model: "kvcache" (the model's own KVCache forward, before session 8),
+    "packed" (packed steps over a paged cache, under no_grad) or "packed_inference" (the same under
+    inference_mode, session 9 on): the reference its host work is measured against."""
+    if not hasattr(sys.modules[cls.__module__], "step_logits"):
+        return "kvcache"
+    return "packed_inference" if "inference_mode" in inspect.getsource(cls.generate) else "packed"
 
 
 def host_overhead(classes, model, tok, new: int, repeats: int):
@@ -111,7 +119,7 @@ def host_overhead(classes, model, tok, new: int, repeats: int):
     params = SamplingParams(temperature=1.0, max_new_tokens_per_turn=new)
     times = {name: [] for name in classes}
     steps = {}
-    fwd = packed = float("inf")
+    ref = {"kvcache": float("inf"), "packed": float("inf"), "packed_inference": float("inf")}
     for _ in range(repeats):
         for name, cls in classes.items():
             s = cls(model, tok, batch_size=256, max_length=8 + new + 8, seed=0)
@@ -123,15 +131,18 @@ def host_overhead(classes, model, tok, new: int, repeats: int):
             times[name].append(time.perf_counter() - t0)
             steps[name] = s.stats["decode_steps"]
         # The net the sampler ran (on the CPU its oneDNN-packed twin), timed between the runs: the VM drifts.
-        fwd = min(fwd, forward_ms(s.net, 256, 8 + new // 2))
-        packed = min(packed, packed_forward_ms(s.net, 256, 8 + new + 8, 8 + new // 2))
+        with torch.no_grad():
+            ref["kvcache"] = min(ref["kvcache"], forward_ms(s.net, 256, 8 + new // 2))
+        for inference in (False, True):
+            key = "packed_inference" if inference else "packed"
+            ref[key] = min(ref[key], packed_forward_ms(s.net, 256, 8 + new + 8, 8 + new // 2, inference))
     out = {}
     for name, cls in classes.items():
         per_step = [t / steps[name] * 1e3 for t in times[name]]
-        own = packed if runs_packed_steps(cls) else fwd  # host work: what the sampler adds to its own model step
-        out[name] = {"step_ms": min(per_step), "step_ms_max": max(per_step), "forward_ms": fwd,
-                     "packed_forward_ms": packed, "host_ms": min(per_step) - own,
-                     "host_ms_vs_kvcache_forward": min(per_step) - fwd, "decode_steps": steps[name]}
+        own = ref[model_step(cls)]  # host work: what the sampler adds to its own model step
+        out[name] = {"step_ms": min(per_step), "step_ms_max": max(per_step), "model_step": model_step(cls),
+                     "model_step_ms": own, "host_ms": min(per_step) - own, "references_ms": ref,
+                     "decode_steps": steps[name]}
     return out
 
 
@@ -233,8 +244,8 @@ def main():
     cell = lambda d, k, kmax: f"{d[k]:.2f} ({d[k]:.2f}-{d[kmax]:.2f})"  # noqa: E731
     print("| decode step, 256 rows (ms; spread) | " + " | ".join(cell(host[n], "step_ms", "step_ms_max") for n in names)
           + f" | {host[ref]['step_ms'] / host['current']['step_ms']:.2f} |")
-    print("| the model's forward + head alone: KVCache forward / packed step (ms) | " + " | ".join(
-        f"{host[n]['forward_ms']:.2f} / {host[n]['packed_forward_ms']:.2f}" for n in names) + " | |")
+    print("| the model step alone, as the sampler runs it (ms) | " + " | ".join(
+        f"{host[n]['model_step_ms']:.2f} ({host[n]['model_step']})" for n in names) + " | |")
     print("| host work per step: step - its own model step (ms) | " + " | ".join(f"{host[n]['host_ms']:.2f}" for n in names)
           + f" | {host[ref]['host_ms'] / host['current']['host_ms']:.2f} |")
     print("| multi-turn, 64 rows x 3 calls (tok/s; spread) | " + " | ".join(

@@ -631,8 +631,11 @@ class Sampler:
                     ids[j], forced = f, True
             if forced:
                 logp = self._drawer.logprobs(logits, ids)
-        both = torch.stack((ids.to(torch.float64), logp.to(torch.float64))).cpu().numpy()  # the one host sync
-        ids, lps = both[0].astype(np.int64), both[1]
+        if ids.device.type == "cpu":  # the arrays are the tensors' memory: nothing to copy or wait for
+            ids, lps = ids.numpy(), logp.numpy().astype(np.float64)
+        else:  # one transfer, the one host sync of the step
+            both = torch.stack((ids.to(torch.float64), logp.to(torch.float64))).cpu().numpy()
+            ids, lps = both[0].astype(np.int64), both[1]
         self.stats["sampled_tokens"] += len(slots)
         at = slots * self.max_length + n  # flat indices into the (B, max_length) arrays
         s.tok.ravel()[at] = ids

@@ -9,8 +9,9 @@ each against earlier Samplers (git revisions; default the one before issue 11, a
    one token, the mean attended length), with the net it ran (on the CPU the model's oneDNN-packed twin): the
    model's KVCache forward for samplers before session 8, the packed step over a dense paged pool after, under
    no_grad or inference_mode as the sampler runs it (model_step), timed as the mean of 128 back-to-back calls
-   like the sampler's steps (mean_ms), attention masks made inside. What is left is the sampler's host work: scheduling, building the
-   step's inputs, sampling, reading tokens back, recording them, detokenising and scanning rows' text.
+   like the sampler's steps (mean_ms), attention masks made inside. What is left is the sampler's host work:
+   scheduling, building the step's inputs, sampling, reading tokens back, recording them, detokenising and
+   scanning rows' text.
 2. Multi-turn: 64 rows, each a scripted trajectory of 3 tool calls (forced tokens through the `choose` hook,
    which still samples every token first; a stub tool answers at once with ~40 tokens), tokens/s.
 3. KV memory (today's Sampler only): bytes the paged pool holds per live token, against the ideal (kv_memory).

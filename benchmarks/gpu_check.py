@@ -20,9 +20,9 @@ section runs on its own (a failure is reported in its row and the others go on):
               (every row writes two ```python calls, forced through the `choose` hook, and a stub tool answers
               each after 50 ms, so rows pause, resume and feed observations in packed steps: model tokens/s);
               host synchronisations per step (torch.cuda.set_sync_debug_mode); and whether 8 greedy rows of
-              32 tokens are the same paged with graphs and dense eager. Needs a tokenizer that decodes every id of the model: Gemma 3's,
-              read from .gpu/tokenizer (the GPU machine fetches nothing, so it travels with the tree: see
-              README); the smoke run trains a small one.
+              32 tokens are the same paged with graphs and dense eager. Needs a tokenizer that decodes every id
+              of the model: Gemma 3's, read from .gpu/tokenizer (the GPU machine fetches nothing, so it travels
+              with the tree: see README); the smoke run trains a small one.
 3. parity     bf16 logits of 4-layer gemma-2b and gemma-2-9b shapes against transformers on the same device
               and weights: max |diff| and top-1 agreement (skipped when transformers is missing).
 4. mdpo step  one M-DPO forward + backward + AdamW step on 2 pairs x 2048 tokens of a gemma-2b shape, with and

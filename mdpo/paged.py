@@ -107,7 +107,8 @@ class Feeds:
 
     @staticmethod
     def of(feeds: list[Feed]) -> "Feeds":
-        return Feeds(np.array([f.row for f in feeds], dtype=np.int64), np.array([f.start for f in feeds], dtype=np.int64),
+        return Feeds(np.array([f.row for f in feeds], dtype=np.int64),
+                     np.array([f.start for f in feeds], dtype=np.int64),
                      np.array([len(f.tokens) for f in feeds], dtype=np.int64),
                      np.array([t for f in feeds for t in f.tokens], dtype=np.int64))
 
@@ -489,7 +490,8 @@ class PagedKVCache:
                 idx = lo[:, None] + np.arange(nb)[None]
                 blocks = np.where(idx < self.max_blocks, g.table[rows[:, None], np.minimum(idx, self.max_blocks - 1)],
                                   0)
-                seg["read"][id(g)] = (_upload(blocks, dev)[:, :, None] * bs + self._positions(bs)).reshape(len(rows), -1)
+                slots = _upload(blocks, dev)[:, :, None] * bs + self._positions(bs)
+                seg["read"][id(g)] = slots.reshape(len(rows), -1)
                 kpos = _upload(lo * bs, dev)[:, None] + self._positions(nb * bs)[None]
             # q - k (R, T, S); the mask itself is made per window in StepView (a group may mix full and sliding
             # layers), keys beyond a row's query (padding, null blocks) are hidden by causality.

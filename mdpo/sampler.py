@@ -19,7 +19,8 @@ Row state lives in arrays (_Slots: every row's tokens, roles, turns, log-probs a
 step's inputs and the recording of a step's tokens are a few array operations for all rows. Python looks at a row
 only when its new token can matter: a stop token, a token holding a backtick (a call may open or close: then the
 turn's text is decoded and scanned), the token after an incomplete fence, or a length limit. Before (session 8),
-each row cost Python every step: 12.8 ms of host work a step at 256 rows against 0.9-1.2 ms now (docs/LOG.md).
+each row cost Python every step: 3.5-3.9 ms of host work a step at 256 rows, against 0.83-1.02 ms now in the same runs
+(docs/LOG.md, session 9).
 
 A row pauses when its model turn makes a tool call (mdpo.tools: a closed ```python block for the interpreter):
 the call goes to the tool and the other rows keep decoding. The turn markup around the tool's observation comes

@@ -238,7 +238,8 @@ def test_graphed_steps_in_row_buckets_equal_the_plain_paged_step(tok, name):
         shapes.append(tuple(view.tokens.shape))
         return step(net, view)
     graphed._graphed = spy
-    reqs = [Request(r.prompt_id, r.tokens, n=3, params=SamplingParams(temperature=1.0, max_new_tokens_per_turn=3 + 5 * i))
+    reqs = [Request(r.prompt_id, r.tokens, n=3,
+                    params=SamplingParams(temperature=1.0, max_new_tokens_per_turn=3 + 5 * i))
             for i, r in enumerate(prompts(7, [5, 9, 14, 6, 11, 20, 8], seed=2))]
     same_trajectories(run(graphed, reqs, None), run(plain, reqs, None))
     rows = {s[1] for s in shapes}

@@ -243,7 +243,8 @@ class Sampler:
             submit(key, code) -> Future and release(key)).
         chat: the turn markup (mdpo.chat.ChatFormat); None: the tokenizer's family's.
         seed: seed of the counter-based draws (mdpo.sampling).
-        choose: testing hook, (prompt_id, sample_id, generated ids) -> forced token id or None.
+        choose: testing hook, (prompt_id, sample_id, generated ids) -> forced token id or None. The ids are a
+            view of the row's array (no copy a row a step), valid during the call.
         block_size: KV block size (mdpo.paged); >= max_length is the dense layout (one block per row, nothing
             shared or preempted, decode reads slices). None: 16 on CUDA, dense elsewhere (on a CPU a paged read
             is a gather as costly as the attention itself, and memory is rarely the limit).
@@ -627,7 +628,7 @@ class Sampler:
             forced = False
             for j, i in enumerate(slots.tolist()):
                 r = rows[i]
-                f = self.choose(self._requests[r.req].prompt_id, r.sample_id, s.tok[i, s.prompt[i]: n[j]].tolist())
+                f = self.choose(self._requests[r.req].prompt_id, r.sample_id, s.tok[i, s.prompt[i]: n[j]])
                 if f is not None:
                     ids[j], forced = f, True
             if forced:

@@ -1,11 +1,12 @@
 """Helpers shared by the benchmark scripts: peak-memory measurement of the current process on Linux, and a
-tool stub that answers at once."""
+tool stub that answers at once or after a delay."""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import gc
 import os
+import time
 from types import SimpleNamespace
 
 # A fixed mmap threshold makes glibc hand every large buffer back to the OS on free, so RSS follows the bytes
@@ -36,13 +37,21 @@ def reset_peak() -> float:
 
 
 class StubExecutor:
-    """A tool that answers every call at once with a fixed text: the sampler's work without the interpreter's
-    (bench_sampler's part 3 measures that)."""
+    """A tool that answers every call with a fixed text, at once or after `delay_s` seconds (the interpreter's
+    latency without its work, so rows pause on a call while the others decode): the sampler's work without the
+    interpreter's (bench_sampler's part 3 measures that)."""
 
-    def __init__(self, text):
-        self.text = text
+    def __init__(self, text, delay_s: float = 0.0):
+        self.text, self.delay_s = text, delay_s
+        self.pool = cf.ThreadPoolExecutor(max_workers=32) if delay_s > 0 else None
+
+    def _answer(self):
+        time.sleep(self.delay_s)
+        return SimpleNamespace(observation=self.text)
 
     def submit(self, key, code):
+        if self.pool is not None:
+            return self.pool.submit(self._answer)
         f = cf.Future()
         f.set_result(SimpleNamespace(observation=self.text))
         return f

@@ -343,31 +343,11 @@ def host_syncs(sampler, cfg, args, g) -> dict:
             "steps": sampler.stats["forward_calls"]}
 
 
-class DelayedTool:
-    """A tool executor whose every call answers `text` after `delay_s` seconds (the interpreter's latency, without
-    its work): rows pause on a call while the others decode."""
-
-    def __init__(self, text: str, delay_s: float):
-        import concurrent.futures as cf
-        self.text, self.delay_s = text, delay_s
-        self.pool = cf.ThreadPoolExecutor(max_workers=32)
-
-    def _answer(self):
-        from types import SimpleNamespace
-        time.sleep(self.delay_s)
-        return SimpleNamespace(observation=self.text)
-
-    def submit(self, key, code):
-        return self.pool.submit(self._answer)
-
-    def release(self, key):
-        pass
-
-
 def paused_rollout(args, model, tok, reqs, device) -> dict:
     """The paged, graphed Sampler on `reqs` with synthetic tool pauses: each row's sampled tokens number k = 0, 1, ...
     and at k = new/4 and new/2 the `choose` hook forces a ```python call (its other tokens are sampled); the stub
     tool answers after 50 ms with ~20 tokens of output. Model tokens/s, and the calls made."""
+    from common import StubExecutor  # benchmarks/common.py
     from mdpo.sampler import Sampler, SamplingParams
     from mdpo.trajectory import Role
     call = tok.encode("```python\nprint(1)\n```")
@@ -384,7 +364,7 @@ def paused_rollout(args, model, tok, reqs, device) -> dict:
     rows = sum(r.n for r in reqs)
     per_turn = max(args.new, starts[-1] + len(call) + 1)
     length = args.prompt + 3 * per_turn + 128
-    tool = DelayedTool(" ".join(str(i) for i in range(10)), 0.05)
+    tool = StubExecutor(" ".join(str(i) for i in range(10)), delay_s=0.05)
     s = Sampler(model, tok, batch_size=rows, max_length=length, seed=0, pack=False, executor=tool, choose=choose)
     s.stop_ids = set()
     params = SamplingParams(temperature=1.0, max_new_tokens_per_turn=per_turn, max_turns=3, max_length=length)

@@ -277,12 +277,13 @@ class PagedKVCache:
         return ok
 
     def trim_rows(self, rows: np.ndarray, next_pos: np.ndarray):
-        """`trim` for many rows; Python runs only for those with a block to give back."""
+        """`trim` for many rows; Python runs only for those with a block to give back (in any sliding group)."""
+        due = np.zeros(len(rows), dtype=bool)
         for g in self.groups:
             if g.window is not None:
-                keep = np.maximum(0, next_pos - g.window + 1) // self.bs
-                for i in np.nonzero(keep > g.first[rows])[0].tolist():
-                    self.trim(int(rows[i]), int(next_pos[i]))
+                due |= np.maximum(0, next_pos - g.window + 1) // self.bs > g.first[rows]
+        for i in np.nonzero(due)[0].tolist():
+            self.trim(int(rows[i]), int(next_pos[i]))
 
     def trim(self, row: int, next_pos: int):
         """Sliding groups: give back the blocks no query at next_pos or later can see."""
@@ -388,9 +389,10 @@ class PagedKVCache:
 
         pad_to: the decode segment has exactly this many rows (static shapes for CUDA graphs): the decoding rows,
         then padding rows (token 0 at position 0, attending position 0 only, writing into the null block through
-        a table row of null blocks kept for them). all_rows: pad_to=max_rows. Dense mode always runs every slot
-        in slot order, which lets the segment read the pool as a slice; its padding rows write to their own last
-        position, which no token ever occupies (the token at max_length - 1 is sampled, never fed).
+        a table row of null blocks kept for them). all_rows: pad_to=max_rows (how session 8's Sampler, a
+        bench_rollout baseline, asks for it). Dense mode always runs every slot in slot order, which lets the
+        segment read the pool as a slice; its padding rows write to their own last position, which no token ever
+        occupies (the token at max_length - 1 is sampled, never fed).
         bucket: the decode segment's read length is rounded up to a multiple of it (static shapes again)."""
         if isinstance(feeds, list):
             feeds = Feeds.of(feeds)

@@ -144,14 +144,19 @@ class _Slots:
         self.recompute = np.zeros(B, bool)  # preempted: its next feeds are its whole trajectory again
         self.prefilling = np.zeros(B, bool)  # the first of a prompt's samples, feeding the prompt for its siblings too
 
-    def put(self, s: int, tokens, role, turn, lps=None):
-        """Append tokens (roles, turn indices, log-probs: one value or one per token) to row s."""
+    def put(self, s: int, tokens, role, turn):
+        """Append tokens that were not sampled (role and turn index: one value or one per token; log-prob 0)."""
         a, b = self.n[s], self.n[s] + len(tokens)
         self.tok[s, a:b] = tokens
         self.role[s, a:b] = role
         self.turn[s, a:b] = turn
-        self.lp[s, a:b] = 0.0 if lps is None else lps
+        self.lp[s, a:b] = 0.0
         self.n[s] = b
+
+    def feed_ends(self, rows: np.ndarray, starts: np.ndarray, chunk: int) -> np.ndarray:
+        """Where the feeds of `rows` from `starts` end: their last token, or `chunk` tokens on (long feeds go in
+        chunks)."""
+        return np.minimum(self.n[rows], starts + chunk)
 
 
 def step_hidden(net, view: StepView) -> torch.Tensor:
@@ -514,21 +519,21 @@ class Sampler:
         self._starved = False
         want = np.nonzero(s.live & s.ready & (s.n > s.cached))[0]
         starts = s.cached[want]
-        ends = np.minimum(s.n[want], starts + self.prefill_chunk)  # long feeds go in chunks
+        ends = s.feed_ends(want, starts, self.prefill_chunk)
         ok = self.kv.has_blocks(want, starts, ends)  # the common case: nothing to allocate, copy or preempt
         if ok.all():
             return want, starts, ends
         by_age = np.argsort(s.order[want], kind="stable")
-        want, starts, ends, ok = want[by_age], starts[by_age], ends[by_age], ok[by_age]
+        want, starts, ok = want[by_age], starts[by_age], ok[by_age]
         fed: list[int] = []
         fed_set: set[int] = set()
         for k, i in enumerate(want.tolist()):
-            start = int(s.cached[i])
+            start = int(s.cached[i])  # 0 if a row before preempted it
             if ok[k] and start == starts[k]:
                 fed.append(i)
                 fed_set.add(i)
                 continue
-            end = min(int(s.n[i]), start + self.prefill_chunk)
+            end = int(s.feed_ends(i, start, self.prefill_chunk))
             while not self.kv.ensure(i, start, end):
                 if held:
                     req = next(iter(held))
@@ -550,7 +555,7 @@ class Sampler:
             raise RuntimeError(f"the KV pool cannot hold one row: raise kv_cache_gb (pool: {self.memory_plan()})")
         rows = np.array(fed, dtype=np.int64)
         starts = s.cached[rows]
-        return rows, starts, np.minimum(s.n[rows], starts + self.prefill_chunk)
+        return rows, starts, s.feed_ends(rows, starts, self.prefill_chunk)
 
     def _step(self, rows, held, queue):
         """One forward for everything that is fed this step; returns whether anything was."""
@@ -562,17 +567,11 @@ class Sampler:
         single = lens == 1
         decode_only = bool(single.all())
         rec = s.recompute[fed]
-        pre = starts < s.prompt[fed]  # (a prompt of one token is fed like a decoded one)
-        if decode_only and not rec.any():
-            n_pre = int(pre.sum())
-            self.stats["prefill_tokens"] += n_pre
-            self.stats["decode_tokens"] += len(fed) - n_pre
-        else:
-            pre &= ~rec
-            self.stats["recompute_tokens"] += int(lens[rec].sum())
-            self.stats["prefill_tokens"] += int(lens[pre].sum())
-            self.stats["extend_tokens"] += int(lens[~rec & ~pre & ~single].sum())
-            self.stats["decode_tokens"] += int((single & ~rec & ~pre).sum())
+        pre = ~rec & (starts < s.prompt[fed])
+        self.stats["recompute_tokens"] += int(lens[rec].sum())
+        self.stats["prefill_tokens"] += int(lens[pre].sum())
+        self.stats["extend_tokens"] += int(lens[~rec & ~pre & ~single].sum())
+        self.stats["decode_tokens"] += int((single & ~rec & ~pre).sum())
         if decode_only:
             tokens = s.tok[fed, starts]
         else:
@@ -589,7 +588,7 @@ class Sampler:
         else:
             logits = step_logits(self.net, view)
         self.stats["forward_calls"] += 1
-        self.stats["decode_steps"] += decode_only or bool(single.any())
+        self.stats["decode_steps"] += bool(single.any())
         s.cached[fed] = ends
         self.kv.trim_rows(fed, ends)
         whole = ends == s.n[fed]  # a chunk of a long feed draws nothing: the rest comes next step

@@ -81,7 +81,8 @@ class Drawer:
         return m[:, 0] + s.exp_().sum(-1).log()
 
     def inverse_cdf(self, x: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The token whose interval of the cumulative softmax(x) holds u (R,), and softmax(x) (R, V) itself."""
+        """The token whose interval of the cumulative softmax(x) holds u (R,), and softmax(x) (R, V) itself (in
+        the scratch buffer where V divides into blocks: valid until the Drawer's next call)."""
         R, V = x.shape
         block = 1 << max(4, math.ceil(math.log2(V) / 2))  # ~sqrt(V): both levels are short
         if V % block == 0:  # Gemma's vocabularies (256000, 262144) and the tiny ones

@@ -26,6 +26,14 @@ segments: rows feeding one token as one batch of (R, H, 1, D) queries, rows feed
 (R, H, T, D) queries. Each segment reads only its rows' live blocks (a sliding group from the window's first
 block on), with an additive mask from positions. The linear layers, which read all the weights, run once on all
 N tokens.
+
+Reading only live KV (attention="flex"). The gather above pads every decoding row to the longest row's block count:
+with rows of lengths spread over 150..2048 it reads ~1.7x the live bytes, then copies them once more before
+attending. With attention="flex" the decode segment instead runs torch's FlexAttention over the pool itself, with
+a block mask listing each row's live blocks (`flex_decode`): the kernel visits only those, and nothing is copied.
+It is compiled (eager FlexAttention would evaluate the mask over the whole pool) and its shapes are static (rows
+in buckets, block lists padded), so it is captured in CUDA graphs like the rest of the step. Prefill segments keep
+the gather.
 """
 
 from __future__ import annotations
@@ -148,17 +156,78 @@ def plan_blocks(config: GemmaConfig, max_rows: int, max_length: int, block_size:
     return [max(int(rows * n), n) + 1 for n in row_blocks_]
 
 
+_FLEX: dict = {}
+
+
+def flex_decode(q, k_pool, v_pool, num, index, edge, scale: float, softcap: float | None) -> torch.Tensor:
+    """Decode attention over a block pool, reading only each row's live blocks (FlexAttention, compiled).
+
+    q (R, H, 1, D); k_pool / v_pool (num_blocks, bs, H_kv, D), viewed as one (1, H_kv, num_blocks * bs, D) sequence
+    that every row's query attends into (a batch-1 key/value broadcast against R query rows). num (R,) and index
+    (R, W) int32: row r's live blocks are index[r, :num[r]] (pool block ids, first to last). edge (4, R) int32: the
+    last live block and the query's offset in it, the first live block and the window's first offset in it. Only
+    those two blocks can hold invisible keys (slots after the query, or before a sliding window), so the mask needs
+    no position table: it hides slots past the query in the last block and before the window in the first."""
+    bs = k_pool.shape[1]
+    key = (q.device.type, q.dtype, tuple(q.shape), tuple(index.shape), bs, float(scale), softcap)
+    fn = _FLEX.get(key)
+    if fn is None:
+        fn = _FLEX[key] = _compile_flex(q.device.type, bs, float(scale), softcap)
+    n = k_pool.shape[0]
+    k = k_pool.view(1, n * bs, *k_pool.shape[2:]).transpose(1, 2)
+    v = v_pool.view(1, n * bs, *v_pool.shape[2:]).transpose(1, 2)
+    return fn(q, k, v, num, index, edge)
+
+
+def _compile_flex(device_type: str, bs: int, scale: float, softcap: float | None):
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    # On the CPU inductor picks a "decoding" template for one-token queries that splits the work by the pool's
+    # length, not the rows' (its cost grows with the pool: 123 ms against 21 ms for 32 rows of a 4097-block pool,
+    # docs/LOG.md); a partition size that is not a multiple of the block size makes it take its attention
+    # template. On CUDA the defaults (the Triton decode kernel) are kept.
+    options = {"PARTITION_SIZE": bs * 8 + 1} if device_type == "cpu" else None
+
+    def mask_mod(b, h, q_idx, kv_idx, edge):
+        blk, off = kv_idx // bs, kv_idx % bs
+        return ((blk != edge[0, b]) | (off <= edge[1, b])) & ((blk != edge[2, b]) | (off >= edge[3, b]))
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return softcap * torch.tanh(score / softcap)  # Gemma 2's attention logit cap
+
+    def run(q, k, v, num, index, edge):
+        mask = BlockMask.from_kv_blocks(num[:, None, None], index[:, None, None], BLOCK_SIZE=(16, bs),
+                                        mask_mod=lambda b, h, qi, ki: mask_mod(b, h, qi, ki, edge),
+                                        seq_lengths=(1, k.shape[2]), compute_q_blocks=False)
+        return flex_attention(q, k, v, score_mod=score_mod if softcap else None, block_mask=mask, scale=scale,
+                              enable_gqa=q.shape[1] != k.shape[1], kernel_options=options)
+
+    # Shapes are static (rows in buckets, block lists padded), so each is compiled once; one function serves
+    # every model in a process, hence a limit above dynamo's default of 8 compiled variants per function.
+    return torch.compile(run, fullgraph=True, dynamic=False, recompile_limit=64)
+
+
 class PagedKVCache:
     """Block pools and tables for up to `max_rows` rows of at most `max_length` tokens (see the module docstring).
 
     num_blocks: blocks per group (plan_blocks), ignored in dense mode (block_size >= max_length).
     max_feed: most tokens a row feeds in one step (the sampler's prefill_chunk); a pool must hold one row.
+    attention: how the decode segment reads the pool: "gather" (padded to the longest row) or "flex" (only live
+        blocks, `flex_decode`; paged layout only, blocks of at least 2, and every plan's decode segment padded to
+        a fixed number of rows, `plan(pad_to=...)`).
     """
 
     def __init__(self, config: GemmaConfig, max_rows: int, max_length: int, block_size: int,
-                 num_blocks: list[int] | None = None, dtype=torch.float32, device=None, max_feed: int = 512):
+                 num_blocks: list[int] | None = None, dtype=torch.float32, device=None, max_feed: int = 512,
+                 attention: str = "gather"):
         self.config, self.max_rows, self.max_length = config, max_rows, max_length
         self.dense = block_size >= max_length
+        if attention not in ("gather", "flex"):
+            raise ValueError(f"attention={attention!r}: use 'gather' or 'flex'")
+        if attention == "flex" and (self.dense or block_size < 2):
+            raise ValueError(f"attention='flex' reads a paged pool: block_size {block_size} must be >= 2 and "
+                             f"< max_length {max_length}")
+        self.attention = attention
         self.bs = bs = max_length if self.dense else block_size
         self.max_blocks = -(-max_length // bs)
         self.dtype, self.device = dtype, torch.device(device or "cpu")
@@ -172,6 +241,9 @@ class PagedKVCache:
         self.groups = [_Group(layers, w, n, bs, max_rows, self.max_blocks, config, dtype, device)
                        for (layers, w), n in zip(spec, num_blocks)]
         self.group_of = {i: g for g in self.groups for i in g.layers}
+        # The windows a group's layers attend with (a group may mix full and sliding layers): flex plans per window.
+        self.windows = {id(g): sorted({config.sliding_window if config.layer_types[i] == "sliding" else None
+                                       for i in g.layers}, key=lambda w: w or 0) for g in self.groups}
         for g in self.groups:
             need = row_blocks(g.window, max_length, bs, max_feed)
             if g.num_blocks - 1 < need:
@@ -457,7 +529,12 @@ class PagedKVCache:
         for g in self.groups:
             blk = g.table[write_rows, np.minimum(positions // bs, self.max_blocks - 1)]
             view.write[id(g)] = _upload(blk * bs + positions % bs, dev)
-        if n_dec:
+        if n_dec and self.attention == "flex":
+            if pad_to is None:
+                raise ValueError("attention='flex' compiles one kernel per number of rows: plan with pad_to")
+            view.segments.append(self._flex_segment(rows, qpos))
+            view.seg_rows.append(n_dec)
+        elif n_dec:
             view.segments.append(self._segment(rows, qpos[:, None], qpos, np.where(real, qpos, 0), None,
                                                bucket, slice_ok=self.dense))
             view.seg_rows.append(n_dec)
@@ -498,6 +575,28 @@ class PagedKVCache:
             # q - k (R, T, S); the mask itself is made per window in StepView (a group may mix full and sliding
             # layers), keys beyond a row's query (padding, null blocks) are hidden by causality.
             seg["mask"][id(g)] = qp[:, :, None] - kpos[:, None, :]
+        return seg
+
+    def _flex_segment(self, rows, qpos):
+        """Read plan of a decode segment for `flex_decode`: per group and window, each row's live blocks (from the
+        window's first block, or 0, to the query's) and the edges the mask needs. Padding rows (the table row of
+        null blocks, position 0) read slot 0 of the null block."""
+        bs, dev, mb, R = self.bs, self.device, self.max_blocks, len(rows)
+        seg = {"q_index": None, "T": 1, "R": R, "read": {}, "mask": {}, "flex": {}}
+        hi = qpos // bs
+        j = np.arange(mb)
+        for g in self.groups:
+            # inductor's CPU lowering asserts that the block lists span the whole key sequence (the pool)
+            width = max(g.num_blocks, mb) if dev.type == "cpu" else mb
+            for w in self.windows[id(g)]:
+                first = np.maximum(0, qpos - w + 1) if w else np.zeros_like(qpos)
+                lo = first // bs
+                num = hi - lo + 1
+                index = np.zeros((R, width), dtype=np.int32)
+                index[:, :mb] = np.where(j < num[:, None], g.table[rows[:, None], np.minimum(lo[:, None] + j, mb - 1)],
+                                         0)
+                edge = np.stack([g.table[rows, hi], qpos % bs, g.table[rows, lo], first % bs]).astype(np.int32)
+                seg["flex"][(id(g), w)] = (_upload(num.astype(np.int32), dev), _upload(index, dev), _upload(edge, dev))
         return seg
 
     def _positions(self, n: int) -> torch.Tensor:
@@ -549,6 +648,12 @@ class StepView:
         outs, start = [], 0
         for s, (seg, rows) in enumerate(zip(self.segments, self.seg_rows)):
             R, T = seg["R"], seg["T"]
+            if "flex" in seg:  # decode rows, reading only their live blocks
+                qs = q[0, :, start: start + R].transpose(0, 1)[:, :, None].contiguous()  # (R, H, 1, D)
+                start += R
+                o = flex_decode(qs, g.k[layer], g.v[layer], *seg["flex"][(id(g), window)], scale, softcap)
+                outs.append(o[:, :, 0].to(q.dtype))
+                continue
             if seg["q_index"] is None:  # decode: the first R packed tokens, one per row
                 qs = q[0, :, start: start + R].transpose(0, 1)[:, :, None]  # (R, H, 1, D)
                 start += R

@@ -196,6 +196,7 @@ class GraphedStep:
         seg = view.segments[0]
         out = [view.tokens, view.positions] + [view.write[k] for k in sorted(view.write)]
         out += [seg["read"][k] for k in sorted(seg["read"]) if isinstance(seg["read"][k], torch.Tensor)]
+        out += [t for plan in seg.get("flex", {}).values() for t in plan]  # the same order in every plan
         return out + [seg["mask"][k] for k in sorted(seg["mask"])]
 
     def __call__(self, net, view: StepView) -> torch.Tensor:
@@ -205,7 +206,7 @@ class GraphedStep:
             view.last, last = every, view.last
             return step_logits(self.net, view)[last]
         seg = view.segments[0]
-        key = tuple((k, v if isinstance(v, int) else tuple(v.shape)) for k, v in sorted(seg["read"].items()))
+        key = (seg["R"],) + tuple((k, v if isinstance(v, int) else tuple(v.shape)) for k, v in sorted(seg["read"].items()))
         if key not in self.graphs:
             self.graphs[key] = self._capture(view, every)
         static, graph, logits = self.graphs[key]
@@ -220,6 +221,8 @@ class GraphedStep:
         seg = static.segments[0]
         seg["read"] = {k: (v if isinstance(v, int) else v.clone()) for k, v in seg["read"].items()}
         seg["mask"] = {k: v.clone() for k, v in seg["mask"].items()}
+        if "flex" in seg:
+            seg["flex"] = {k: tuple(t.clone() for t in v) for k, v in seg["flex"].items()}
         static.tokens, static.positions, static.last = view.tokens.clone(), view.positions.clone(), every
         static.write = {k: v.clone() for k, v in view.write.items()}
         side = torch.cuda.Stream()
@@ -268,13 +271,17 @@ class Sampler:
             repacked weights need no recompile. Logits match the eager step to ~1e-6 in fp32; in bf16 fused
             reductions round differently (up to ~2 bf16 ulps of a logit), so an exact tie between top tokens can
             break the other way.
+        attention: how decoding rows read a paged pool (mdpo.paged): "gather" (padded to the longest row) or
+            "flex" (FlexAttention over live blocks only; compiled, a few seconds per row bucket and layer kind;
+            decode segments always run in row buckets). Dense layouts read slices either way.
     """
 
     def __init__(self, model: Gemma, tokenizer, batch_size: int = 8, max_length: int = 2048, executor=None,
                  seed: int = 0, choose: Callable | None = None, model_name: str = "", pack: bool | None = None,
                  compile: bool = False, tool: Tool | None = None, chat: ChatFormat | None = None,
                  graphs: bool | None = None, graph_bucket: int = 128, block_size: int | None = None,
-                 kv_cache_gb: float | None = None, prefill_chunk: int = 512, verbose: bool = False):
+                 kv_cache_gb: float | None = None, prefill_chunk: int = 512, verbose: bool = False,
+                 attention: str = "gather"):
         self.model = model
         self.tok = tokenizer
         self.B = batch_size
@@ -299,7 +306,9 @@ class Sampler:
         self._compiled = torch.compile(step_hidden, dynamic=True, options={"emulate_precision_casts": True}) \
             if compile else None
         self.prefill_chunk = prefill_chunk
-        self.kv = self._make_cache(block_size, kv_cache_gb)
+        if attention == "flex" and compile:
+            raise ValueError("attention='flex' compiles its own kernel inside the eager step: pass compile=False")
+        self.kv = self._make_cache(block_size, kv_cache_gb, attention)
         if verbose:
             print(self.memory_plan())
         if graphs is None:
@@ -331,10 +340,10 @@ class Sampler:
             self._backtick[:tokenizer.vocab_size] = [b"`" in tokenizer._token_bytes(i)
                                                      for i in range(tokenizer.vocab_size)]
 
-    def _make_cache(self, block_size: int | None, kv_cache_gb: float | None) -> PagedKVCache:
+    def _make_cache(self, block_size: int | None, kv_cache_gb: float | None, attention: str) -> PagedKVCache:
         cfg = self.model.config
         if block_size is None:
-            block_size = 16 if self.device.type == "cuda" else self.max_length
+            block_size = 16 if self.device.type == "cuda" or attention == "flex" else self.max_length
         budget = None if kv_cache_gb is None else int(kv_cache_gb * 2 ** 30)
         if budget is None and self.device.type == "cuda" and block_size < self.max_length:
             free, _ = torch.cuda.mem_get_info(self.device)
@@ -343,7 +352,7 @@ class Sampler:
         blocks = plan_blocks(cfg, self.B, self.max_length, block_size, budget, self.dtype, self.prefill_chunk) \
             if block_size < self.max_length else None
         return PagedKVCache(cfg, self.B, self.max_length, block_size, blocks, self.dtype, self.device,
-                            max_feed=self.prefill_chunk)
+                            max_feed=self.prefill_chunk, attention=attention)
 
     def memory_plan(self, typical_length: int = 700) -> str:
         """One line: weights, pool, the tokens it holds, and how many rows of a typical length fit."""
@@ -577,7 +586,10 @@ class Sampler:
         else:
             tokens = np.concatenate([s.tok[i, a:b] for i, a, b in zip(fed.tolist(), starts.tolist(), ends.tolist())])
         graphed = self._graphed is not None and decode_only
-        view = self.kv.plan(Feeds(fed, starts, lens, tokens), pad_to=self._row_bucket(len(fed)) if graphed else None,
+        n_dec = int(single.sum())
+        # Graphs and flex kernels have static shapes: the decoding rows run padded to a row bucket.
+        bucketed = graphed or (self.kv.attention == "flex" and n_dec > 0)
+        view = self.kv.plan(Feeds(fed, starts, lens, tokens), pad_to=self._row_bucket(n_dec) if bucketed else None,
                             bucket=self.graph_bucket if graphed else 1)
         if graphed:
             logits = self._graphed(self.net, view)

@@ -189,7 +189,7 @@ def test_paged_sampler_equals_dense_and_the_uncached_loop(tok, name):
 
 def test_paged_sampler_with_tool_calls_equals_dense(tok):
     """Forced choices with tool calls: rows pause, observations of different lengths are fed in packed steps,
-    temperature 1 draws elsewhere; tiny-gemma3's window of 8 frees blocks of 4 all along."""
+    temperature 1 draws elsewhere; tiny-gemma3's window of 8 frees blocks of 4 all along. Both paged reads."""
     model = tiny("tiny-gemma3", seed=5, vocab_size=262144)
     code = {"a": "print(a)", "b": "print(b)", "c": "print(c)"}
     outputs = {"print(a)": "1", "print(b)": " ".join(["22"] * 20), "print(c)": "3 3 3 3 3"}
@@ -212,6 +212,8 @@ def test_paged_sampler_with_tool_calls_equals_dense(tok):
     paged_sampler = sampler(block_size=4)
     paged = run(paged_sampler, reqs, params)
     same_trajectories(paged, dense)
+    same_trajectories(run(sampler(block_size=4, attention="flex"), reqs, params), dense)  # observations beside
+    # decoding rows: steps with a flex decode segment and a gathered multi-token one
     assert all(Role.TOOL in t.roles for t in paged.values())
     for t in paged.values():
         ref = teacher_forced_logprobs(model, t.tokens)
@@ -244,6 +246,40 @@ def test_graphed_steps_in_row_buckets_equal_the_plain_paged_step(tok, name):
     same_trajectories(run(graphed, reqs, None), run(plain, reqs, None))
     rows = {s[1] for s in shapes}
     assert {8, 16} <= rows and rows <= {8, 16, 20}  # 20 slots: the top bucket is the batch itself
+
+
+@pytest.mark.parametrize("name", ["tiny-gemma", "tiny-gemma2", "tiny-gemma3"])
+def test_flex_decode_reads_live_blocks_and_equals_the_gather(tok, name):
+    """attention="flex" (FlexAttention over each row's live blocks, compiled): rows of staggered lengths, siblings
+    sharing prompt blocks, a pool small enough to preempt, Gemma 2's softcap and windows of 8 over blocks of 4 --
+    the trajectories of the padded gather, drawn at temperature 1; and the blocks the decode segment lists are
+    exactly the live ones."""
+    model = tiny(name, seed=2)
+    reqs = [Request(r.prompt_id, r.tokens, n=2,
+                    params=SamplingParams(temperature=1.0, max_new_tokens_per_turn=12 + 10 * i))
+            for i, r in enumerate(prompts(5, [5, 9, 14, 6, 20], seed=2))]
+    small = 2.2 * 64 * model.kv_bytes_per_token() / 2 ** 30
+    gather = Sampler(model, tok, batch_size=8, max_length=64, block_size=4, seed=4, kv_cache_gb=small)
+    flex = Sampler(model, tok, batch_size=8, max_length=64, block_size=4, seed=4, kv_cache_gb=small,
+                   attention="flex")
+    gather.stop_ids = flex.stop_ids = set()  # rows end at their token budget: staggered, known ends
+    listed = []
+    plan = flex.kv.plan
+
+    def spy(feeds, **kw):  # every decode segment: blocks listed per row vs the blocks its positions live in
+        view = plan(feeds, **kw)
+        for seg in view.segments:
+            for (gid, w), (num, index, edge) in seg.get("flex", {}).items():
+                g = next(g for g in flex.kv.groups if id(g) == gid)
+                for r, p in zip(feeds.rows[feeds.lens == 1].tolist(), feeds.starts[feeds.lens == 1].tolist()):
+                    k = list(feeds.rows[feeds.lens == 1]).index(r)
+                    lo = max(0, p - w + 1) // 4 if w else 0
+                    listed.append((index[k, :num[k]].tolist(), g.tables[r][lo: p // 4 + 1]))
+        return view
+    flex.kv.plan = spy
+    same_trajectories(run(flex, reqs, None), run(gather, reqs, None))
+    assert flex.stats["preemptions"] > 0 and flex.stats["decode_steps"] > 20
+    assert listed and all(a == b and 0 not in a for a, b in listed)
 
 
 @pytest.mark.parametrize("name", ["tiny-gemma", "tiny-gemma3"])

@@ -44,6 +44,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "reference.mode": ("previous", "sft"),
     "training.schedule": ("cosine", "linear", "constant"),
     "metrics.tracker": ("none", "tensorboard", "wandb"),  # see mdpo/tracking.py
+    "rollout.kv_attention": ("gather", "flex"),  # see mdpo/paged.py
 }
 
 
@@ -79,6 +80,8 @@ class RolloutConfig:
     compile: bool = False  # torch.compile the sampler's decode step (rollouts and evals; ~1 min compile per process)
     kv_block_size: int | None = None  # KV cache block size (mdpo.paged); None: 16 on CUDA, dense on CPU; >= max_length: dense
     kv_cache_gb: float | None = None  # paged KV pool size; None: batch_size rows of max_length, at most 90% of free GPU memory
+    kv_attention: str = "gather"  # one of CHOICES["rollout.kv_attention"]: how decoding rows read a paged pool
+    #                               (gather: padded to the longest row; flex: only live blocks, compiled)
     prefill_chunk: int = 512  # most tokens one row feeds in a sampler step (longer prompts/observations go in chunks)
     first_previous: str | None = None  # iteration 1's "previous model" for the n_previous samples (the paper: its
     #                                    1-epoch SFT checkpoint); None = iteration 1 draws all samples from the policy

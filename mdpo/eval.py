@@ -167,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="KV cache block size (default: 16 on CUDA, dense on CPU; >= --max-length: dense)")
     ap.add_argument("--kv-cache-gb", type=float, default=None,
                     help="paged KV pool size (default: --batch-size rows of --max-length, at most 90%% of free GPU memory)")
+    ap.add_argument("--kv-attention", default="gather", choices=("gather", "flex"),
+                    help="how decoding rows read a paged pool: padded gather, or FlexAttention over live blocks only")
     return ap
 
 
@@ -287,7 +289,8 @@ def run(args) -> int:
     results = sample_graded(model, problems, out / "trajectories.jsonl", args.n, params,
                             batch_size=args.batch_size, seed=args.seed, timeout=args.timeout,
                             dtype=args.dtype and parse_dtype(args.dtype), desc=f"eval {args.data}", compile=args.compile,
-                            kv={"block_size": args.kv_block_size, "kv_cache_gb": args.kv_cache_gb})
+                            kv={"block_size": args.kv_block_size, "kv_cache_gb": args.kv_cache_gb,
+                                "attention": args.kv_attention})
     metrics = compute_metrics(results, problems, args.n)
     metrics.update(model=str(args.model), data=args.data, temperature=args.temperature, max_turns=args.max_turns)
     write_json_atomic(out / "metrics.json", metrics)

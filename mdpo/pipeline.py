@@ -166,7 +166,8 @@ def share_key(model: str, problems: list[dict], n: int | range, params: Sampling
 def kv_options(cfg: ExperimentConfig) -> dict:
     """The sampler's KV-cache settings (they change speed and memory, never a trajectory: not in share_key)."""
     r = cfg.rollout
-    return {"block_size": r.kv_block_size, "kv_cache_gb": r.kv_cache_gb, "prefill_chunk": r.prefill_chunk}
+    return {"block_size": r.kv_block_size, "kv_cache_gb": r.kv_cache_gb, "prefill_chunk": r.prefill_chunk,
+            "attention": r.kv_attention}
 
 
 def sample(model: str, problems: list[dict], path: Path, n: int | range, params: SamplingParams, cfg: ExperimentConfig,

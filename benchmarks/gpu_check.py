@@ -19,17 +19,22 @@ section runs on its own (a failure is reported in its row and the others go on):
               step as CUDA graphs (the default on CUDA), paged and dense; the same with synthetic tool pauses
               (every row writes two ```python calls, forced through the `choose` hook, and a stub tool answers
               each after 50 ms, so rows pause, resume and feed observations in packed steps: model tokens/s);
+              at 128 rows also with attention="flex" (decoding rows read only their live KV blocks; never run
+              on a GPU before: an error is reported in the row);
               host synchronisations per step (torch.cuda.set_sync_debug_mode); and whether 8 greedy rows of
               32 tokens are the same paged with graphs and dense eager. Needs a tokenizer that decodes every id
               of the model: Gemma 3's, read from .gpu/tokenizer (the GPU machine fetches nothing, so it travels
               with the tree: see README); the smoke run trains a small one.
-3. parity     bf16 logits of 4-layer gemma-2b and gemma-2-9b shapes against transformers on the same device
+3. kvread     one gemma-7b attention layer of a decode step over 128 rows of lengths spread in [150, 2048], bf16:
+              the paged pool read by the padded gather and by FlexAttention over live blocks (ms per layer, bytes
+              read / live bytes, the two outputs' largest difference).
+4. parity     bf16 logits of 4-layer gemma-2b and gemma-2-9b shapes against transformers on the same device
               and weights: max |diff| and top-1 agreement (skipped when transformers is missing).
-4. mdpo step  one M-DPO forward + backward + AdamW step on 2 pairs x 2048 tokens of a gemma-2b shape, with and
+5. mdpo step  one M-DPO forward + backward + AdamW step on 2 pairs x 2048 tokens of a gemma-2b shape, with and
               without activation checkpointing: tokens/s, MFU against the device's dense bf16 peak, peak memory.
               Three precisions: fp32; bf16 weights; and what train.py runs: fp32 weights under FSDP2 with
               bf16 mixed precision (a one-process group).
-5. demo       `python -m mdpo.demo` at a small size on this device (synthetic data, SFT, one M-DPO iteration
+6. demo       `python -m mdpo.demo` at a small size on this device (synthetic data, SFT, one M-DPO iteration
               with rollouts through the sandboxed interpreter, evaluation): wall time and its accuracy table.
 Prints a table whose rows appear as each section ends (where $OUT is set, $OUT/gpu_check.json is rewritten
 then too, so a run cut off at its time limit keeps the finished sections), then one JSON line.
@@ -274,9 +279,9 @@ def section_rollout(args, device, out):
     g = torch.Generator(device="cpu").manual_seed(3)
     length = args.prompt + args.new + 8
 
-    def sampler_for(rows, graphs, block_size=16):
+    def sampler_for(rows, graphs, block_size=16, attention="gather"):
         s = Sampler(model, tok, batch_size=rows, max_length=length, seed=0, graphs=graphs, pack=False,
-                    block_size=block_size)
+                    block_size=block_size, attention=attention)
         s.stop_ids = set()  # every row decodes exactly `new` tokens, like section 1
         return s
 
@@ -298,15 +303,26 @@ def section_rollout(args, device, out):
                    for _ in range(max(1, rows // 8))]
         reqs = [Request(f"r{i}", p, n=8 if rows >= 8 else rows) for i, p in enumerate(prompts)]
         row = {}
-        # Both with CUDA graphs: the paged cache (the CUDA default) and the dense layout.
-        for graphs, bs, name in ((True, 16, "paged"), (True, length, "dense")):
-            sampler = sampler_for(rows, graphs, bs)
-            list(sampler.generate(reqs[:1], SamplingParams(temperature=1.0, max_new_tokens_per_turn=4)))  # warm-up
-            sync(device)
-            t0 = time.perf_counter()
-            trajs = list(sampler.generate(reqs, params))
-            sync(device)
-            dt = time.perf_counter() - t0
+        # All with CUDA graphs: the paged cache (the CUDA default), the dense layout, and (at the target's rows)
+        # the paged cache read through FlexAttention (first run on a GPU: a failure is reported in the row).
+        runs = [(True, 16, "paged", "gather"), (True, length, "dense", "gather")]
+        if rows in args.flex_rows:
+            runs.append((True, 16, "flex", "flex"))
+        for graphs, bs, name, attention in runs:
+            try:
+                sampler = sampler_for(rows, graphs, bs, attention)
+                warm = [Request(r.prompt_id, r.tokens, n=r.n) for r in reqs]  # every row bucket, compiled/captured
+                list(sampler.generate(warm, SamplingParams(temperature=1.0, max_new_tokens_per_turn=4)))
+                sync(device)
+                t0 = time.perf_counter()
+                trajs = list(sampler.generate(reqs, params))
+                sync(device)
+                dt = time.perf_counter() - t0
+            except Exception as e:
+                if name != "flex":
+                    raise
+                row["flex_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                continue
             sampled = sum(len(t.tokens) for t in trajs) - sum(len(p) * r.n for p, r in zip(prompts, reqs))
             row[f"{name}_tok_per_s"] = round(sampled / dt, 1)
             row[f"{name}_preemptions"] = sampler.stats["preemptions"]
@@ -314,6 +330,8 @@ def section_rollout(args, device, out):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         row["paged_over_dense"] = round(row["paged_tok_per_s"] / row["dense_tok_per_s"], 2)
+        if "flex_tok_per_s" in row:
+            row["flex_over_paged"] = round(row["flex_tok_per_s"] / row["paged_tok_per_s"], 2)
         row.update(paused_rollout(args, model, tok, reqs, device))
         out[f"rollout/{args.decode_model}/rows={rows}"] = row
     if device.type == "cuda":
@@ -378,6 +396,43 @@ def paused_rollout(args, model, tok, reqs, device) -> dict:
             "paused_forward_calls": s.stats["forward_calls"]}
 
 
+def section_kvread(args, device, out):
+    """One gemma-7b attention layer of a decode step whose rows have lengths spread over [150, 2048] (as mid-
+    rollout), bf16: the paged pool read by the padded gather and by FlexAttention over live blocks only (both as
+    the sampler runs them, benchmarks/bench_kv_read.py), ms per layer after a warm-up, and their difference."""
+    import numpy as np
+    from bench_kv_read import read_bytes, setup  # benchmarks/
+    cfg = dataclasses.replace(GemmaConfig.from_name(args.decode_model), num_layers=1, layer_types=["full"])
+    scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
+    lengths = np.random.default_rng(0).integers(150 if args.kv_rows > 8 else 2, 2049 if args.kv_rows > 8 else 40,
+                                                args.kv_rows)
+    per_token = 2 * cfg.num_kv_heads * cfg.head_dim * 2
+    row, outs = {"rows": args.kv_rows, "live_mb": round(int(lengths.sum()) * per_token / 2 ** 20)}, {}
+    for kind in ("gather", "flex"):
+        try:
+            cache, feeds, qkv = setup(kind, cfg, lengths, torch.bfloat16, seed=0, device=device)
+            with torch.inference_mode():
+                view = cache.plan(feeds, pad_to=args.kv_rows if kind == "flex" else None)
+                outs[kind] = view.attend(0, *qkv, scale, cfg.attn_softcap, None, "sdpa").float()
+                sync(device)
+                t0 = time.perf_counter()
+                for _ in range(args.kv_calls):
+                    view.attend(0, *qkv, scale, cfg.attn_softcap, None, "sdpa")
+                sync(device)
+            row[f"{kind}_ms"] = round(1e3 * (time.perf_counter() - t0) / args.kv_calls, 3)
+            row[f"{kind}_read_over_live"] = round(read_bytes(kind, lengths, per_token) / (int(lengths.sum()) *
+                                                                                            per_token), 3)
+            del cache, view
+        except Exception as e:
+            if kind != "flex":
+                raise
+            row["flex_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    if "flex" in outs:
+        row["flex_max_diff"] = float((outs["flex"] - outs["gather"]).abs().max())
+        row["gather_over_flex_time"] = round(row["gather_ms"] / row["flex_ms"], 2)
+    out[f"kvread/{args.decode_model}"] = row
+
+
 def section_demo(args, device, out):
     with tempfile.TemporaryDirectory() as d:
         cmd = [sys.executable, "-m", "mdpo.demo", "--out", d] + [f"--size={s}" for s in args.demo_sizes] + \
@@ -395,8 +450,8 @@ def section_demo(args, device, out):
         print(p.stdout[-2000:], file=sys.stderr)
 
 
-SECTIONS = {"decode": section_decode, "rollout": section_rollout, "parity": section_parity, "step": section_step,
-            "demo": section_demo}
+SECTIONS = {"decode": section_decode, "rollout": section_rollout, "kvread": section_kvread, "parity": section_parity,
+            "step": section_step, "demo": section_demo}
 
 
 def report(out: dict, keys) -> None:
@@ -433,6 +488,8 @@ def main(argv=None) -> int:
     args.decode_model = "gemma-7b" if big else "tiny-gemma"
     args.rows, args.prompt, args.new = ([1, 64, 128, 256], 128, 128) if big else ([1, 4], 8, 4)
     args.agree_tokens = 32 if big else 4
+    args.flex_rows = [128] if big else [4]
+    args.kv_rows, args.kv_calls = (128, 20) if big else (8, 2)
     args.copy_gib = 4.0 if big else 0.05
     args.parity_models, args.parity_layers = ["gemma-2b", "gemma-2-9b"], 4
     if not big:

@@ -25,5 +25,9 @@ def test_gpu_check_smoke_runs_every_section():
     row = out["rollout/tiny-gemma/rows=4"]
     assert row["paged_tok_per_s"] > 0 and row["dense_tok_per_s"] > 0 and row["paged_preemptions"] == 0
     assert row["paused_tok_per_s"] > 0 and row["paused_tool_calls"] == 2 * 4  # two calls in each of 4 rows
+    assert row["flex_tok_per_s"] > 0 and "flex_error" not in row  # the paged pool read through FlexAttention
+    kv = out["kvread/tiny-gemma"]
+    assert kv["gather_ms"] > 0 and kv["flex_ms"] > 0 and kv["flex_max_diff"] < 2e-2  # bf16, one layer
+    assert kv["flex_read_over_live"] < kv["gather_read_over_live"]
     assert out["rollout/tiny-gemma/kv_plan"]["plan"].startswith("kv cache: weights")
     assert out["demo"]["exit"] == 0 and out["demo"]["summary"]["final_accuracy"]["n"] == 6

@@ -1,0 +1,135 @@
+"""How decoding rows read the KV cache, on the CPU: one attention layer of a decode step whose rows have spread
+lengths, as the sampler meets them mid-rollout (rows admitted at different times, prompts and answers of
+different lengths).
+
+    python benchmarks/bench_kv_read.py [--rows 32 64] [--repeats 3] [--threads 1]
+
+One Gemma-2-9B attention layer (16 query heads, 8 KV heads, head_dim 256, softcap 50), max_length 2048, row
+lengths uniform in [150, 2048] (seeded). Three reads of the same keys and values, through PagedKVCache.plan and
+StepView.attend exactly as the sampler runs them:
+  dense   the CPU default layout: one block per row, read as a slice up to the longest row;
+  gather  paged (blocks of 16): each row's blocks up to the longest row's count, gathered, then SDPA;
+  flex    paged: FlexAttention over the pool, visiting only each row's live blocks (compiled once, not timed).
+Per read: the step's plan (host), the layer's attention (write the new keys, read, attend), the KV bytes it reads
+against the live bytes, and its output's largest difference from dense. Each timing is the median of --calls
+calls; the --repeats repeats are interleaved and the spread (min-max) printed. Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mdpo.model import PRESETS  # noqa: E402
+from mdpo.paged import Feeds, PagedKVCache  # noqa: E402
+
+MAX_LENGTH, BS = 2048, 16
+
+
+def setup(kind: str, config, lengths: np.ndarray, dtype, seed: int, device="cpu"):
+    """A cache holding rows of `lengths` tokens (random keys and values), and one decode step's inputs (also
+    benchmarks/gpu_check.py's)."""
+    R = len(lengths)
+    cache = PagedKVCache(config, R, MAX_LENGTH, MAX_LENGTH if kind == "dense" else BS, dtype=dtype, device=device,
+                         attention="flex" if kind == "flex" else "gather")
+    for r, n in enumerate(lengths.tolist()):
+        assert cache.ensure(r, 0, int(n))
+    H, H_kv, D = config.num_heads, config.num_kv_heads, config.head_dim
+    g = torch.Generator().manual_seed(seed)
+    for r, n in enumerate(lengths.tolist()):  # the same keys and values at the same (row, position) in every layout
+        kv = torch.randn(2, n, H_kv, D, generator=g).to(device, dtype)
+        for grp in cache.groups:
+            for j, b in enumerate(grp.tables[r]):
+                a, e = j * cache.bs, min(n, (j + 1) * cache.bs)
+                grp.k[0][b, : e - a], grp.v[0][b, : e - a] = kv[0, a:e], kv[1, a:e]
+    q, k, v = (torch.randn(1, h, R, D, generator=g).to(device, dtype) for h in (H, H_kv, H_kv))
+    feeds = Feeds(np.arange(R), lengths - 1, np.ones(R, dtype=np.int64), np.zeros(R, dtype=np.int64))
+    return cache, feeds, (q, k, v)
+
+
+def read_bytes(kind: str, lengths: np.ndarray, per_token: int) -> int:
+    """KV bytes a read touches in the pool (the gather then copies them and SDPA reads the copy again)."""
+    if kind == "dense":
+        return len(lengths) * int(lengths.max()) * per_token
+    if kind == "gather":
+        return len(lengths) * int(-(-lengths.max() // BS)) * BS * per_token
+    return int((-(-lengths // BS)).sum()) * BS * per_token
+
+
+def median_ms(fn, calls: int) -> float:
+    times = []
+    for _ in range(calls):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", type=int, nargs="+", default=[32, 64])
+    ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--calls", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    config = dataclasses.replace(PRESETS["gemma-2-9b"], num_layers=1, layer_types=["full"])
+    scale = config.query_pre_attn_scalar ** -0.5
+    kinds = ("dense", "gather", "flex")
+    rows_out = []
+    print(f"one Gemma-2-9B attention layer, lengths uniform in [150, {MAX_LENGTH}], {args.threads} thread(s), "
+          f"median of {args.calls} calls, best and spread of {args.repeats} interleaved repeats")
+    print(f"{'dtype':9} {'rows':>4} {'read':7} {'plan ms':>8} {'attend ms':>10} {'spread':>13} {'read/live':>9} "
+          f"{'vs dense':>9} {'max diff':>9}")
+    with torch.inference_mode():
+        for dtype_name in args.dtypes:
+            dtype = getattr(torch, dtype_name)
+            per_token = 2 * config.num_kv_heads * config.head_dim * dtype.itemsize
+            for R in args.rows:
+                lengths = np.random.default_rng(R).integers(150, MAX_LENGTH + 1, R)
+                live = int(lengths.sum()) * per_token
+                runs, outs = {}, {}
+                for kind in kinds:
+                    cache, feeds, (q, k, v) = setup(kind, config, lengths, dtype, seed=R)
+                    view = cache.plan(feeds, pad_to=R if kind == "flex" else None)
+                    # A step's masks are made at its first layer and shared by the others: a kept view times
+                    # what every further layer costs.
+                    attend = (lambda vw=view, qkv=(q, k, v): vw.attend(0, *qkv, scale, config.attn_softcap, None,
+                                                                        "sdpa"))
+                    outs[kind] = attend().float()  # flex compiles here
+                    runs[kind] = (cache, feeds, attend, [], [])
+                for _ in range(args.repeats):
+                    for kind in kinds:
+                        cache, feeds, attend, plans, att = runs[kind]
+                        plans.append(median_ms(lambda: cache.plan(feeds, pad_to=R if kind == "flex" else None),
+                                               args.calls))
+                        att.append(median_ms(attend, args.calls))
+                dense_ms = min(runs["dense"][4])
+                for kind in kinds:
+                    _, _, _, plans, att = runs[kind]
+                    row = {"dtype": dtype_name, "rows": R, "read": kind, "plan_ms": round(min(plans), 3),
+                           "attend_ms": round(min(att), 2), "attend_spread_ms": [round(min(att), 2),
+                                                                                 round(max(att), 2)],
+                           "read_over_live": round(read_bytes(kind, lengths, per_token) / live, 3),
+                           "speed_vs_dense": round(dense_ms / min(att), 2),
+                           "max_diff_vs_dense": float((outs[kind] - outs["dense"]).abs().max())}
+                    rows_out.append(row)
+                    print(f"{dtype_name:9} {R:4d} {kind:7} {row['plan_ms']:8.3f} {row['attend_ms']:10.2f} "
+                          f"{row['attend_spread_ms'][0]:6.2f}-{row['attend_spread_ms'][1]:<6.2f} "
+                          f"{row['read_over_live']:9.3f} {row['speed_vs_dense']:8.2f}x {row['max_diff_vs_dense']:9.1e}")
+    print(json.dumps({"bench": "kv_read", "threads": args.threads, "rows": rows_out}))
+
+
+if __name__ == "__main__":
+    main()

@@ -12,8 +12,9 @@ section runs on its own (a failure is reported in its row and the others go on):
               memory-bandwidth bound (weight bytes per token / bandwidth of a device-to-device copy). This is
               the model's decode path without the sampler's host work. On CUDA also the same step captured
               once as a CUDA graph and replayed (every step attends the final length): the kernels' speed
-              without per-op host dispatch, i.e. the ceiling a graphed rollout engine can reach. KV rows of
-              2048 tokens that fit beside the weights.
+              without per-op host dispatch, i.e. the ceiling a graphed rollout engine can reach; at 1 row
+              also that step torch.compile'd before capture (fewer, fused kernels). KV rows of 2048 tokens
+              that fit beside the weights.
 2. rollout    the real Sampler (temperature 1, 128 new tokens, 8 samples per prompt sharing its prefill, no tools)
               on the same gemma-7b-shaped model at 64 / 128 / 256 rows: tokens/s end to end with its decode
               step as CUDA graphs (the default on CUDA), paged and dense; the same with synthetic tool pauses
@@ -115,10 +116,15 @@ def decode_tokens_per_s(model, rows: int, prompt: int, new: int, device) -> floa
 
 
 @torch.no_grad()
-def graphed_decode_tokens_per_s(model, rows: int, prompt: int, new: int, device) -> float:
+def graphed_decode_tokens_per_s(model, rows: int, prompt: int, new: int, device, compiled: bool = False) -> float:
     """The same decode with one step captured as a CUDA graph and replayed: the kernels' own speed, without
     the host's per-op dispatch. The graph needs static shapes, so every step attends the final length
-    prompt + new (slots past a row's position are masked, as in any cache read)."""
+    prompt + new (slots past a row's position are masked, as in any cache read).
+
+    compiled: the step is torch.compile'd before capture. At one row a graph of ~1000 small kernels is bound by
+    their count, not by the weights' bytes (53.7% of the bound in the first GPU check); fusing the norms, RoPE
+    and residual adds between the matmuls measures how much of that gap fewer kernels close. Off CUDA (the
+    smoke run) the compiled step runs without a graph."""
     kv = prompt + new
     cache = KVCache(model.config, rows, kv, model.embed_tokens.weight.dtype, device)
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -131,6 +137,16 @@ def graphed_decode_tokens_per_s(model, rows: int, prompt: int, new: int, device)
     def step():
         return model.head(model(tok, positions=pos, cache=cache, return_hidden=True, kv_len=kv)).argmax(-1)
 
+    if compiled:
+        step = torch.compile(step, dynamic=False)
+        step()  # compiled here, outside the timing and the capture
+    if device.type != "cuda":
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(new):
+            tok.copy_(step())
+            pos += 1
+        return rows * new / (time.perf_counter() - t0)
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
@@ -165,9 +181,18 @@ def section_decode(args, device, out):
             except Exception as e:  # a capture failure is a finding, not a reason to lose the row
                 row["cuda_graph_error"] = f"{type(e).__name__}: {e}"[:300]
         if rows == 1:
+            try:  # the compiled step, captured (on CUDA); the smoke run checks that it compiles and runs
+                row["compiled_cuda_graph_tok_per_s" if device.type == "cuda" else "compiled_tok_per_s"] = round(
+                    graphed_decode_tokens_per_s(model, rows, args.prompt, args.new, device, compiled=True), 1)
+            except Exception as e:
+                row["compiled_error"] = f"{type(e).__name__}: {e}"[:300]
+        if rows == 1:
             row["bandwidth_fraction"] = round(wbytes * tps / (bw * 1e9), 3)
             if "cuda_graph_tok_per_s" in row:
                 row["cuda_graph_bandwidth_fraction"] = round(wbytes * row["cuda_graph_tok_per_s"] / (bw * 1e9), 3)
+            if "compiled_cuda_graph_tok_per_s" in row:
+                row["compiled_cuda_graph_bandwidth_fraction"] = round(
+                    wbytes * row["compiled_cuda_graph_tok_per_s"] / (bw * 1e9), 3)
             row["copy_gbs"] = round(bw, 1)
         out[f"decode/{args.decode_model}/rows={rows}"] = row
     if device.type == "cuda":

@@ -15,6 +15,7 @@ def test_gpu_check_smoke_runs_every_section():
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert not [k for k in out if k.endswith("/error")], out
     assert out["decode/tiny-gemma/rows=4"]["tok_per_s"] > 0
+    assert out["decode/tiny-gemma/rows=1"]["compiled_tok_per_s"] > 0  # the compiled step the GPU run captures
     # bf16 logits equal transformers' bf16 logits on the same weights (the parity the GPU run reports).
     for name in ("tiny-gemma", "tiny-gemma2"):
         assert out[f"parity/{name}/2L"] == {"max_abs_diff": 0.0, "top1_agree": 1.0}

@@ -446,12 +446,22 @@ class PagedKVCache:
     # --- a step ---
 
     def _apply_copies(self):
+        """The step's pending block copies, one indexed copy per layer for all copies of a length (a prompt's
+        siblings admitted together all copy the same length: one op per layer, not one per sibling)."""
+        by_length: dict[tuple, tuple[list[int], list[int]]] = {}
         for g, src, dst, n in self._copies:
             if n > 0:
-                for i in g.layers:
-                    g.k[i][dst, :n] = g.k[i][src, :n]
-                    g.v[i][dst, :n] = g.v[i][src, :n]
+                srcs, dsts = by_length.setdefault((id(g), n), ([], []))
+                srcs.append(src)
+                dsts.append(dst)
                 self.stats["cow_copies"] += 1
+        groups = {id(g): g for g in self.groups}
+        for (gid, n), (srcs, dsts) in by_length.items():
+            g = groups[gid]
+            src, dst = torch.tensor(srcs, device=self.device), torch.tensor(dsts, device=self.device)
+            for i in g.layers:  # a destination is never a source in the same step (a fresh or private block)
+                g.k[i][dst, :n] = g.k[i][src, :n]
+                g.v[i][dst, :n] = g.v[i][src, :n]
         self._copies.clear()
 
     def plan(self, feeds: "Feeds | list[Feed]", pad_to: int | None = None, bucket: int = 1,

@@ -213,8 +213,7 @@ class PagedKVCache:
     num_blocks: blocks per group (plan_blocks), ignored in dense mode (block_size >= max_length).
     max_feed: most tokens a row feeds in one step (the sampler's prefill_chunk); a pool must hold one row.
     attention: how the decode segment reads the pool: "gather" (padded to the longest row) or "flex" (only live
-        blocks, `flex_decode`; paged layout only, blocks of at least 2, and every plan's decode segment padded to
-        a fixed number of rows, `plan(pad_to=...)`).
+        blocks, `flex_decode`, its rows padded to `row_bucket`; paged layout only, blocks of at least 2).
     """
 
     def __init__(self, config: GemmaConfig, max_rows: int, max_length: int, block_size: int,
@@ -540,8 +539,6 @@ class PagedKVCache:
             blk = g.table[write_rows, np.minimum(positions // bs, self.max_blocks - 1)]
             view.write[id(g)] = _upload(blk * bs + positions % bs, dev)
         if n_dec and self.attention == "flex":
-            if pad_to is None:
-                raise ValueError("attention='flex' compiles one kernel per number of rows: plan with pad_to")
             view.segments.append(self._flex_segment(rows, qpos))
             view.seg_rows.append(n_dec)
         elif n_dec:
@@ -587,12 +584,24 @@ class PagedKVCache:
             seg["mask"][id(g)] = qp[:, :, None] - kpos[:, None, :]
         return seg
 
+    def row_bucket(self, n: int) -> int:
+        """Rows a static-shape decode segment runs for n decoding rows: the next power of two from 8 on, at most
+        max_rows (a CUDA graph or compiled flex kernel per bucket; padding costs at most as much as the rows)."""
+        return min(self.max_rows, max(8, 1 << (n - 1).bit_length()))
+
     def _flex_segment(self, rows, qpos):
         """Read plan of a decode segment for `flex_decode`: per group and window, each row's live blocks (from the
-        window's first block, or 0, to the query's) and the edges the mask needs. Padding rows (the table row of
-        null blocks, position 0) read slot 0 of the null block."""
+        window's first block, or 0, to the query's) and the edges the mask needs. The kernel's shapes are static:
+        its rows are padded to a bucket (a step planned with pad_to is already; otherwise only the attention is
+        padded, not the step's other layers). Padding rows (the table row of null blocks, position 0) read slot 0
+        of the null block."""
         bs, dev, mb, R = self.bs, self.device, self.max_blocks, len(rows)
         seg = {"q_index": None, "T": 1, "R": R, "read": {}, "mask": {}, "flex": {}}
+        pad = self.row_bucket(R) - R
+        if pad > 0:
+            rows = np.concatenate([rows, np.full(pad, self.max_rows)])
+            qpos = np.concatenate([qpos, np.zeros(pad, dtype=np.int64)])
+            R += pad
         hi = qpos // bs
         j = np.arange(mb)
         for g in self.groups:
@@ -659,10 +668,14 @@ class StepView:
         for s, (seg, rows) in enumerate(zip(self.segments, self.seg_rows)):
             R, T = seg["R"], seg["T"]
             if "flex" in seg:  # decode rows, reading only their live blocks
-                qs = q[0, :, start: start + R].transpose(0, 1)[:, :, None].contiguous()  # (R, H, 1, D)
+                num, index, edge = seg["flex"][(id(g), window)]
+                qs = q[0, :, start: start + R].transpose(0, 1)  # (R, H, D)
+                if len(num) > R:  # the kernel's row bucket
+                    qs = torch.cat([qs, qs.new_zeros(len(num) - R, *qs.shape[1:])])
                 start += R
-                o = flex_decode(qs, g.k[layer], g.v[layer], *seg["flex"][(id(g), window)], scale, softcap)
-                outs.append(o[:, :, 0].to(q.dtype))
+                o = flex_decode(qs[:, :, None].contiguous(), g.k[layer], g.v[layer], num, index, edge, scale,
+                                softcap)
+                outs.append(o[:R, :, 0].to(q.dtype))
                 continue
             if seg["q_index"] is None:  # decode: the first R packed tokens, one per row
                 qs = q[0, :, start: start + R].transpose(0, 1)[:, :, None]  # (R, H, 1, D)

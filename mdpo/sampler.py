@@ -176,7 +176,7 @@ class GraphedStep:
     Eager, a 7B decode step dispatches about a thousand small kernels from Python, and on an H200 that, not
     memory, sets its speed: 67-108 ms a step at any batch size against 4.2 ms to read the weights
     (docs/LOG.md, the first GPU check). A graph replays the recorded kernels in one launch. Its shapes are
-    fixed: the step covers the decoding rows padded to a row bucket (Sampler._row_bucket: powers of two from 8 to
+    fixed: the step covers the decoding rows padded to a row bucket (PagedKVCache.row_bucket: powers of two from 8 to
     B; PagedKVCache.plan(pad_to=...): padding rows read and write only null blocks; dense: every slot), the head
     runs on all of them, and the read length is bucketed: one graph per (rows, length) bucket. The
     step's inputs (tokens, positions, write slots, read slots, masks' position differences) are copied into
@@ -272,8 +272,8 @@ class Sampler:
             reductions round differently (up to ~2 bf16 ulps of a logit), so an exact tie between top tokens can
             break the other way.
         attention: how decoding rows read a paged pool (mdpo.paged): "gather" (padded to the longest row) or
-            "flex" (FlexAttention over live blocks only; compiled, a few seconds per row bucket and layer kind;
-            decode segments always run in row buckets). Dense layouts read slices either way.
+            "flex" (FlexAttention over live blocks only; compiled, a few seconds per row bucket and layer kind,
+            once per process). Dense layouts read slices either way.
     """
 
     def __init__(self, model: Gemma, tokenizer, batch_size: int = 8, max_length: int = 2048, executor=None,
@@ -367,11 +367,6 @@ class Sampler:
         return (f"kv cache: weights {self.model.weight_bytes() / gb:.2f} GB, paged pool {kv.pool_bytes() / gb:.2f} GB"
                 f" in blocks of {kv.bs}: {tokens} tokens of all layers, {fit} rows of {typical_length} tokens "
                 f"(at most {self.B} rows run)")
-
-    def _row_bucket(self, n: int) -> int:
-        """The rows a graphed decode step runs for n decoding rows: the next power of two from 8 on, at most B (a
-        graph per bucket and read length; padding costs at most as much as the rows themselves)."""
-        return min(self.B, max(8, 1 << (n - 1).bit_length()))
 
     def _single_id(self, marker: str) -> int | None:
         ids = self.tok.encode(marker)
@@ -586,10 +581,8 @@ class Sampler:
         else:
             tokens = np.concatenate([s.tok[i, a:b] for i, a, b in zip(fed.tolist(), starts.tolist(), ends.tolist())])
         graphed = self._graphed is not None and decode_only
-        n_dec = int(single.sum())
-        # Graphs and flex kernels have static shapes: the decoding rows run padded to a row bucket.
-        bucketed = graphed or (self.kv.attention == "flex" and n_dec > 0)
-        view = self.kv.plan(Feeds(fed, starts, lens, tokens), pad_to=self._row_bucket(n_dec) if bucketed else None,
+        # A graph has static shapes: the decoding rows run padded to a row bucket.
+        view = self.kv.plan(Feeds(fed, starts, lens, tokens), pad_to=self.kv.row_bucket(len(fed)) if graphed else None,
                             bucket=self.graph_bucket if graphed else 1)
         if graphed:
             logits = self._graphed(self.net, view)

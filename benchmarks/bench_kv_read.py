@@ -52,14 +52,14 @@ def setup(kind: str, config, lengths: np.ndarray, dtype, seed: int, device="cpu"
     for r, n in enumerate(lengths.tolist()):
         assert cache.ensure(r, 0, int(n))
     H, H_kv, D = config.num_heads, config.num_kv_heads, config.head_dim
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)  # drawn where they live: GBs for the GPU check's rows
     for r, n in enumerate(lengths.tolist()):  # the same keys and values at the same (row, position) in every layout
-        kv = torch.randn(2, n, H_kv, D, generator=g).to(device, dtype)
+        kv = torch.randn(2, n, H_kv, D, generator=g, device=device).to(dtype)
         for grp in cache.groups:
             for j, b in enumerate(grp.tables[r]):
                 a, e = j * cache.bs, min(n, (j + 1) * cache.bs)
                 grp.k[0][b, : e - a], grp.v[0][b, : e - a] = kv[0, a:e], kv[1, a:e]
-    q, k, v = (torch.randn(1, h, R, D, generator=g).to(device, dtype) for h in (H, H_kv, H_kv))
+    q, k, v = (torch.randn(1, h, R, D, generator=g, device=device).to(dtype) for h in (H, H_kv, H_kv))
     feeds = Feeds(np.arange(R), lengths - 1, np.ones(R, dtype=np.int64), np.zeros(R, dtype=np.int64))
     return cache, feeds, (q, k, v)
 

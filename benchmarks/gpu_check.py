@@ -21,22 +21,22 @@ section runs on its own (a failure is reported in its row and the others go on):
               (every row writes two ```python calls, forced through the `choose` hook, and a stub tool answers
               each after 50 ms, so rows pause, resume and feed observations in packed steps: model tokens/s);
               at 128 rows also with attention="flex" (decoding rows read only their live KV blocks; never run
-              on a GPU before: an error is reported in the row);
+              on a GPU before, so it runs after the rest of the section and an error is reported in the row);
               host synchronisations per step (torch.cuda.set_sync_debug_mode); and whether 8 greedy rows of
               32 tokens are the same paged with graphs and dense eager. Needs a tokenizer that decodes every id
               of the model: Gemma 3's, read from .gpu/tokenizer (the GPU machine fetches nothing, so it travels
               with the tree: see README); the smoke run trains a small one.
-3. kvread     one gemma-7b attention layer of a decode step over 128 rows of lengths spread in [150, 2048], bf16:
-              the paged pool read by the padded gather and by FlexAttention over live blocks (ms per layer, bytes
-              read / live bytes, the two outputs' largest difference).
-4. parity     bf16 logits of 4-layer gemma-2b and gemma-2-9b shapes against transformers on the same device
+3. parity     bf16 logits of 4-layer gemma-2b and gemma-2-9b shapes against transformers on the same device
               and weights: max |diff| and top-1 agreement (skipped when transformers is missing).
-5. mdpo step  one M-DPO forward + backward + AdamW step on 2 pairs x 2048 tokens of a gemma-2b shape, with and
+4. mdpo step  one M-DPO forward + backward + AdamW step on 2 pairs x 2048 tokens of a gemma-2b shape, with and
               without activation checkpointing: tokens/s, MFU against the device's dense bf16 peak, peak memory.
               Three precisions: fp32; bf16 weights; and what train.py runs: fp32 weights under FSDP2 with
               bf16 mixed precision (a one-process group).
-6. demo       `python -m mdpo.demo` at a small size on this device (synthetic data, SFT, one M-DPO iteration
+5. demo       `python -m mdpo.demo` at a small size on this device (synthetic data, SFT, one M-DPO iteration
               with rollouts through the sandboxed interpreter, evaluation): wall time and its accuracy table.
+6. kvread     one gemma-7b attention layer of a decode step over 128 rows of lengths spread in [150, 2048], bf16:
+              the paged pool read by the padded gather and by FlexAttention over live blocks (ms per layer, bytes
+              read / live bytes, the two outputs' largest difference). Last: FlexAttention has never run on a GPU.
 Prints a table whose rows appear as each section ends (where $OUT is set, $OUT/gpu_check.json is rewritten
 then too, so a run cut off at its time limit keeps the finished sections), then one JSON line.
 """
@@ -186,7 +186,6 @@ def section_decode(args, device, out):
                     graphed_decode_tokens_per_s(model, rows, args.prompt, args.new, device, compiled=True), 1)
             except Exception as e:
                 row["compiled_error"] = f"{type(e).__name__}: {e}"[:300]
-        if rows == 1:
             row["bandwidth_fraction"] = round(wbytes * tps / (bw * 1e9), 3)
             if "cuda_graph_tok_per_s" in row:
                 row["cuda_graph_bandwidth_fraction"] = round(wbytes * row["cuda_graph_tok_per_s"] / (bw * 1e9), 3)
@@ -323,40 +322,35 @@ def section_rollout(args, device, out):
     out[f"rollout/{args.decode_model}/kv_plan"] = {"plan": plan}
 
     params = SamplingParams(temperature=1.0, max_new_tokens_per_turn=args.new, max_length=length)
+
+    def timed(rows, reqs, prompts, block_size, attention="gather") -> dict:
+        """tokens/s of one graphed rollout, after a warm-up of every request (graphs captured, kernels compiled
+        outside the timing; session 7's runs warmed up on one request)."""
+        sampler = sampler_for(rows, True, block_size, attention)
+        warm = [Request(r.prompt_id, r.tokens, n=r.n) for r in reqs]
+        list(sampler.generate(warm, SamplingParams(temperature=1.0, max_new_tokens_per_turn=4)))
+        sync(device)
+        t0 = time.perf_counter()
+        trajs = list(sampler.generate(reqs, params))
+        sync(device)
+        dt = time.perf_counter() - t0
+        sampled = sum(len(t.tokens) for t in trajs) - sum(len(p) * r.n for p, r in zip(prompts, reqs))
+        out = {"tok_per_s": round(sampled / dt, 1), "preemptions": sampler.stats["preemptions"]}
+        del sampler
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return out
+
+    requests = {}
     for rows in args.rows[1:]:
         prompts = [[2] + torch.randint(3, cfg.vocab_size, (args.prompt - 1,), generator=g).tolist()
                    for _ in range(max(1, rows // 8))]
         reqs = [Request(f"r{i}", p, n=8 if rows >= 8 else rows) for i, p in enumerate(prompts)]
+        requests[rows] = reqs, prompts
         row = {}
-        # All with CUDA graphs: the paged cache (the CUDA default), the dense layout, and (at the target's rows)
-        # the paged cache read through FlexAttention (first run on a GPU: a failure is reported in the row).
-        runs = [(True, 16, "paged", "gather"), (True, length, "dense", "gather")]
-        if rows in args.flex_rows:
-            runs.append((True, 16, "flex", "flex"))
-        for graphs, bs, name, attention in runs:
-            try:
-                sampler = sampler_for(rows, graphs, bs, attention)
-                warm = [Request(r.prompt_id, r.tokens, n=r.n) for r in reqs]  # every row bucket, compiled/captured
-                list(sampler.generate(warm, SamplingParams(temperature=1.0, max_new_tokens_per_turn=4)))
-                sync(device)
-                t0 = time.perf_counter()
-                trajs = list(sampler.generate(reqs, params))
-                sync(device)
-                dt = time.perf_counter() - t0
-            except Exception as e:
-                if name != "flex":
-                    raise
-                row["flex_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                continue
-            sampled = sum(len(t.tokens) for t in trajs) - sum(len(p) * r.n for p, r in zip(prompts, reqs))
-            row[f"{name}_tok_per_s"] = round(sampled / dt, 1)
-            row[f"{name}_preemptions"] = sampler.stats["preemptions"]
-            del sampler
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        for name, bs in (("paged", 16), ("dense", length)):  # the paged cache (the CUDA default), the dense layout
+            row.update({f"{name}_{k}": v for k, v in timed(rows, reqs, prompts, bs).items()})
         row["paged_over_dense"] = round(row["paged_tok_per_s"] / row["dense_tok_per_s"], 2)
-        if "flex_tok_per_s" in row:
-            row["flex_over_paged"] = round(row["flex_tok_per_s"] / row["paged_tok_per_s"], 2)
         row.update(paused_rollout(args, model, tok, reqs, device))
         out[f"rollout/{args.decode_model}/rows={rows}"] = row
     if device.type == "cuda":
@@ -364,6 +358,16 @@ def section_rollout(args, device, out):
             out[f"rollout/{args.decode_model}/host_syncs"] = host_syncs(sampler_for(8, True), cfg, args, g)
         except Exception as e:  # reported in its own row: the numbers above stand
             out[f"rollout/{args.decode_model}/host_syncs"] = {"error": f"{type(e).__name__}: {e}"}
+    # Last, as it has never run on a GPU (a fault that poisons the CUDA context costs only what follows): the
+    # paged cache read through FlexAttention, against the paged gather of the same rows above.
+    for rows in args.flex_rows:
+        key = f"rollout/{args.decode_model}/rows={rows}"
+        try:
+            flex = timed(rows, *requests[rows], 16, "flex")
+            out[key].update(flex_tok_per_s=flex["tok_per_s"], flex_preemptions=flex["preemptions"],
+                            flex_over_paged=round(flex["tok_per_s"] / out[key]["paged_tok_per_s"], 2))
+        except Exception as e:
+            out[key]["flex_error"] = f"{type(e).__name__}: {str(e)[:300]}"
 
 
 def host_syncs(sampler, cfg, args, g) -> dict:
@@ -428,10 +432,9 @@ def section_kvread(args, device, out):
     import numpy as np
     from bench_kv_read import read_bytes, setup  # benchmarks/
     cfg = dataclasses.replace(GemmaConfig.from_name(args.decode_model), num_layers=1, layer_types=["full"])
-    scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
-    lengths = np.random.default_rng(0).integers(150 if args.kv_rows > 8 else 2, 2049 if args.kv_rows > 8 else 40,
-                                                args.kv_rows)
-    per_token = 2 * cfg.num_kv_heads * cfg.head_dim * 2
+    scale = cfg.query_scale
+    lengths = np.random.default_rng(0).integers(*args.kv_lengths, args.kv_rows)
+    per_token = 2 * cfg.num_kv_heads * cfg.head_dim * torch.bfloat16.itemsize
     row, outs = {"rows": args.kv_rows, "live_mb": round(int(lengths.sum()) * per_token / 2 ** 20)}, {}
     for kind in ("gather", "flex"):
         try:
@@ -452,7 +455,7 @@ def section_kvread(args, device, out):
             if kind != "flex":
                 raise
             row["flex_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-    if "flex" in outs:
+    if "flex_ms" in row:
         row["flex_max_diff"] = float((outs["flex"] - outs["gather"]).abs().max())
         row["gather_over_flex_time"] = round(row["gather_ms"] / row["flex_ms"], 2)
     out[f"kvread/{args.decode_model}"] = row
@@ -475,8 +478,10 @@ def section_demo(args, device, out):
         print(p.stdout[-2000:], file=sys.stderr)
 
 
-SECTIONS = {"decode": section_decode, "rollout": section_rollout, "kvread": section_kvread, "parity": section_parity,
-            "step": section_step, "demo": section_demo}
+# kvread last: it runs FlexAttention, which has never run on a GPU (a fault that poisons the CUDA context then
+# costs no other section; demo runs in its own process).
+SECTIONS = {"decode": section_decode, "rollout": section_rollout, "parity": section_parity, "step": section_step,
+            "demo": section_demo, "kvread": section_kvread}
 
 
 def report(out: dict, keys) -> None:
@@ -514,7 +519,7 @@ def main(argv=None) -> int:
     args.rows, args.prompt, args.new = ([1, 64, 128, 256], 128, 128) if big else ([1, 4], 8, 4)
     args.agree_tokens = 32 if big else 4
     args.flex_rows = [128] if big else [4]
-    args.kv_rows, args.kv_calls = (128, 20) if big else (8, 2)
+    args.kv_rows, args.kv_calls, args.kv_lengths = (128, 20, (150, 2049)) if big else (8, 2, (2, 40))
     args.copy_gib = 4.0 if big else 0.05
     args.parity_models, args.parity_layers = ["gemma-2b", "gemma-2-9b"], 4
     if not big:

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from mdpo import faults
 from mdpo.atomic import atomic_open, write_json_atomic
+from mdpo.config import CHOICES
 from mdpo.datasets import DatasetError, load_problems
 from mdpo.distributed import default_device
 from mdpo.grader import extract_answer, is_equiv
@@ -167,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="KV cache block size (default: 16 on CUDA, dense on CPU; >= --max-length: dense)")
     ap.add_argument("--kv-cache-gb", type=float, default=None,
                     help="paged KV pool size (default: --batch-size rows of --max-length, at most 90%% of free GPU memory)")
-    ap.add_argument("--kv-attention", default="gather", choices=("gather", "flex"),
+    ap.add_argument("--kv-attention", default="gather", choices=CHOICES["rollout.kv_attention"],
                     help="how decoding rows read a paged pool: padded gather, or FlexAttention over live blocks only")
     return ap
 
@@ -213,7 +214,7 @@ def sample_graded(model_path, problems: list[dict], path, n: int | range, params
 
     dtype: the model's compute dtype (the pipeline passes model.dtype); None: the dtype the checkpoint was saved in.
 
-    kv: the Sampler's KV-cache options (block_size, kv_cache_gb, prefill_chunk); its plan is printed once.
+    kv: the Sampler's KV-cache options (block_size, kv_cache_gb, prefill_chunk, attention); its plan is printed once.
 
     n: a count (sample ids 0..n-1) or a range of sample ids, so that two models' samples of one prompt can
     carry distinct ids.

@@ -38,6 +38,7 @@ the gather.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
@@ -186,7 +187,7 @@ def _compile_flex(device_type: str, bs: int, scale: float, softcap: float | None
     # length, not the rows' (its cost grows with the pool: 123 ms against 21 ms for 32 rows of a 4097-block pool,
     # docs/LOG.md); a partition size that is not a multiple of the block size makes it take its attention
     # template. On CUDA the defaults (the Triton decode kernel) are kept.
-    options = {"PARTITION_SIZE": bs * 8 + 1} if device_type == "cpu" else None
+    options = {"PARTITION_SIZE": bs * 8 + 1} if device_type == "cpu" else None  # (no multiple of bs >= 2)
 
     def mask_mod(b, h, q_idx, kv_idx, edge):
         blk, off = kv_idx // bs, kv_idx % bs
@@ -202,9 +203,15 @@ def _compile_flex(device_type: str, bs: int, scale: float, softcap: float | None
         return flex_attention(q, k, v, score_mod=score_mod if softcap else None, block_mask=mask, scale=scale,
                               enable_gqa=q.shape[1] != k.shape[1], kernel_options=options)
 
-    # Shapes are static (rows in buckets, block lists padded), so each is compiled once; one function serves
-    # every model in a process, hence a limit above dynamo's default of 8 compiled variants per function.
-    return torch.compile(run, fullgraph=True, dynamic=False, recompile_limit=64)
+    # Shapes are static (rows in buckets, block lists padded), so each shape is compiled once. But every `run`
+    # closure shares one code object, and dynamo keeps its compiled variants per code object: Gemma 3 at 128
+    # rows alone needs 10 (5 row buckets x 2 block groups), past dynamo's default limit of 8 (fullgraph=True
+    # makes hitting it an error, never a silent fall back to eager, which would attend over the whole pool).
+    # torch.compile takes a per-function limit from torch 2.13 on; before, the global one is raised.
+    if "recompile_limit" in inspect.signature(torch.compile).parameters:
+        return torch.compile(run, fullgraph=True, dynamic=False, recompile_limit=256)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    return torch.compile(run, fullgraph=True, dynamic=False)
 
 
 class PagedKVCache:
@@ -223,7 +230,7 @@ class PagedKVCache:
         self.dense = block_size >= max_length
         if attention not in ("gather", "flex"):
             raise ValueError(f"attention={attention!r}: use 'gather' or 'flex'")
-        if attention == "flex" and (self.dense or block_size < 2):
+        if attention == "flex" and (self.dense or block_size < 2):  # 2: see _compile_flex's partition size
             raise ValueError(f"attention='flex' reads a paged pool: block_size {block_size} must be >= 2 and "
                              f"< max_length {max_length}")
         self.attention = attention
@@ -454,11 +461,18 @@ class PagedKVCache:
                 srcs.append(src)
                 dsts.append(dst)
                 self.stats["cow_copies"] += 1
+        # Batches may run out of the copies' order, which is only safe while no block is both written and read:
+        # destinations are fresh blocks (copy-on-write) or a new sibling's own (dense), sources are blocks other
+        # rows still hold.
+        for gid in {gid for gid, _ in by_length}:
+            reads = {b for (k, _), (srcs, _) in by_length.items() if k == gid for b in srcs}
+            if any(b in reads for (k, _), (_, dsts) in by_length.items() if k == gid for b in dsts):
+                raise RuntimeError("a block is both copied from and into in one step")
         groups = {id(g): g for g in self.groups}
         for (gid, n), (srcs, dsts) in by_length.items():
             g = groups[gid]
-            src, dst = torch.tensor(srcs, device=self.device), torch.tensor(dsts, device=self.device)
-            for i in g.layers:  # a destination is never a source in the same step (a fresh or private block)
+            src, dst = _upload(np.array(srcs), self.device), _upload(np.array(dsts), self.device)  # no sync
+            for i in g.layers:
                 g.k[i][dst, :n] = g.k[i][src, :n]
                 g.v[i][dst, :n] = g.v[i][src, :n]
         self._copies.clear()

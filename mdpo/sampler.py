@@ -178,8 +178,9 @@ class GraphedStep:
     (docs/LOG.md, the first GPU check). A graph replays the recorded kernels in one launch. Its shapes are
     fixed: the step covers the decoding rows padded to a row bucket (PagedKVCache.row_bucket: powers of two from 8 to
     B; PagedKVCache.plan(pad_to=...): padding rows read and write only null blocks; dense: every slot), the head
-    runs on all of them, and the read length is bucketed: one graph per (rows, length) bucket. The
-    step's inputs (tokens, positions, write slots, read slots, masks' position differences) are copied into
+    runs on all of them, and the read length is bucketed: one graph per (rows, length) bucket (with
+    attention="flex" the read has no length: one graph per row bucket). The step's inputs (tokens, positions,
+    write slots, read slots or flex block lists, masks' position differences) are copied into
     the captured view's tensors before each replay; the graphs share one memory pool, and each step's logits
     are read before the next replay. Off CUDA the same static-shape step runs eagerly (what the CPU tests
     compare with the plain step).
@@ -206,7 +207,8 @@ class GraphedStep:
             view.last, last = every, view.last
             return step_logits(self.net, view)[last]
         seg = view.segments[0]
-        key = (seg["R"],) + tuple((k, v if isinstance(v, int) else tuple(v.shape)) for k, v in sorted(seg["read"].items()))
+        key = (seg["R"],) + tuple((k, v if isinstance(v, int) else tuple(v.shape))
+                                  for k, v in sorted(seg["read"].items()))
         if key not in self.graphs:
             self.graphs[key] = self._capture(view, every)
         static, graph, logits = self.graphs[key]
@@ -254,8 +256,8 @@ class Sampler:
         choose: testing hook, (prompt_id, sample_id, generated ids) -> forced token id or None. The ids are a
             view of the row's array (no copy a row a step), valid during the call.
         block_size: KV block size (mdpo.paged); >= max_length is the dense layout (one block per row, nothing
-            shared or preempted, decode reads slices). None: 16 on CUDA, dense elsewhere (on a CPU a paged read
-            is a gather as costly as the attention itself, and memory is rarely the limit).
+            shared or preempted, decode reads slices). None: 16 on CUDA or with attention="flex", dense elsewhere
+            (on a CPU a paged gather costs as much as the attention itself, and memory is rarely the limit).
         kv_cache_gb: the paged pool's size; None: what batch_size rows of max_length need, capped on CUDA at
             90% of the device memory free once the model is loaded.
         prefill_chunk: most tokens one row feeds in a step; a longer prompt, observation or recompute goes in
@@ -273,7 +275,7 @@ class Sampler:
             break the other way.
         attention: how decoding rows read a paged pool (mdpo.paged): "gather" (padded to the longest row) or
             "flex" (FlexAttention over live blocks only; compiled, a few seconds per row bucket and layer kind,
-            once per process). Dense layouts read slices either way.
+            once per process). flex needs the paged layout: block_size None then means 16 on the CPU too.
     """
 
     def __init__(self, model: Gemma, tokenizer, batch_size: int = 8, max_length: int = 2048, executor=None,

@@ -29,6 +29,5 @@ def test_gpu_check_smoke_runs_every_section():
     assert row["flex_tok_per_s"] > 0 and "flex_error" not in row  # the paged pool read through FlexAttention
     kv = out["kvread/tiny-gemma"]
     assert kv["gather_ms"] > 0 and kv["flex_ms"] > 0 and kv["flex_max_diff"] < 2e-2  # bf16, one layer
-    assert kv["flex_read_over_live"] < kv["gather_read_over_live"]
     assert out["rollout/tiny-gemma/kv_plan"]["plan"].startswith("kv cache: weights")
     assert out["demo"]["exit"] == 0 and out["demo"]["summary"]["final_accuracy"]["n"] == 6

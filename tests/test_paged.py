@@ -282,6 +282,43 @@ def test_flex_decode_reads_live_blocks_and_equals_the_gather(tok, name):
     assert listed and all(a == b and 0 not in a for a, b in listed)
 
 
+def test_flex_in_graphed_row_buckets_equals_the_gather(tok):
+    """The static-shape step CUDA graphs replay (eager here), read through flex: rows padded to buckets of 8, 16
+    and 20 (padding rows on the null block), tiny-gemma3's two block groups -- the plain gather's trajectories."""
+    model = tiny("tiny-gemma3", seed=2)
+    plain = Sampler(model, tok, batch_size=20, max_length=64, block_size=4, seed=4, pack=False)
+    graphed = Sampler(model, tok, batch_size=20, max_length=64, block_size=4, seed=4, pack=False, graphs=True,
+                      graph_bucket=8, attention="flex")
+    plain.stop_ids = graphed.stop_ids = set()
+    rows = []
+    step = graphed._graphed.__call__
+
+    def spy(net, view):
+        rows.append(len(view.segments[0]["flex"][next(iter(view.segments[0]["flex"]))][0]))
+        return step(net, view)
+    graphed._graphed = spy
+    reqs = [Request(r.prompt_id, r.tokens, n=3,
+                    params=SamplingParams(temperature=1.0, max_new_tokens_per_turn=3 + 5 * i))
+            for i, r in enumerate(prompts(7, [5, 9, 14, 6, 11, 20, 8], seed=2))]
+    same_trajectories(run(graphed, reqs, None), run(plain, reqs, None))
+    assert {8, 16, 20} <= set(rows)
+
+
+def test_flex_with_a_window_inside_a_shared_block_table(tok):
+    """When a window cannot free a block before max_length, sliding and full layers share one block table and flex
+    plans each window's blocks apart: window 8 over blocks of 4 within 11 tokens, against the gather."""
+    model = tiny("tiny-gemma3", seed=3)
+    reqs = [Request(r.prompt_id, r.tokens, n=2) for r in prompts(3, [3, 4, 5], seed=3)]
+    params = SamplingParams(temperature=1.0, max_new_tokens_per_turn=8)
+    gather = Sampler(model, tok, batch_size=6, max_length=11, block_size=4, seed=2)
+    flex = Sampler(model, tok, batch_size=6, max_length=11, block_size=4, seed=2, attention="flex")
+    assert len(flex.kv.groups) == 1 and flex.kv.windows[id(flex.kv.groups[0])] == [None, 8]
+    gather.stop_ids = flex.stop_ids = set()
+    got = run(flex, reqs, params)
+    assert max(len(t.tokens) for t in got.values()) == 11  # positions 8..10 attend without the first keys
+    same_trajectories(got, run(gather, reqs, params))
+
+
 @pytest.mark.parametrize("name", ["tiny-gemma", "tiny-gemma3"])
 def test_preempted_rows_recompute_and_go_on_as_if_uninterrupted(tok, name):
     """A pool with room for about two rows and 6 slots: rows are preempted, fed again from their first token,

@@ -81,6 +81,26 @@ def test_end_to_end_and_resume(tiny_dir, tmp_path):
     assert len(list(read_trajectories(out / "trajectories.jsonl"))) == 6
 
 
+def test_kv_attention_flex_gives_the_default_trajectories(tiny_dir, tmp_path, monkeypatch):
+    """--kv-attention flex (paged blocks of 4, FlexAttention over live blocks) reaches the Sampler and samples the
+    same trajectories as the default dense cache (temperature 1, log-probs to 1e-5)."""
+    import mdpo.paged as paged
+    calls = []
+    flex = paged.flex_decode
+    monkeypatch.setattr(paged, "flex_decode", lambda *a: calls.append(1) or flex(*a))
+    data = write_jsonl(tmp_path / "d.jsonl", DATA)
+    base = ["--model", str(tiny_dir), "--data", str(data), "--n", "2", "--max-new-tokens", "6", "--batch-size", "3",
+            "--temperature", "1.0"]
+    assert ev.main(base + ["--out", str(tmp_path / "dense")]) == 0
+    assert not calls
+    assert ev.main(base + ["--out", str(tmp_path / "flex"), "--kv-attention", "flex", "--kv-block-size", "4"]) == 0
+    assert calls
+    a, b = ({(t.prompt_id, t.sample_id): t for t in read_trajectories(tmp_path / d / "trajectories.jsonl")}
+            for d in ("dense", "flex"))
+    assert a.keys() == b.keys() and all(a[k].tokens == b[k].tokens for k in a)
+    assert max(abs(x - y) for k in a for x, y in zip(a[k].logprobs, b[k].logprobs)) < 1e-5
+
+
 def test_bad_flags_exit_2(tiny_dir, tmp_path, capsys):
     assert ev.main(["--model", str(tiny_dir), "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path)]) == 2
     assert "none.jsonl: data file not found" in capsys.readouterr().err

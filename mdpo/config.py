@@ -22,6 +22,7 @@ import yaml
 
 from mdpo.atomic import atomic_open
 from mdpo.objectives import ObjectiveError, get_objective
+from mdpo.paged import KV_READS
 
 __all__ = [
     "ConfigError", "CHOICES", "ModelConfig", "DataConfig", "RolloutConfig", "FilterConfig",
@@ -44,7 +45,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "reference.mode": ("previous", "sft"),
     "training.schedule": ("cosine", "linear", "constant"),
     "metrics.tracker": ("none", "tensorboard", "wandb"),  # see mdpo/tracking.py
-    "rollout.kv_attention": ("gather", "flex"),  # see mdpo/paged.py
+    "rollout.kv_attention": KV_READS,  # see mdpo/paged.py
 }
 
 

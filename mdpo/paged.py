@@ -75,11 +75,18 @@ class BlockAllocator:
             raise RuntimeError(f"block {b} released more often than it was taken")
 
 
+KV_READS = ("gather", "flex")  # how a decode segment reads the pool (PagedKVCache's `attention`)
+
+
 class _Group:
     """Layers that share block tables: their pools, allocator and every row's table."""
 
     def __init__(self, layers, window, num_blocks, block_size, max_rows, max_blocks, config, dtype, device):
         self.layers, self.window, self.num_blocks = layers, window, num_blocks
+        # The windows its layers attend with (None: full), which flex plans apart: a group may mix full and sliding
+        # layers when no window frees a block (kv_groups); `window` is the one that frees blocks, if any.
+        self.windows = sorted({config.sliding_window if config.layer_types[i] == "sliding" else None for i in layers},
+                              key=lambda w: w or 0)
         shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
         self.k = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
         self.v = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
@@ -228,8 +235,8 @@ class PagedKVCache:
                  attention: str = "gather"):
         self.config, self.max_rows, self.max_length = config, max_rows, max_length
         self.dense = block_size >= max_length
-        if attention not in ("gather", "flex"):
-            raise ValueError(f"attention={attention!r}: use 'gather' or 'flex'")
+        if attention not in KV_READS:
+            raise ValueError(f"attention={attention!r}: use one of {KV_READS}")
         if attention == "flex" and (self.dense or block_size < 2):  # 2: see _compile_flex's partition size
             raise ValueError(f"attention='flex' reads a paged pool: block_size {block_size} must be >= 2 and "
                              f"< max_length {max_length}")
@@ -247,9 +254,6 @@ class PagedKVCache:
         self.groups = [_Group(layers, w, n, bs, max_rows, self.max_blocks, config, dtype, device)
                        for (layers, w), n in zip(spec, num_blocks)]
         self.group_of = {i: g for g in self.groups for i in g.layers}
-        # The windows a group's layers attend with (a group may mix full and sliding layers): flex plans per window.
-        self.windows = {id(g): sorted({config.sliding_window if config.layer_types[i] == "sliding" else None
-                                       for i in g.layers}, key=lambda w: w or 0) for g in self.groups}
         for g in self.groups:
             need = row_blocks(g.window, max_length, bs, max_feed)
             if g.num_blocks - 1 < need:
@@ -455,22 +459,21 @@ class PagedKVCache:
         """The step's pending block copies, one indexed copy per layer for all copies of a length (a prompt's
         siblings admitted together all copy the same length: one op per layer, not one per sibling)."""
         by_length: dict[tuple, tuple[list[int], list[int]]] = {}
+        reads, writes = set(), set()
         for g, src, dst, n in self._copies:
             if n > 0:
-                srcs, dsts = by_length.setdefault((id(g), n), ([], []))
+                srcs, dsts = by_length.setdefault((g, n), ([], []))
                 srcs.append(src)
                 dsts.append(dst)
+                reads.add((id(g), src))
+                writes.add((id(g), dst))
                 self.stats["cow_copies"] += 1
         # Batches may run out of the copies' order, which is only safe while no block is both written and read:
         # destinations are fresh blocks (copy-on-write) or a new sibling's own (dense), sources are blocks other
         # rows still hold.
-        for gid in {gid for gid, _ in by_length}:
-            reads = {b for (k, _), (srcs, _) in by_length.items() if k == gid for b in srcs}
-            if any(b in reads for (k, _), (_, dsts) in by_length.items() if k == gid for b in dsts):
-                raise RuntimeError("a block is both copied from and into in one step")
-        groups = {id(g): g for g in self.groups}
-        for (gid, n), (srcs, dsts) in by_length.items():
-            g = groups[gid]
+        if reads & writes:
+            raise RuntimeError("a block is both copied from and into in one step")
+        for (g, n), (srcs, dsts) in by_length.items():
             src, dst = _upload(np.array(srcs), self.device), _upload(np.array(dsts), self.device)  # no sync
             for i in g.layers:
                 g.k[i][dst, :n] = g.k[i][src, :n]
@@ -621,7 +624,7 @@ class PagedKVCache:
         for g in self.groups:
             # inductor's CPU lowering asserts that the block lists span the whole key sequence (the pool)
             width = max(g.num_blocks, mb) if dev.type == "cpu" else mb
-            for w in self.windows[id(g)]:
+            for w in g.windows:
                 first = np.maximum(0, qpos - w + 1) if w else np.zeros_like(qpos)
                 lo = first // bs
                 num = hi - lo + 1

@@ -10,7 +10,7 @@ ARGS    ?=
 VARIANTS ?=
 SEEDS   ?=
 
-.PHONY: install demo ablate fetch train sft generate test bench clean
+.PHONY: install demo ablate fetch train sft generate test bench docs clean
 
 $(STAMP): setup.py
 	python3 -m venv .venv
@@ -54,7 +54,12 @@ test: $(STAMP)
 	$(PY) -m pytest tests -q
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_model.py
+	$(PY) benchmarks/bench_model.py --out docs/results/bench_model.json
+
+# Every measured table in README.md and docs/ from its results file (mdpo/docs.py; docs/README.md lists them):
+# copies runs/demo/report.md and runs/ablate/report.md of finished default runs to docs/results/ first.
+docs: $(STAMP)
+	$(PY) -m mdpo.docs
 
 clean:
 	rm -rf .venv runs .pytest_cache

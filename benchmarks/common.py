@@ -58,3 +58,43 @@ class StubExecutor:
 
     def release(self, key):
         pass
+
+
+def machine() -> str:
+    """One line naming this machine: CPU model, cores, and torch's build, for a result file's meta."""
+    import platform
+
+    import torch
+    model = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{model}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}"
+
+
+def emit(result: dict, tables: dict, out=None, command: str | None = None) -> None:
+    """Print each table as markdown, then the result as one JSON line; with `out`, also write it atomically.
+
+    `tables` maps a name to (columns, rows): the tables a reader sees, kept in the result so that
+    `make docs` (mdpo/docs.py) renders the very same table from the file into README.md and docs/."""
+    import datetime
+    import json
+    import sys
+
+    from mdpo.atomic import write_json_atomic
+    from mdpo.docs import markdown_table
+
+    result = dict(result)
+    result["tables"] = {k: {"columns": list(c), "rows": [list(r) for r in rows]} for k, (c, rows) in tables.items()}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+    command = command or "python " + " ".join(a.replace(root, "") for a in sys.argv)  # no machine paths
+    result["meta"] = {"command": command, "machine": machine(),
+                      "date": datetime.date.today().isoformat()}
+    for name, t in result["tables"].items():
+        print(f"\n{name}:\n" + markdown_table(t["columns"], t["rows"]))
+    print(json.dumps(result), flush=True)
+    if out:
+        write_json_atomic(out, result)

@@ -137,6 +137,28 @@ def report(run: Path, iterations: int) -> dict:
     return out
 
 
+def demo_config(out: Path, overrides=()):
+    """experiments/demo.yaml with the demo's paths under `out` filled in, then `overrides`."""
+    return load_config(EXPERIMENT, [f"model.name_or_path={out / 'init'}", f"sft.data={out / 'data' / 'sft.jsonl'}",
+                                    f"data.train=[{out / 'data' / 'prompts.jsonl'}]",
+                                    f"eval.sets=[{out / 'data' / 'test.jsonl'}]", *overrides])
+
+
+def is_default_run(out: Path) -> bool:
+    """Whether out/ holds a finished demo of the default sizes, model and config (what README.md reports)."""
+    from mdpo.config import config_to_dict
+
+    try:
+        done = json.loads((out / "data" / "done.json").read_text())
+        saved = load_config(out / "run" / "config.yaml")
+    except (OSError, ValueError, ConfigError):
+        return False
+    # The demo's paths are written as given on its command line (relative or not): compare the rest.
+    fresh = config_to_dict(demo_config(Path(saved.model.name_or_path).parent))
+    return (done == {"sizes": SIZES, "model": MODEL, "seed": 0} and (out / "report.md").is_file()
+            and {**config_to_dict(saved), "name": fresh["name"]} == fresh)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mdpo.demo", description="M-DPO on a synthetic task, on a CPU.")
     ap.add_argument("overrides", nargs="*", help="section.key=value for experiments/demo.yaml")
@@ -153,9 +175,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(min(torch.get_num_threads(), 8))
     out = Path(args.out)
     try:
-        cfg = load_config(EXPERIMENT, [f"model.name_or_path={out / 'init'}", f"sft.data={out / 'data' / 'sft.jsonl'}",
-                                       f"data.train=[{out / 'data' / 'prompts.jsonl'}]",
-                                       f"eval.sets=[{out / 'data' / 'test.jsonl'}]", *args.overrides])
+        cfg = demo_config(out, args.overrides)
         prepare(out, sizes=parse_sizes(args.size, SIZES, "--size"), model=parse_sizes(args.arch, MODEL, "--arch"))
         Pipeline(cfg, out / "run").run()
         summary = report(out / "run", cfg.training.iterations)

@@ -9,10 +9,13 @@ Pipeline in tests/test_pipeline.py; the report of a 2-iteration run is checked b
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
 from mdpo import demo
+from mdpo.docs import markers
 from mdpo.trajectory import Trajectory, read_trajectories, write_trajectories
 
 TINY_SIZES = {"sft": 40, "prompts": 8, "test": 6, "tokenizer_corpus": 40}
@@ -57,6 +60,7 @@ def test_demo_stages_at_a_tiny_size(tmp_path, capsys):
     assert summary["demo"] == {"points": 0.0, "ci": [0.0, 0.0]}  # iteration 0 against itself
     report = (out / "report.md").read_text()
     assert f"| SFT | {100 * k / 6:.1f}% ({k}/6) |" in report and report.strip() in stdout
+    assert_readme_shape(report)
     # Resume: a rerun redoes nothing and prints the same report.
     # (results.json and config.yaml are rewritten, with the same content, by every Pipeline run.)
     written = [p for p in out.rglob("*") if p.suffix in (".jsonl", ".safetensors", ".model")]
@@ -71,6 +75,29 @@ def test_demo_stages_at_a_tiny_size(tmp_path, capsys):
     assert "was prepared with" in capsys.readouterr().err
     assert demo.main(["--out", str(tmp_path / "x"), "--size", "layers=2"]) == 2
     assert "--size 'layers=2': expected KEY=INT" in capsys.readouterr().err
+
+
+def shape(report: str) -> dict:
+    """What must agree between README's demo table and a fresh report: the header, each row's cell count and
+    how its cells are written (digits masked), and the gain line's form."""
+    rows = [line for line in report.splitlines() if line.startswith("| ") and not line.startswith("| ---")]
+    mask = lambda t: re.sub(r"[+-]?\d+", "#", t)
+    return {"header": rows[0], "labels": [r.split(" | ")[0] for r in rows[1:]],
+            "cells": {mask(r.split(" | ")[0]): mask(r) for r in rows[1:]},
+            "gain": mask(next(line for line in report.splitlines() if line.startswith("Iteration ")))}
+
+
+def assert_readme_shape(fresh: str):
+    """README.md's demo table (generated from docs/results/demo.md) has the shape a fresh run prints, with one
+    row per iteration of experiments/demo.yaml; tests/test_docs.py checks it equals its source file."""
+    readme = Path(demo.__file__).resolve().parents[1] / "README.md"
+    table = next(body for src, _, body, _ in markers(readme.read_text()) if src == "docs/results/demo.md")
+    want, got = shape(fresh), shape(table)
+    iterations = demo.demo_config(Path("runs/demo")).training.iterations
+    assert got["header"] == want["header"]
+    assert got["labels"] == ["| SFT"] + [f"| M-DPO iteration {i}" for i in range(1, iterations + 1)]
+    assert got["cells"]["| SFT"] == want["cells"]["| SFT"]  # the fresh run has the SFT row only (iterations=0)
+    assert got["gain"] == want["gain"]
 
 
 def test_report_against_hand_counts(tmp_path, capsys):
@@ -101,3 +128,8 @@ def test_report_against_hand_counts(tmp_path, capsys):
     assert summary["gain"]["points"] == pytest.approx(40.0)
     assert summary["gain"]["ci"] == pytest.approx([-8.00999, 88.00999], abs=1e-4)
     assert summary["iterations"][2]["pairs"] == 4 and summary["iterations"][1]["rollout_accuracy"] == 0.125
+    # Rows after the first iteration are written as README's are (its M-DPO rows against this report's).
+    readme = shape(next(body for src, _, body, _ in markers((Path(demo.__file__).resolve().parents[1]
+                                                              / "README.md").read_text())
+                        if src == "docs/results/demo.md"))
+    assert shape("\n".join(lines))["cells"]["| M-DPO iteration #"] == readme["cells"]["| M-DPO iteration #"]

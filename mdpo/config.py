@@ -23,6 +23,7 @@ import yaml
 from mdpo.atomic import atomic_open
 from mdpo.objectives import ObjectiveError, get_objective
 from mdpo.paged import KV_READS
+from mdpo.textfile import read_text
 
 __all__ = [
     "ConfigError", "CHOICES", "ModelConfig", "DataConfig", "RolloutConfig", "FilterConfig",
@@ -343,22 +344,89 @@ def apply_overrides(cfg: ExperimentConfig, overrides: Sequence[str] = (), source
             raise ConfigError(f"{where}: {_yaml_error(exc)}") from None
         _set(cfg, key.strip(), value, where)
     try:
-        get_objective(cfg.loss)
+        objective = get_objective(cfg.loss)
     except ObjectiveError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+    problem = _contradiction(cfg, objective)
+    if problem:
+        raise ConfigError(f"{source}: {problem}")
     return cfg
+
+
+def _contradiction(cfg: ExperimentConfig, objective) -> str | None:
+    """The first pair (or set) of keys whose values contradict each other, as a message naming each; None if none.
+
+    These would otherwise surface only when the object that uses them is built (the sampler, hours into a run)
+    or never (an option silently ignored). A value equal to its default counts as unset where a check is about
+    an option that would be ignored, as for loss.* (mdpo.objectives): defaults never contradict each other.
+    """
+    r, t, d, e, default = cfg.rollout, cfg.training, cfg.data, cfg.eval, ExperimentConfig()
+    flex = r.kv_attention == "flex"
+    if flex and r.compile:
+        return ("rollout.compile true and rollout.kv_attention 'flex' do not go together: flex compiles its own "
+                "kernel inside the eager decode step; set rollout.compile false or rollout.kv_attention 'gather'")
+    if r.kv_block_size is not None and r.kv_block_size < 1:
+        return f"rollout.kv_block_size must be >= 1 (or null), got {r.kv_block_size}"
+    block = 16 if r.kv_block_size is None else r.kv_block_size  # flex: None means 16 on every device
+    if flex and not 2 <= block < r.max_length:
+        which = f"rollout.kv_block_size {r.kv_block_size}" if r.kv_block_size is not None else \
+            "rollout.kv_block_size null (16 with flex)"
+        return (f"rollout.kv_attention 'flex' reads a paged KV pool: {which} must be >= 2 and < rollout.max_length "
+                f"{r.max_length} (a block of max_length or more is the dense layout)")
+    if r.kv_cache_gb is not None and r.kv_block_size is not None and r.kv_block_size >= r.max_length:
+        return (f"rollout.kv_cache_gb {r.kv_cache_gb} sizes a paged pool, but rollout.kv_block_size {r.kv_block_size} "
+                f">= rollout.max_length {r.max_length} is the dense layout, which ignores it; drop one of them")
+    for key, budget in (("rollout.max_new_tokens_per_turn", r.max_new_tokens_per_turn),
+                        ("eval.max_new_tokens_per_turn", e.max_new_tokens_per_turn)):
+        section, name = key.split(".")
+        if budget != getattr(getattr(default, section), name) and budget >= r.max_length:
+            return (f"{key} {budget} >= rollout.max_length {r.max_length}: one turn could never use its budget "
+                    f"(max_length counts the prompt and every turn); lower {key} or raise rollout.max_length")
+    if t.global_batch_size % t.micro_batch_size:
+        return (f"training.global_batch_size {t.global_batch_size} is not a multiple of training.micro_batch_size "
+                f"{t.micro_batch_size} (each optimizer step is a whole number of micro-batches)")
+    if cfg.sft.data:
+        mb = min(t.micro_batch_size, cfg.sft.global_batch_size)  # as the pipeline's SFT stage runs it
+        if cfg.sft.global_batch_size % mb:
+            return (f"sft.global_batch_size {cfg.sft.global_batch_size} is not a multiple of "
+                    f"training.micro_batch_size {t.micro_batch_size} (the SFT stage's micro-batches)")
+    if r.first_previous and r.n_previous == 0:
+        return (f"rollout.first_previous {r.first_previous!r} is set but rollout.n_previous is 0: no sample would "
+                "come from it; set rollout.n_previous or drop rollout.first_previous")
+    if not objective.reference:
+        if cfg.reference.online:
+            return (f"reference.online true, but loss.type {cfg.loss.type!r} uses no reference model; "
+                    "drop reference.online")
+        if cfg.reference.mode != default.reference.mode:
+            return (f"reference.mode {cfg.reference.mode!r}, but loss.type {cfg.loss.type!r} uses no reference "
+                    "model; drop reference.mode")
+    if not cfg.filters.long_answer and cfg.filters.max_answer_chars != default.filters.max_answer_chars:
+        return (f"filters.max_answer_chars {cfg.filters.max_answer_chars} is the threshold of filters.long_answer, "
+                "which is false; drop one of them")
+    if d.heldout <= 0 or (d.heldout >= 1 and not float(d.heldout).is_integer()):
+        return f"data.heldout must be a fraction in (0, 1) or a whole count >= 1, got {d.heldout}"
+    if d.max_prompts is not None:
+        held = d.heldout if d.heldout >= 1 else max(1, round(d.heldout * d.max_prompts))
+        left = d.max_prompts - int(held)
+        if left < 1 and d.heldout != default.data.heldout:  # the default with a small cap: the pipeline's error
+            return (f"data.heldout {d.heldout} leaves none of data.max_prompts {d.max_prompts} prompts for training")
+        if d.prompts_per_iteration is not None and d.prompts_per_iteration * t.iterations > left:
+            return (f"data.prompts_per_iteration {d.prompts_per_iteration} x training.iterations {t.iterations} "
+                    f"needs more prompts than data.max_prompts {d.max_prompts} leaves after data.heldout "
+                    f"{d.heldout} ({left})")
+    return None
 
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Load a YAML experiment strictly, then apply `overrides`; raises ConfigError."""
     path = Path(path)
+    text = read_text(path, ConfigError, "YAML")  # missing, a directory, binary, not UTF-8: one line
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        msg = _yaml_error(exc) if isinstance(exc, yaml.YAMLError) else f"not UTF-8 text: {exc}"
-        raise ConfigError(f"{path}: {msg}") from None
+        raw = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: {_yaml_error(exc)}") from None
+    if raw is None:
+        raise ConfigError(f"{path}: empty config: an experiment YAML is a mapping of sections (model:, data:, ...)")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {_describe(raw)}")
     cfg = ExperimentConfig(name=path.stem)

@@ -340,6 +340,12 @@ def trajectory_from_turns(tok, question: str, turns: list[tuple[str, str | None]
     return Trajectory(prompt_id, sample_id, tokens, roles, turn_ids, finish_reason="end_of_turn")
 
 
+def _check_messages(messages: list, where: str) -> None:
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: message {i} should be an object with string 'role' and 'content'")
+
+
 def trajectory_from_messages(tok, messages: list[dict], prompt_id: str, where: str = "<messages>",
                              empty_output: str | None = None) -> Trajectory:
     """A chat in the paper's SFT format (user question, then assistant turns, each code turn answered by a user
@@ -348,6 +354,7 @@ def trajectory_from_messages(tok, messages: list[dict], prompt_id: str, where: s
     from mdpo.chat import for_tokenizer
 
     chat = for_tokenizer(tok)
+    _check_messages(messages, where)
     if not messages or messages[0].get("role") != "user" or len(messages) % 2 != 0:
         raise DataError(f"{where}: expected user, assistant, (user {chat.output_fence}, assistant)* messages")
     turns: list[tuple[str, str | None]] = []
@@ -372,11 +379,14 @@ def convert_messages(src, dst, tokenizer_dir) -> int:
     from mdpo.tokenizer import Tokenizer
     from mdpo.trajectory import write_trajectories
 
-    tok = Tokenizer.from_pretrained(tokenizer_dir)
     out = []
-    for i, (where, row) in enumerate(read_jsonl(src, DataError)):
-        if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
+    rows = list(read_jsonl(src, DataError, objects=True, empty_ok=False))  # a bad file fails before the tokenizer
+    for where, row in rows:
+        if not isinstance(row.get("messages"), list):
             raise DataError(f"{where}: expected an object with a 'messages' list")
+        _check_messages(row["messages"], where)
+    tok = Tokenizer.from_pretrained(tokenizer_dir)
+    for i, (where, row) in enumerate(rows):
         t = trajectory_from_messages(tok, row["messages"], str(row.get("id", i)), where)
         t.correct = row.get("correct")
         out.append(t)
@@ -400,9 +410,13 @@ def main(argv=None) -> int:
     ap.add_argument("--tokenizer", required=True, help="folder with tokenizer.model (the model's)")
     ap.add_argument("--out", required=True, help="trajectory JSONL (sft.data of an experiment)")
     args = ap.parse_args(argv)
+    from mdpo.tokenizer import TokenizerError
+
     try:
+        if Path(args.out).is_dir():
+            raise DataError(f"--out {args.out}: is a directory; give the trajectory JSONL file to write")
         n = convert_messages(args.messages, args.out, args.tokenizer)
-    except (DataError, FileNotFoundError) as e:
+    except (DataError, TokenizerError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{n} trajectories -> {args.out}")

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from mdpo.atomic import atomic_open
 from mdpo.grader import gold_gsm8k, gold_math
+from mdpo.textfile import read_jsonl
 
 DATASETS = {  # name -> test split, relative to the data dir
     "gsm8k": "gsm8k/test.jsonl",
@@ -138,6 +139,9 @@ def dataset_files(data: str, data_dir=None, split: str = "test") -> list[Path]:
     if repo is not None:
         return prompt_set_files(repo, root)
     path = Path(data).expanduser()
+    if path.is_dir():
+        raise DatasetError(f"{path}: is a directory, not a data file: give a .jsonl or .parquet file (or a dataset "
+                           f"name: {', '.join(sorted({*names, *PROMPT_SETS}))})")
     if not path.is_file():
         where = f"--data {data!r}, data dir {str(root)!r}"
         raise DatasetError(f"{path}: data file not found ({where}; names: {', '.join(sorted({*names, *PROMPT_SETS}))})")
@@ -189,6 +193,11 @@ def ensure(rel: str, root) -> Path:
     dest = root / rel
     if dest.is_file():
         return dest
+    if root.exists() and not root.is_dir():
+        raise DatasetError(f"{root}: is a file, not a data folder: set --data-dir / $MDPO_DATA to a folder")
+    if dest.is_dir():
+        raise DatasetError(f"{dest}: is a directory, not a data file: remove it (it is fetched again) or set "
+                           f"--data-dir / $MDPO_DATA to a folder that has {rel}")
     if rel not in FILES:
         raise DatasetError(f"{dest}: data file not found and no source is known for it")
     try:
@@ -386,7 +395,8 @@ def hendrycks_jsonl(split: str, files) -> bytes:
 # ---------------------------------------------------------------- reading problems
 
 def _rows(path: Path):
-    """(row number, location, row) for each row of a JSONL or Parquet file; blank JSONL lines are skipped."""
+    """(row number, location, row) for each row of a JSONL or Parquet file; blank JSONL lines are skipped.
+    A file that is not JSONL / Parquet, holds a line that is not a JSON object, or no row is a DatasetError."""
     if path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
@@ -395,21 +405,13 @@ def _rows(path: Path):
         try:
             table = pq.read_table(path)
         except Exception as e:  # pyarrow raises its own error types for bad files
-            raise DatasetError(f"{path}: unreadable Parquet file ({e})") from None
+            raise DatasetError(f"{path}: unreadable Parquet file ({' '.join(str(e).split())})") from None
+        if table.num_rows == 0:
+            raise DatasetError(f"{path}: empty Parquet file (no rows)")
         for i, row in enumerate(table.to_pylist(), 1):
             yield i, f"{path}:row {i}", row
         return
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{path}:{i}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DatasetError(f"{path}:{i}: not a JSON object")
-            yield i, f"{path}:{i}", row
+    yield from read_jsonl(path, DatasetError, objects=True, empty_ok=False)
 
 
 def gold_answer(row: dict, where: str) -> str | None:

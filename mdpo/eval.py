@@ -31,6 +31,8 @@ from mdpo.datasets import DatasetError, load_problems
 from mdpo.distributed import default_device
 from mdpo.grader import extract_answer, is_equiv
 from mdpo.hub import HubError, resolve_model
+from mdpo.textfile import read_lines
+from mdpo.tokenizer import TokenizerError
 from mdpo.trajectory import Role, Trajectory, TrajectoryError
 from mdpo.weights import DTYPES, CheckpointError, load_pretrained, parse_dtype
 
@@ -126,7 +128,8 @@ def read_done(path: Path) -> list[Trajectory]:
     """Trajectories already written by an earlier run; a torn last line (a killed run) is dropped."""
     if not path.exists():
         return []
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    # Split on "\n" only (read_lines): a JSON string may hold U+2028, which str.splitlines would cut at.
+    lines = [line for _, line in read_lines(path, EvalError, "JSONL")]
     done = []
     for i, line in enumerate(lines, 1):
         if not line.strip():
@@ -182,8 +185,17 @@ def main(argv=None) -> int:
                 raise EvalError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
         if args.temperature < 0 or not 0 < args.top_p <= 1:
             raise EvalError("--temperature must be >= 0 and --top-p in (0, 1]")
+        if args.kv_block_size is not None and args.kv_block_size < 1:
+            raise EvalError(f"--kv-block-size must be >= 1, got {args.kv_block_size}")
+        if args.kv_attention == "flex":  # what the sampler would refuse after loading the model
+            if args.compile:
+                raise EvalError("--compile and --kv-attention flex do not go together (flex compiles its own kernel)")
+            block = 16 if args.kv_block_size is None else args.kv_block_size
+            if not 2 <= block < args.max_length:
+                raise EvalError(f"--kv-attention flex reads a paged KV pool: --kv-block-size {block} must be >= 2 "
+                                f"and < --max-length {args.max_length}")
         return run(args)
-    except (EvalError, DatasetError, HubError, CheckpointError, FileNotFoundError) as e:
+    except (EvalError, DatasetError, HubError, CheckpointError, TokenizerError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -284,6 +296,8 @@ def run(args) -> int:
         raise EvalError(f"--model {args.model}: no such folder")
     problems = load_problems(args.data, args.data_dir)[: args.limit]
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise EvalError(f"--out {out}: is a file, not a folder")
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
                             max_new_tokens_per_turn=args.max_new_tokens, max_turns=args.max_turns,
                             max_length=args.max_length)

@@ -50,10 +50,10 @@ from pathlib import Path
 from mdpo import faults
 from mdpo.atomic import atomic_open, write_json_atomic
 from mdpo.checkpoint import discard, replace_folder
-from mdpo.config import ConfigError, ExperimentConfig, LossConfig, load_config, save_config
+from mdpo.config import ConfigError, ExperimentConfig, LossConfig, ReferenceConfig, load_config, save_config
 from mdpo.data import DataError, apply_filters, file_digest, pair_stats, split_heldout, verify_file
 from mdpo.distributed import barrier, run_cli, world
-from mdpo.datasets import DatasetError, load_problems
+from mdpo.datasets import DATASETS, PROMPT_SETS, DatasetError, load_problems
 from mdpo.eval import EvalError, compute_metrics, prefix_problem, sample_graded
 from mdpo.executor import announce_sandbox
 from mdpo.hub import HubError, resolve_model_ranks
@@ -62,7 +62,9 @@ from mdpo.objectives import get_objective
 from mdpo.plots import plot_run
 from mdpo.tracking import check_tracker, iteration_scalars, open_tracker
 from mdpo.train import TrainError, model_identity, train
-from mdpo.trajectory import read_trajectories
+from mdpo.textfile import describe_json, read_json
+from mdpo.tokenizer import TokenizerError
+from mdpo.trajectory import Trajectory, TrajectoryError, read_jsonl, read_trajectories
 from mdpo.weights import CheckpointError, parse_dtype
 
 
@@ -76,7 +78,7 @@ class Stages:
 
     def __init__(self, out: Path):
         self.path = out / "state.json"
-        self.state = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.state = read_record(self.path) if self.path.exists() else {}
         self.clock = time.monotonic()  # a stage's "seconds": from the previous stage's end (or start) to its own
 
     def done(self, name: str) -> dict | None:
@@ -130,7 +132,10 @@ def split_prompts(cfg: ExperimentConfig, problems: list[dict]) -> list[dict]:
     rng = random.Random(cfg.training.seed)
     if cfg.data.max_prompts is not None and len(problems) > cfg.data.max_prompts:
         problems = [problems[i] for i in sorted(rng.sample(range(len(problems)), cfg.data.max_prompts))]
-    train_set, held = split_heldout(problems, cfg.data.heldout, cfg.training.seed)
+    try:
+        train_set, held = split_heldout(problems, cfg.data.heldout, cfg.training.seed)
+    except ValueError as e:  # too few prompts for data.heldout, repeated ids
+        raise PipelineError(f"data.train {cfg.data.train}, data.heldout {cfg.data.heldout}: {e}") from None
     order = rng.sample(range(len(train_set)), len(train_set))
     T = cfg.training.iterations
     per = cfg.data.prompts_per_iteration or len(train_set) // T
@@ -140,6 +145,33 @@ def split_prompts(cfg: ExperimentConfig, problems: list[dict]) -> list[dict]:
     for t in range(T):
         out += [dict(train_set[i], split=f"iter_{t + 1}") for i in sorted(order[t * per:(t + 1) * per])]
     return out
+
+
+def read_record(path: Path) -> dict:
+    """A JSON object this pipeline wrote (state.json, results.json, ...); a damaged one is a PipelineError."""
+    d = read_json(path, PipelineError)
+    if not isinstance(d, dict):
+        raise PipelineError(f"{path}: expected a JSON object, got {describe_json(d)}; it is not the pipeline's "
+                            "record: remove it (or the run folder) and rerun")
+    return d
+
+
+def check_inputs(cfg: ExperimentConfig, out: Path) -> None:
+    """Refuse, before any stage runs, input files that would fail only later: sft.data (read when the SFT stage
+    trains, after the sandbox check) is parsed line by line as trajectories, and the eval.sets files (read when
+    a model is evaluated, after SFT) are loaded; data.train files are read by the first stage anyway. Names of
+    datasets are not fetched here."""
+    if out.exists() and not out.is_dir():
+        raise PipelineError(f"{out}: is a file, not an output folder")
+    if cfg.sft.data and not (out / "sft" / "final" / "config.json").is_file():
+        try:
+            for where, d in read_jsonl(cfg.sft.data, PipelineError, objects=True, empty_ok=False):
+                Trajectory.from_dict(d, where)
+        except TrajectoryError as e:
+            raise PipelineError(f"sft.data: {e}") from None
+    for spec in cfg.eval.sets:
+        if spec not in DATASETS and spec not in PROMPT_SETS and spec not in PROMPT_SETS.values():
+            load_problems(spec, cfg.data.data_dir)  # a file: parsed whole now (a test set is small)
 
 
 def write_jsonl(path: Path, rows: list[dict]):
@@ -247,7 +279,7 @@ class Pipeline:
             save_config(cfg, out / "config.yaml")
         barrier()
         self.stages = Stages(out)
-        self.results = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
+        self.results = read_record(out / "results.json") if (out / "results.json").exists() else {}
         self.tracker = None
 
     def record(self, key: str, value):
@@ -276,7 +308,7 @@ class Pipeline:
                 write_jsonl(path, rows)
             barrier()
             self.stages.finish("prompts", [path])
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [row for _, row in read_jsonl(path, PipelineError, objects=True)]
 
     def sft(self) -> str:
         """π0: the SFT stage's model when sft.data is set (training it first if needed), else model.name_or_path."""
@@ -287,6 +319,7 @@ class Pipeline:
         if not self.stages.done("sft"):
             c = copy.deepcopy(cfg)
             c.loss = LossConfig(type="sft", mask="model")  # the iteration loss's options are not SFT's
+            c.reference = ReferenceConfig()  # nor its reference (SFT has none): the saved config.yaml reloads
             c.optimizer.lr = cfg.sft.lr
             c.training.epochs, c.training.global_batch_size = cfg.sft.epochs, cfg.sft.global_batch_size
             c.training.micro_batch_size = min(cfg.training.micro_batch_size, cfg.sft.global_batch_size)
@@ -360,8 +393,6 @@ class Pipeline:
             return path, rec["info"]
         kept, removed = apply_filters(trajs, cfg.filters, cfg.rollout.max_length)
         seed = cfg.training.seed + it
-        if not self.objective.iterative:
-            raise PipelineError(f"loss.type {cfg.loss.type!r} is not an iterative method; use --stage sft for SFT")
         branches, branch_info = self.branch(it, policy, kept, prompts, seed)
         rows = self.objective.build(kept, seed, branches)
         if self.rank == 0:
@@ -388,7 +419,7 @@ class Pipeline:
         export_every = cfg.training.eval_every if cfg.eval.select else 0
         summary = d / "train" / "summary.json"
         if summary.is_file() and (d / "train" / "final" / "config.json").is_file():
-            last = json.loads(summary.read_text())["last"]  # trained; killed before the stage was recorded
+            last = read_record(summary).get("last", {})  # trained; killed before the stage was recorded
         else:
             last = train(c, str(data), d / "train", resume=True, reference=reference, export_every=export_every)
         return self.stages.finish(stage, [d / "train" / "final"], last)["info"]
@@ -430,9 +461,11 @@ class Pipeline:
 
     def run(self) -> dict:
         cfg = self.cfg
+        if not self.objective.iterative:  # refused before any stage runs, not at iteration 1's data
+            raise PipelineError(f"loss.type {cfg.loss.type!r} is not an iterative method; use --stage sft for SFT")
+        prompts = self.prompts()  # first: a bad data.train file is refused before anything else runs
         # Which isolation the rollouts' cells get, said once at the start (rank 0), not after the SFT stage.
         announce_sandbox(show=self.rank == 0)
-        prompts = self.prompts()
         heldout = [p for p in prompts if p["split"] == "heldout"]
         sft_model = self.sft()
         self.record("iter_0", {"eval": self.evaluate(sft_model, 0)})
@@ -487,11 +520,15 @@ def main(argv=None) -> int:
 
     def body():
         cfg = load_config(args.config, args.overrides)
+        out = Path(args.out or Path(cfg.metrics.out_dir) / cfg.name)
+        check_inputs(cfg, out)  # bad input files fail now, before a model is fetched or loaded
+        if args.share and Path(args.share).exists() and not Path(args.share).is_dir():
+            raise PipelineError(f"--share {args.share}: is a file, not a folder")
         # Hub ids become local snapshot folders once, here; every stage then reads folders.
         cfg.model.name_or_path = resolve_model_ranks(cfg.model.name_or_path)
         if cfg.rollout.first_previous:
             cfg.rollout.first_previous = resolve_model_ranks(cfg.rollout.first_previous)
-        p = Pipeline(cfg, Path(args.out or Path(cfg.metrics.out_dir) / cfg.name), Path(args.share) if args.share else None)
+        p = Pipeline(cfg, out, Path(args.share) if args.share else None)
         if args.stage == "sft":
             if not cfg.sft.data:
                 raise PipelineError(f"{args.config}: --stage sft needs sft.data (SFT trajectories JSONL)")
@@ -500,7 +537,7 @@ def main(argv=None) -> int:
             p.run()
 
     return run_cli(body, (ConfigError, TrainError, CheckpointError, PipelineError, DataError, EvalError,
-                                 DatasetError, HubError))
+                          DatasetError, HubError, TokenizerError))
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from mdpo.chat import FORMATS
 
 __all__ = [
     "Tokenizer",
+    "TokenizerError",
     "DecodeStream",
     "sentencepiece_model_from_gguf",
     "GEMMA_CHAT_TEMPLATE",
@@ -338,6 +339,10 @@ def _gemma_content(content: Any) -> str:
     return "" if content is None else str(content).strip()
 
 
+class TokenizerError(ValueError):
+    """A tokenizer file that cannot be read; the message is one line naming the file."""
+
+
 class Tokenizer:
     """A Gemma SentencePiece tokenizer with transformers-compatible special-token handling.
 
@@ -406,7 +411,13 @@ class Tokenizer:
             )
         if file.suffix == ".gguf":
             return cls(sentencepiece_model_from_gguf(file), template=template)
-        return cls(file.read_bytes(), template=template)
+        try:
+            return cls(file.read_bytes(), template=template)
+        except OSError as e:
+            raise TokenizerError(f"{file}: cannot read ({e.strerror or e})") from None
+        except RuntimeError:  # sentencepiece's parse failure
+            raise TokenizerError(f"{file}: not a SentencePiece tokenizer model (it does not parse); copy the "
+                                 "model's own tokenizer.model there") from None
 
     def save_pretrained(self, directory: str | os.PathLike) -> list[str]:
         """Write `tokenizer.model`, `tokenizer_config.json` and `special_tokens_map.json`.

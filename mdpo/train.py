@@ -50,6 +50,7 @@ from mdpo.objectives import Batch, Example, Objective, ObjectiveError, get_objec
 from mdpo.tracking import Tracker, check_tracker, job_of, open_tracker, scalars
 from mdpo.trajectory import Trajectory, TrajectoryError, read_jsonl
 from mdpo.weights import CheckpointError, load_pretrained, parse_dtype
+from mdpo.weights import load_config as load_model_config
 
 
 class TrainError(RuntimeError):
@@ -57,10 +58,13 @@ class TrainError(RuntimeError):
 
 
 # ---------------------------------------------------------------- data
-def load_examples(path, objective: Objective, mask: str, max_length: int, vocab_size: int):
-    """Read the objective's training file; drop unusable examples and count why. Returns (examples, dropped)."""
+def load_examples(path, objective: Objective, mask: str, max_length: int, vocab_size: int | None):
+    """Read the objective's training file; drop unusable examples and count why. Returns (examples, dropped).
+
+    vocab_size: token ids must be below it (None: not checked). Every problem with the file (missing, not UTF-8
+    JSONL, empty, a malformed line) is a TrainError naming the file and line."""
     examples, dropped = [], {"empty_mask": 0, "too_long": 0}
-    for where, d in read_jsonl(path, TrainError):
+    for where, d in read_jsonl(path, TrainError, empty_ok=False):
         try:
             if objective.data == "pairs":
                 if not isinstance(d, dict) or "chosen" not in d or "rejected" not in d:
@@ -71,7 +75,7 @@ def load_examples(path, objective: Objective, mask: str, max_length: int, vocab_
         except TrajectoryError as e:
             raise TrainError(str(e)) from None
         for t in seqs:
-            if t.tokens and max(t.tokens) >= vocab_size:
+            if vocab_size is not None and t.tokens and max(t.tokens) >= vocab_size:
                 raise TrainError(f"{where}: token id {max(t.tokens)} >= the model's vocabulary ({vocab_size}); "
                                  "was this data made with another tokenizer?")
         if objective.data == "labelled" and seqs[0].correct is None:
@@ -166,9 +170,12 @@ def reference_logprobs(model: Gemma, objective: Objective, examples: list[Exampl
     """
     rank, ws = world()
     if cache.is_file():
-        lines = [json.loads(line) for line in cache.read_text().splitlines() if line.strip()]
+        try:
+            lines, why = [d for _, d in read_jsonl(cache, TrainError)], None
+        except TrainError as e:  # a damaged cache is recomputed, not fatal
+            lines, why = [], f"unreadable: {e}"
         old = lines[0].get("key") if lines and isinstance(lines[0], dict) else None
-        why = _stale(old, key)
+        why = why or _stale(old, key)
         if not why and len(lines) - 1 == len(examples):
             for ex, v in zip(examples, lines[1:]):
                 ex.ref = v
@@ -339,6 +346,8 @@ def train(cfg: ExperimentConfig, data: str, out, resume: bool = False, max_steps
 def _train(cfg, data, out, resume, max_steps, reference, export_every) -> dict:
     rank, ws = world()
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"{out}: is a file, not an output folder")
     device = default_device()
     torch.manual_seed(cfg.training.seed)
     random.seed(cfg.training.seed)
@@ -346,8 +355,12 @@ def _train(cfg, data, out, resume, max_steps, reference, export_every) -> dict:
     check_tracker(cfg)
     reference = reference or cfg.model.name_or_path
     dtype = parse_dtype(cfg.model.dtype)  # the compute dtype; the weights themselves are loaded in fp32
+    # The data is read before the weights: a bad file fails in a moment, not after loading a 7B model. The
+    # vocabulary size comes from the folder's config.json (load_pretrained reports a folder that has none).
+    folder = Path(cfg.model.name_or_path)
+    vocab = load_model_config(folder).vocab_size if (folder / "config.json").is_file() else None
+    examples, dropped = load_examples(data, objective, cfg.loss.mask, cfg.rollout.max_length, vocab)
     model = load_pretrained(cfg.model.name_or_path, dtype=torch.float32, device=device, attn_impl=cfg.model.attn_impl)
-    examples, dropped = load_examples(data, objective, cfg.loss.mask, cfg.rollout.max_length, model.config.vocab_size)
     G = cfg.training.global_batch_size
     check_batch(cfg, len(examples), data, dropped)
     if rank == 0:

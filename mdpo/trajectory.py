@@ -24,9 +24,9 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from enum import IntEnum
-from pathlib import Path
 from typing import Iterable, Iterator
 
+from mdpo import textfile
 from mdpo.atomic import atomic_open
 
 
@@ -133,19 +133,12 @@ class Trajectory:
             raise TrajectoryError(f"{where}: {e}") from None
 
 
-def read_jsonl(path, error: type[Exception] = TrajectoryError) -> Iterator[tuple[str, object]]:
-    """("file:line", parsed value) for each non-blank line; `error` names the file (missing) or line (bad JSON)."""
-    path = Path(path)
-    if not path.is_file():
-        raise error(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{i}", json.loads(line)
-            except json.JSONDecodeError as e:
-                raise error(f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno})") from None
+def read_jsonl(path, error: type[Exception] = TrajectoryError, objects: bool = False,
+               empty_ok: bool = True) -> Iterator[tuple[str, object]]:
+    """("file:line", parsed value) for each non-blank line; `error` names the file (missing, a directory, not
+    UTF-8 text, empty when not `empty_ok`) or the line (bad JSON, not an object when `objects`): see mdpo.textfile."""
+    for _, where, value in textfile.read_jsonl(path, error, objects=objects, empty_ok=empty_ok):
+        yield where, value
 
 
 def read_trajectories(path) -> Iterator[Trajectory]:

@@ -7,7 +7,6 @@ the same layout, so a model trained here loads in transformers (and vLLM) with t
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mdpo import textfile
 from mdpo.atomic import write_json_atomic
 from mdpo.model import Gemma, GemmaConfig
 
@@ -158,12 +158,11 @@ def config_to_hf(config: GemmaConfig, dtype: torch.dtype = torch.float32) -> dic
 
 
 def read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    """A JSON object file (config.json, the shard index); any problem is a one-line CheckpointError."""
+    d = textfile.read_json(path, CheckpointError)
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {textfile.describe_json(d)}")
+    return d
 
 
 def load_config(path) -> GemmaConfig:

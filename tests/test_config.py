@@ -185,9 +185,10 @@ def test_duplicate_key_is_an_error(tmp_path):
 def test_non_mapping_and_missing_file(tmp_path):
     path = write(tmp_path, "- a\n- b\n")
     assert error_of(path) == f"{path}: expected a mapping of sections, got list ['a', 'b']"
-    assert error_of(write(tmp_path, "", "empty.yaml")).endswith("got null")
+    empty = write(tmp_path, "", "empty.yaml")
+    assert error_of(empty).startswith(f"{empty}: empty config")
     missing = tmp_path / "nope.yaml"
-    assert error_of(missing).startswith(f"{missing}: cannot read")
+    assert error_of(missing) == f"{missing}: file not found"
 
 
 def test_config_error_is_value_error():
@@ -290,3 +291,65 @@ def test_every_shipped_experiment_loads_and_states_its_command():
     fixed = config_to_dict(by["gemma7b_mdpo_fixed_ref"])
     assert {s: v for s, v in fixed.items() if s not in ("name", "reference")} == \
         {s: v for s, v in config_to_dict(base).items() if s not in ("name", "reference")}
+
+
+# ---------------------------------------------------------------- cross-field checks at load
+CONTRADICTIONS = [  # (YAML, the keys the message must name)
+    ("rollout: {compile: true, kv_attention: flex}", ["rollout.compile", "rollout.kv_attention"]),
+    ("rollout: {kv_attention: flex, kv_block_size: 2048, max_length: 2048}",
+     ["rollout.kv_attention", "rollout.kv_block_size", "rollout.max_length"]),
+    ("rollout: {kv_attention: flex, kv_block_size: 1}", ["rollout.kv_attention", "rollout.kv_block_size"]),
+    ("rollout: {kv_attention: flex, max_length: 16}",  # the flex default block (16) is the dense layout here
+     ["rollout.kv_attention", "rollout.kv_block_size", "rollout.max_length"]),
+    ("rollout: {kv_cache_gb: 4.0, kv_block_size: 4096, max_length: 2048}",
+     ["rollout.kv_cache_gb", "rollout.kv_block_size", "rollout.max_length"]),
+    ("rollout: {max_new_tokens_per_turn: 4096, max_length: 2048}",
+     ["rollout.max_new_tokens_per_turn", "rollout.max_length"]),
+    ("rollout: {max_length: 256}\neval: {max_new_tokens_per_turn: 300}",
+     ["eval.max_new_tokens_per_turn", "rollout.max_length"]),
+    ("training: {global_batch_size: 32, micro_batch_size: 3}",
+     ["training.global_batch_size", "training.micro_batch_size"]),
+    ("training: {micro_batch_size: 5, global_batch_size: 10}\nsft: {data: sft.jsonl, global_batch_size: 48}",
+     ["sft.global_batch_size", "training.micro_batch_size"]),
+    ("rollout: {first_previous: sft_1epoch, n_previous: 0}", ["rollout.first_previous", "rollout.n_previous"]),
+    ("loss: {type: simpo}\nreference: {online: true}", ["reference.online", "loss.type"]),
+    ("loss: {type: sft}\nreference: {mode: sft}", ["reference.mode", "loss.type"]),
+    ("filters: {long_answer: false, max_answer_chars: 30}", ["filters.max_answer_chars", "filters.long_answer"]),
+    ("data: {heldout: 500, max_prompts: 400}", ["data.heldout", "data.max_prompts"]),
+    ("data: {heldout: 100, max_prompts: 400, prompts_per_iteration: 200}\ntraining: {iterations: 3}",
+     ["data.prompts_per_iteration", "training.iterations", "data.max_prompts", "data.heldout"]),
+]
+
+
+@pytest.mark.parametrize("text,keys", CONTRADICTIONS, ids=[k[0] for _, k in CONTRADICTIONS])
+def test_contradictions_are_refused_at_load(tmp_path, text, keys):
+    path = write(tmp_path, text + "\n")
+    msg = error_of(path)
+    assert msg.startswith(f"{path}: "), msg
+    for key in keys:
+        assert key in msg, (key, msg)
+
+
+def test_contradiction_made_by_an_override_names_the_file(tmp_path):
+    path = write(tmp_path, "rollout: {kv_attention: flex}\n")
+    assert load_config(path).rollout.kv_attention == "flex"  # flex alone is fine (block 16 < 2048)
+    msg = error_of(path, ["rollout.compile=true"])
+    assert msg.startswith(f"{path}: rollout.compile true and rollout.kv_attention 'flex'")
+
+
+def test_consistent_neighbours_of_the_contradictions_load(tmp_path):
+    ok = ["rollout: {kv_attention: flex, kv_block_size: 64, max_length: 2048}",
+          "rollout: {kv_cache_gb: 4.0, kv_block_size: 16}",
+          "rollout: {max_length: 64}",  # the default turn budgets (512) are not held against a short max_length
+          "training: {global_batch_size: 32, micro_batch_size: 4}",
+          "rollout: {first_previous: sft_1epoch, n_previous: 2}",
+          "loss: {type: simpo}", "filters: {long_answer: false}",
+          "data: {max_prompts: 500}",  # the default held-out size is the pipeline's to refuse, with the data
+          "data: {heldout: 0.1, max_prompts: 400, prompts_per_iteration: 120}\ntraining: {iterations: 3}"]
+    for text in ok:
+        load_config(write(tmp_path, text + "\n"))
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "2.5"])
+def test_heldout_must_be_a_fraction_or_a_count(tmp_path, value):
+    assert "data.heldout must be a fraction" in error_of(write(tmp_path, f"data: {{heldout: {value}}}\n"))

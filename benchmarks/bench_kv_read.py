@@ -85,11 +85,11 @@ def median_ms(fn, calls: int) -> float:
 def sampler_rollout(threads: int) -> dict:
     """Part 2 (--sampler): the three reads end to end, one run each after a warm-up (see the module docstring)."""
     from mdpo import synth
-    from mdpo.model import GemmaConfig, build_model
+    from mdpo.model import ModelConfig, build_model
     from mdpo.sampler import Request, Sampler, SamplingParams
     from mdpo.tokenizer import Tokenizer
     tok = Tokenizer(synth.train_tokenizer([f"{i} plus {i} is {2 * i}." for i in range(200)], vocab_size=512))
-    model = build_model(GemmaConfig.from_name("gemma-3-270m"), seed=0).eval()
+    model = build_model(ModelConfig.from_name("gemma-3-270m"), seed=0).eval()
     g = torch.Generator().manual_seed(0)
     reqs = [Request(f"p{i}", [2] + torch.randint(3, 512, (127,), generator=g).tolist(), n=4,
                     params=SamplingParams(temperature=1.0, max_new_tokens_per_turn=64 * (i + 1)))

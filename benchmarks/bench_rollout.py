@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mdpo import synth  # noqa: E402
-from mdpo.model import GemmaConfig, KVCache, build_model  # noqa: E402
+from mdpo.model import ModelConfig, KVCache, build_model  # noqa: E402
 from mdpo.sampler import Request, SamplingParams  # noqa: E402
 from mdpo.tokenizer import Tokenizer  # noqa: E402
 from common import StubExecutor  # noqa: E402  (benchmarks/common.py)
@@ -181,7 +181,7 @@ def kv_memory(tok, n: int = 8, prompt: int = 150, new: int = 700, block_size: in
     token once (the shared prompt once, each sample's own tokens), on sliding layers only the positions a query
     of the step can still see. Sampled each step from the sampler's own pool (a small body, the same KV shape:
     the accounting does not depend on the rest), and against a dense cache of the same rows."""
-    cfg = GemmaConfig.from_name("gemma-3-270m", vocab_size=512, hidden_size=64, intermediate_size=64, num_heads=1)
+    cfg = ModelConfig.from_name("gemma-3-270m", vocab_size=512, hidden_size=64, intermediate_size=64, num_heads=1)
     model = build_model(cfg, seed=0).eval()
     s_cls = sampler_class(None)
     max_length = prompt + new + 1
@@ -233,7 +233,7 @@ def main():
     texts = [f"{i} plus {i + 1} is {2 * i + 1}. ```python\nprint({i})\n``` Question {i}: what is 12 * 50?"
              for i in range(400)]
     tok = Tokenizer(synth.train_tokenizer(texts, vocab_size=512))
-    model = build_model(GemmaConfig.from_name("tiny-gemma"), seed=0).eval()
+    model = build_model(ModelConfig.from_name("tiny-gemma"), seed=0).eval()
     classes = {rev: sampler_class(rev) for rev in args.baselines} | {"current": sampler_class(None)}
     host = host_overhead(classes, model, tok, args.new, args.repeats)
     multi = multiturn(classes, model, tok, args.repeats)

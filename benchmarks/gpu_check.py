@@ -37,6 +37,8 @@ section runs on its own (a failure is reported in its row and the others go on):
 6. kvread     one gemma-7b attention layer of a decode step over 128 rows of lengths spread in [150, 2048], bf16:
               the paged pool read by the padded gather and by FlexAttention over live blocks (ms per layer, bytes
               read / live bytes, the two outputs' largest difference). Last: FlexAttention has never run on a GPU.
+7. families   the decode step of random qwen2.5-7b- and mistral-7b-v0.3-shaped bf16 models at 1 and 64 rows
+              (eager, and as a CUDA graph on CUDA): the other families' 7B shapes on the same path.
 Prints a table whose rows appear as each section ends (where $OUT is set, $OUT/gpu_check.json is rewritten
 then too, so a run cut off at its time limit keeps the finished sections), then one JSON line.
 """
@@ -62,7 +64,7 @@ sys.path.insert(0, str(ROOT))
 
 from mdpo.losses import dpo_loss  # noqa: E402
 from mdpo.logprobs import sequence_logprobs  # noqa: E402
-from mdpo.model import GemmaConfig, KVCache, build_model  # noqa: E402
+from mdpo.model import ModelConfig, KVCache, build_model  # noqa: E402
 
 # Dense bf16 peak FLOP/s by device name (no sparsity).
 PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
@@ -166,7 +168,7 @@ def graphed_decode_tokens_per_s(model, rows: int, prompt: int, new: int, device,
 
 
 def section_decode(args, device, out):
-    cfg = GemmaConfig.from_name(args.decode_model)
+    cfg = ModelConfig.from_name(args.decode_model)
     model = build_model(cfg, device=device, dtype=torch.bfloat16, seed=0).eval()
     bw = copy_bandwidth_gbs(device, args.copy_gib)
     wbytes = model.weight_bytes()
@@ -212,7 +214,7 @@ def section_parity(args, device, out):
     from mdpo.weights import save_pretrained
 
     for name in args.parity_models:
-        full = GemmaConfig.from_name(name)
+        full = ModelConfig.from_name(name)
         cfg = dataclasses.replace(full, num_layers=args.parity_layers, layer_types=full.layer_types[:args.parity_layers])
         ours = build_model(cfg, device=device, dtype=torch.bfloat16, attn_impl="eager", seed=0).eval()
         with tempfile.TemporaryDirectory() as d:
@@ -232,7 +234,7 @@ def section_parity(args, device, out):
 def section_step(args, device, out):
     from mdpo.distributed import process_group
     from mdpo.train import shard
-    cfg = GemmaConfig.from_name(args.step_model)
+    cfg = ModelConfig.from_name(args.step_model)
     T, pairs = args.step_tokens, 2
     g = torch.Generator(device="cpu").manual_seed(2)
     tokens = torch.randint(3, cfg.vocab_size, (2 * pairs, T), generator=g).to(device)
@@ -297,7 +299,7 @@ def rollout_tokenizer(args, vocab_size: int):
 
 def section_rollout(args, device, out):
     from mdpo.sampler import Request, Sampler, SamplingParams
-    cfg = GemmaConfig.from_name(args.decode_model)
+    cfg = ModelConfig.from_name(args.decode_model)
     tok = rollout_tokenizer(args, cfg.vocab_size)
     model = build_model(cfg, device=device, dtype=torch.bfloat16, seed=0).eval()
     g = torch.Generator(device="cpu").manual_seed(3)
@@ -431,7 +433,7 @@ def section_kvread(args, device, out):
     the sampler runs them, benchmarks/bench_kv_read.py), ms per layer after a warm-up, and their difference."""
     import numpy as np
     from bench_kv_read import read_bytes, setup  # benchmarks/
-    cfg = dataclasses.replace(GemmaConfig.from_name(args.decode_model), num_layers=1, layer_types=["full"])
+    cfg = dataclasses.replace(ModelConfig.from_name(args.decode_model), num_layers=1, layer_types=["full"])
     scale = cfg.query_scale
     lengths = np.random.default_rng(0).integers(*args.kv_lengths, args.kv_rows)
     per_token = 2 * cfg.num_kv_heads * cfg.head_dim * torch.bfloat16.itemsize
@@ -480,8 +482,30 @@ def section_demo(args, device, out):
 
 # kvread last: it runs FlexAttention, which has never run on a GPU (a fault that poisons the CUDA context then
 # costs no other section; demo runs in its own process).
+@torch.no_grad()
+def section_families(args, device, out):
+    """Decode of other families' 7B shapes (random bf16 weights): the same KV-cached step as `decode`, at 1 and
+    64 rows, plus the CUDA-graph replay on CUDA. Untied heads, GQA 8:1 / 7:1, Qwen2's q/k/v biases."""
+    for name in args.family_models:
+        model = build_model(ModelConfig.from_name(name), device=device, dtype=torch.bfloat16, seed=0).eval()
+        decode_tokens_per_s(model, 1, args.prompt, 4, device)  # warm-up
+        for rows in args.family_rows:
+            row = {"tok_per_s": round(decode_tokens_per_s(model, rows, args.prompt, args.new, device), 1)}
+            if device.type == "cuda":
+                try:
+                    row["cuda_graph_tok_per_s"] = round(graphed_decode_tokens_per_s(model, rows, args.prompt,
+                                                                                    args.new, device), 1)
+                except Exception as e:
+                    row["cuda_graph_error"] = f"{type(e).__name__}: {e}"[:300]
+            out[f"families/{name}/rows={rows}"] = row
+        out[f"families/{name}/weights_gb"] = round(model.weight_bytes() / 1e9, 2)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 SECTIONS = {"decode": section_decode, "rollout": section_rollout, "parity": section_parity, "step": section_step,
-            "demo": section_demo, "kvread": section_kvread}
+            "demo": section_demo, "kvread": section_kvread, "families": section_families}
 
 
 def report(out: dict, keys) -> None:
@@ -525,6 +549,8 @@ def main(argv=None) -> int:
     if not big:
         args.parity_models, args.parity_layers = ["tiny-gemma", "tiny-gemma2"], 2
     args.parity_tokens = 512 if big else 16
+    args.family_models = ["qwen2.5-7b", "mistral-7b-v0.3"] if big else ["tiny-qwen2", "tiny-mistral"]
+    args.family_rows = [1, 64] if big else [1, 4]
     args.step_model, args.step_tokens = ("gemma-2b", 2048) if big else ("tiny-gemma", 32)
     args.step_repeats = 3 if big else 1
     # The demo's own SFT size: with sft=2000 (first GPU run) the SFT model left 9 usable pairs, under a batch.

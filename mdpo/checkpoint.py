@@ -17,7 +17,7 @@ import torch
 
 from mdpo.distributed import barrier, world
 from mdpo.faults import maybe_kill
-from mdpo.model import Gemma
+from mdpo.model import CausalLM
 from mdpo.weights import save_pretrained
 
 
@@ -108,7 +108,7 @@ def export(model, folder: Path, source: str, dtype: torch.dtype | None = None):
     if world()[0] != 0:
         return
     with torch.device("meta"):
-        plain = Gemma(model.config)
+        plain = CausalLM(model.config)
     plain = plain.to_empty(device="cpu")
     plain.load_state_dict(sd, strict=True)
     tmp = folder.with_name(folder.name + ".tmp")

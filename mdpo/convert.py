@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mdpo.model import Gemma, GemmaConfig
+from mdpo.model import CausalLM, ModelConfig
 from mdpo.weights import CheckpointError, load_state_dict_into, parse_dtype, save_pretrained
 
 ARCHS = ("gemma", "gemma2", "gemma3")
@@ -62,7 +62,7 @@ def _field(reader, key: str, default=None):
     return default if f is None else f.contents()
 
 
-def config_from_gguf(reader, source: str) -> GemmaConfig:
+def config_from_gguf(reader, source: str) -> ModelConfig:
     arch = _field(reader, "general.architecture")
     if arch not in ARCHS:
         raise CheckpointError(f"{source}: general.architecture is {arch!r}; expected one of {ARCHS}")
@@ -108,7 +108,7 @@ def config_from_gguf(reader, source: str) -> GemmaConfig:
         # layers then one global, query scale 1/sqrt(head_dim) (true for 270m and 1b).
         kw.update(query_pre_attn_scalar=kw["head_dim"], rope_local_base=10_000.0,
                   sliding_window=int(need("attention.sliding_window")))
-    return GemmaConfig(**kw)
+    return ModelConfig(**kw)
 
 
 def _dequantize(tensor) -> torch.Tensor:
@@ -157,7 +157,7 @@ def convert_gguf(gguf_path, out_dir, dtype: torch.dtype = torch.float32) -> Path
         raise CheckpointError(f"{gguf_path}: not a readable GGUF file ({e})") from None
     config = config_from_gguf(reader, str(gguf_path))
     with torch.device("meta"):
-        model = Gemma(config)
+        model = CausalLM(config)
     model = model.to_empty(device="cpu")
     load_state_dict_into(model, gguf_tensors(reader, config.family, config.num_layers, str(gguf_path)),
                          str(gguf_path))

@@ -26,7 +26,7 @@ from pathlib import Path
 from mdpo import synth
 from mdpo.atomic import atomic_open, write_json_atomic
 from mdpo.config import ConfigError, load_config
-from mdpo.model import GemmaConfig, build_model
+from mdpo.model import ModelConfig, build_model
 from mdpo.plots import accuracy_series, plot_accuracy, wilson
 from mdpo.tokenizer import Tokenizer
 from mdpo.trajectory import read_trajectories, write_trajectories
@@ -67,7 +67,7 @@ def prepare(out: Path, seed: int = 0, sizes: dict | None = None, model: dict | N
     write_trajectories(data / "sft.jsonl", synth.teacher_trajectories(tok, sft_problems, seed + 3))
     write_problems(data / "prompts.jsonl", synth.make_problems(sizes["prompts"], seed + 4, "train"))
     write_problems(data / "test.jsonl", synth.make_problems(sizes["test"], seed + 5, "test"))
-    cfg = GemmaConfig(vocab_size=tok.vocab_size, **model)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, **model)
     tmp = out / "init.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_pretrained(build_model(cfg, seed=seed), tmp, tokenizer=tok)

@@ -13,12 +13,12 @@ import time
 
 import torch
 
-from mdpo.model import Gemma, KVCache
+from mdpo.model import CausalLM, KVCache
 from mdpo.weights import CheckpointError, load_pretrained, parse_dtype
 
 
 @torch.no_grad()
-def greedy_generate(model: Gemma, prompt: list[int], max_new_tokens: int, stop_ids=(), on_token=None) -> list[int]:
+def greedy_generate(model: CausalLM, prompt: list[int], max_new_tokens: int, stop_ids=(), on_token=None) -> list[int]:
     """Greedy continuation of `prompt` (token ids), at most max_new_tokens, ending early at a stop id."""
     if not prompt:
         raise ValueError("empty prompt")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from mdpo.model import Gemma
+from mdpo.model import CausalLM
 
 
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, softcap: float | None):
@@ -82,7 +82,7 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     return _TokenLogprobs.apply(hidden, weight, targets, softcap, chunk_size)
 
 
-def sequence_logprobs(model: Gemma, tokens: torch.Tensor, loss_mask: torch.Tensor,
+def sequence_logprobs(model: CausalLM, tokens: torch.Tensor, loss_mask: torch.Tensor,
                       positions: torch.Tensor | None = None, chunk_size: int = 512):
     """Sum over the masked tokens of each row of log p(token | earlier tokens), with gradients.
 
@@ -101,7 +101,7 @@ def sequence_logprobs(model: Gemma, tokens: torch.Tensor, loss_mask: torch.Tenso
     h = hidden[:, :-1][select]  # (M, d)
     targets = tokens[:, 1:][select]  # (M,)
     rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None].expand_as(select)[select]  # (M,)
-    lp = token_logprobs(h, model.embed_tokens.weight, targets, model.config.final_softcap, chunk_size)
+    lp = token_logprobs(h, model.head_weight, targets, model.config.final_softcap, chunk_size)
     if loss_mask.is_floating_point():
         lp = lp * loss_mask[:, 1:][select].float()
     sums = torch.zeros(tokens.shape[0], dtype=torch.float32, device=tokens.device).index_add(0, rows, lp)

@@ -58,41 +58,41 @@ def _pack(weight: torch.Tensor, batch_size: int) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), batch_size)
 
 
-def _linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    # (..., in) -> (..., out); the op flattens the leading dims itself.
-    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [None], "")
+def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    # (..., in) -> (..., out); the op flattens the leading dims itself and adds the bias in the same kernel.
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [None], "")
 
 
 # Under torch.compile the packed linear is an opaque op: inductor's own lowering of _linear_pointwise only
 # accepts weights it froze itself, while ours are inputs (so one compiled step serves every repack).
 @torch.library.custom_op("mdpo::packed_linear", mutates_args=())
-def _linear_op(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    return _linear(x, packed)
+def _linear_op(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return _linear(x, packed, bias)
 
 
 @_linear_op.register_fake
-def _(x, packed):
+def _(x, packed, bias=None):
     return x.new_empty(*x.shape[:-1], packed.shape[0])
 
 
-def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """x (..., in) @ W^T with W packed by _pack. Eager calls the oneDNN op directly: the custom-op wrapper
-    costs ~14 us a call, 1.8 ms of a 270M decode step."""
-    return _linear_op(x, packed) if torch.compiler.is_compiling() else _linear(x, packed)
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., in) @ W^T (+ bias) with W packed by _pack. Eager calls the oneDNN op directly: the custom-op
+    wrapper costs ~14 us a call, 1.8 ms of a 270M decode step."""
+    return _linear_op(x, packed, bias) if torch.compiler.is_compiling() else _linear(x, packed, bias)
 
 
 class PackedLinear(nn.Module):
-    """A bias-free nn.Linear whose forward uses a oneDNN-packed copy of its weight (no autograd)."""
+    """An nn.Linear whose forward uses a oneDNN-packed copy of its weight (no autograd); Qwen2's q/k/v biases
+    are the model's own tensors, added inside the same oneDNN call."""
 
     def __init__(self, linear: nn.Linear, batch_size: int):
         super().__init__()
-        if linear.bias is not None:
-            raise ValueError("PackedLinear: Gemma's linears have no bias")
         self.weight = linear.weight  # the model's own parameter (kept for freshness checks and state_dict)
+        self.bias = linear.bias
         self.packed = _pack(linear.weight, batch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return packed_linear(x, self.packed)
+        return packed_linear(x, self.packed, self.bias)
 
 
 class PackedEmbedding(nn.Module):
@@ -111,7 +111,7 @@ class PackedEmbedding(nn.Module):
 
 
 def pack_for_cpu(model: nn.Module, batch_size: int = 1) -> nn.Module:
-    """A twin of a Gemma `model` sharing its tensors, with linears and the LM head packed for CPU inference.
+    """A twin of a `model` sharing its tensors, with linears and the LM head packed for CPU inference.
 
     batch_size: the rows a decode step usually runs (the Sampler's slots); any row count works.
     """
@@ -125,7 +125,8 @@ def pack_for_cpu(model: nn.Module, batch_size: int = 1) -> nn.Module:
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(module, name, PackedLinear(child, batch_size))
-    twin.embed_tokens = PackedEmbedding(twin.embed_tokens, batch_size)
+    if model.config.tie_embeddings:  # an untied head is an nn.Linear (lm_head), packed above
+        twin.embed_tokens = PackedEmbedding(twin.embed_tokens, batch_size)
     twin.eval()
     twin._packed_from = {name: _signature(p) for name, p in model.named_parameters()}
     return twin

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mdpo.model import GemmaConfig, eager_attention
+from mdpo.model import ModelConfig, eager_attention
 
 
 class BlockAllocator:
@@ -129,7 +129,7 @@ class Feeds:
                      np.array([t for f in feeds for t in f.tokens], dtype=np.int64))
 
 
-def kv_groups(config: GemmaConfig, max_length: int, block_size: int) -> list[tuple[list[int], int | None]]:
+def kv_groups(config: ModelConfig, max_length: int, block_size: int) -> list[tuple[list[int], int | None]]:
     """(layers, window) per block-table group: sliding layers get their own tables only if their window can free
     a block before max_length; otherwise every layer shares one table (its window still masks)."""
     window = config.sliding_window
@@ -148,7 +148,7 @@ def row_blocks(window: int | None, max_length: int, block_size: int, max_feed: i
     return min(-(-max_length // block_size), -(-(window + max_feed) // block_size) + 1)
 
 
-def plan_blocks(config: GemmaConfig, max_rows: int, max_length: int, block_size: int, budget_bytes: int | None,
+def plan_blocks(config: ModelConfig, max_rows: int, max_length: int, block_size: int, budget_bytes: int | None,
                 dtype: torch.dtype, max_feed: int = 512) -> list[int]:
     """Blocks per group for a pool of `budget_bytes` (None: what max_rows rows of max_length need, which is
     never more than a dense cache). The budget is split between groups in proportion to what one row of
@@ -230,7 +230,7 @@ class PagedKVCache:
         blocks, `flex_decode`, its rows padded to `row_bucket`; paged layout only, blocks of at least 2).
     """
 
-    def __init__(self, config: GemmaConfig, max_rows: int, max_length: int, block_size: int,
+    def __init__(self, config: ModelConfig, max_rows: int, max_length: int, block_size: int,
                  num_blocks: list[int] | None = None, dtype=torch.float32, device=None, max_feed: int = 512,
                  attention: str = "gather"):
         self.config, self.max_rows, self.max_length = config, max_rows, max_length
@@ -265,11 +265,12 @@ class PagedKVCache:
             for r in range(max_rows):
                 g.tables[r] = [r + 1]
         self._copies: list[tuple[_Group, int, int, int]] = []  # (group, src block, dst block, positions) pending
-        # A CPU without native bf16 (no AVX512-BF16/AMX) runs bf16 attention through a slow emulated path: 6x the
-        # time of casting the keys and values read to fp32 and attending in fp32 (docs/LOG.md). Scores and
-        # softmax are accumulated in fp32 either way; the output is rounded back to the activation dtype.
-        self.upcast = self.device.type == "cpu" and dtype != torch.float32 and not (
-            dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        # On the CPU, attention over bf16 keys and values is slower than casting what a step reads to fp32 and
+        # attending in fp32: without native bf16 (no AVX512-BF16/AMX) 6x slower, and even with it (AVX512-BF16)
+        # torch's CPU flash kernel took 7.4 ms a call against 1.6 ms in fp32 at 64 rows (benchmarks/prof_sampler.py,
+        # docs/LOG.md: the upcast decodes 1.33x faster at 8 rows, 1.36x at 64, the same at 1). Scores and softmax
+        # are accumulated in fp32 either way; the output is rounded back to the activation dtype.
+        self.upcast = self.device.type == "cpu" and dtype != torch.float32
         self.stats = {"cow_copies": 0, "peak_blocks": 0}
         self._arange: torch.Tensor | None = None
 

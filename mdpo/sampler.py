@@ -56,7 +56,7 @@ import torch
 
 from mdpo.chat import ChatFormat, for_tokenizer
 from mdpo.extraction import LIMIT_MESSAGE
-from mdpo.model import Gemma
+from mdpo.model import CausalLM
 from mdpo.packed import is_fresh, pack_for_cpu, should_pack
 from mdpo.paged import Feeds, PagedKVCache, StepView, plan_blocks
 from mdpo.sampling import Drawer, counter_uniform
@@ -278,7 +278,7 @@ class Sampler:
             once per process). flex needs the paged layout: block_size None then means 16 on the CPU too.
     """
 
-    def __init__(self, model: Gemma, tokenizer, batch_size: int = 8, max_length: int = 2048, executor=None,
+    def __init__(self, model: CausalLM, tokenizer, batch_size: int = 8, max_length: int = 2048, executor=None,
                  seed: int = 0, choose: Callable | None = None, model_name: str = "", pack: bool | None = None,
                  compile: bool = False, tool: Tool | None = None, chat: ChatFormat | None = None,
                  graphs: bool | None = None, graph_bucket: int = 128, block_size: int | None = None,

@@ -45,7 +45,7 @@ from mdpo.config import ConfigError, ExperimentConfig, load_config, save_config
 from mdpo.distributed import all_reduce_sum, barrier, default_device, process_group, run_cli, world
 from mdpo.hub import HubError, resolve_model_ranks
 from mdpo.logprobs import sequence_logprobs
-from mdpo.model import Gemma
+from mdpo.model import CausalLM
 from mdpo.objectives import Batch, Example, Objective, ObjectiveError, get_objective
 from mdpo.tracking import Tracker, check_tracker, job_of, open_tracker, scalars
 from mdpo.trajectory import Trajectory, TrajectoryError, read_jsonl
@@ -160,7 +160,7 @@ def _stale(old: dict | None, key: dict) -> str:
 
 
 @torch.no_grad()
-def reference_logprobs(model: Gemma, objective: Objective, examples: list[Example], mask: str,
+def reference_logprobs(model: CausalLM, objective: Objective, examples: list[Example], mask: str,
                        groups: list[list[int]], cache: Path, key: dict, device) -> None:
     """Fill each example's reference log-probs with `model`, cached in `cache` under `key`; this rank computes
     the examples of `groups`, one forward per group (first_epoch_groups), and the ranks' shares are summed.
@@ -220,8 +220,8 @@ def lr_lambda(cfg: ExperimentConfig, total: int):
     return f
 
 
-def shard(model: Gemma, dtype: torch.dtype):
-    """FSDP2: each block is its own unit, the root (embedding, shared with the head, and final norm) another.
+def shard(model: CausalLM, dtype: torch.dtype):
+    """FSDP2: each block is its own unit, the root (embedding, final norm and head, tied or not) another.
     Weights stay in their (fp32) dtype; below fp32, each unit's forward and backward run on weights cast to
     `dtype` and gradients are reduced in fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

@@ -16,16 +16,14 @@ from safetensors.torch import save_file
 
 from mdpo import textfile
 from mdpo.atomic import write_json_atomic
-from mdpo.model import Gemma, GemmaConfig
+from mdpo.families import BY_MODEL_TYPE
+from mdpo.model import CausalLM, ModelConfig
 
 CONFIG_NAME = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-HF_PREFIX = "model."  # Gemma*ForCausalLM keeps the decoder under "model."; our module is that decoder
-ARCHITECTURES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
-MODEL_TYPES = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}
+HF_PREFIX = "model."  # *ForCausalLM keeps the decoder under "model."; our module is that decoder (+ lm_head)
 HF_LAYER_TYPES = {"full": "full_attention", "sliding": "sliding_attention"}
-GELU_NAMES = {"gelu", "gelu_pytorch_tanh", "gelu_new", "gelu_fast"}  # all run as tanh-GELU (see MLP)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -35,97 +33,137 @@ class CheckpointError(ValueError):
 
 # --- config.json ---
 
-def config_from_hf(d: dict, source: str = CONFIG_NAME) -> GemmaConfig:
-    """GemmaConfig from an HF config dict; accepts the old (rope_theta, ...) and new (rope_parameters) names."""
+def config_from_hf(d: dict, source: str = CONFIG_NAME) -> ModelConfig:
+    """ModelConfig from an HF config dict of any family in mdpo/families.py; accepts the old (rope_theta,
+    rope_scaling, ...) and new (transformers 5: rope_parameters) names. A key absent from the file means what it
+    means in transformers (the family's hf_defaults); anything mdpo cannot run exactly is refused in one line."""
     model_type = d.get("model_type")
     if model_type == "gemma3":
         raise CheckpointError(f"{source}: model_type 'gemma3' is the multimodal Gemma 3; only the text-only "
                               "gemma3_text checkpoints (270m, 1b) are supported")
-    if model_type not in MODEL_TYPES:
-        raise CheckpointError(f"{source}: unknown model_type {model_type!r}; expected one of {sorted(MODEL_TYPES)}")
-    family = MODEL_TYPES[model_type]
+    if model_type not in BY_MODEL_TYPE:
+        raise CheckpointError(f"{source}: unknown model_type {model_type!r}; mdpo has the families "
+                              f"{sorted(BY_MODEL_TYPE)} (add one in mdpo/families.py, docs/forking.md)")
+    fam = BY_MODEL_TYPE[model_type]
+    defaults = fam.hf_defaults
 
     def need(key):
         if key not in d:
             raise CheckpointError(f"{source}: missing key {key!r}")
         return d[key]
 
+    def get(key, default=None):
+        return d[key] if key in d else defaults.get(key, default)
+
     act = d.get("hidden_activation") or d.get("hidden_act")
-    if act is not None and act not in GELU_NAMES:
-        raise CheckpointError(f"{source}: unsupported activation {act!r}")
+    if act is not None and act not in fam.hf_activations:
+        raise CheckpointError(f"{source}: unsupported activation {act!r} for {model_type} "
+                              f"(expected one of {list(fam.hf_activations)})")
+    for key in ("attention_bias", "mlp_bias"):
+        if d.get(key) and not (key == "attention_bias" and fam.qkv_bias):
+            raise CheckpointError(f"{source}: {key}: true is not supported for {model_type}")
 
     # RoPE: old names rope_theta / rope_local_base_freq / rope_scaling; transformers v5 writes rope_parameters,
-    # flat for Gemma 1/2 and split into full_attention / sliding_attention for Gemma 3.
+    # flat for most families and split into full_attention / sliding_attention for Gemma 3.
     rope = d.get("rope_parameters") or {}
     full = rope.get("full_attention", rope) if isinstance(rope, dict) else {}
     local = rope.get("sliding_attention", {}) if isinstance(rope, dict) else {}
-    default_base = 1_000_000.0 if family == "gemma3" else 10_000.0
-    rope_base = float(full.get("rope_theta", d.get("rope_theta", default_base)))
+    rope_base = float(full.get("rope_theta", get("rope_theta", 10_000.0)))
     rope_local_base = None
-    if family == "gemma3":
-        rope_local_base = float(local.get("rope_theta", d.get("rope_local_base_freq", 10_000.0)))
+    if "rope_local_base_freq" in defaults:
+        rope_local_base = float(local.get("rope_theta", get("rope_local_base_freq")))
     scaling = d.get("rope_scaling") or (full if full.get("rope_type", "default") != "default" else None)
-    factor = 1.0
+    rope_kw = {}
     if scaling:
         kind = scaling.get("rope_type", scaling.get("type"))
-        if kind not in ("linear", "default"):
-            raise CheckpointError(f"{source}: unsupported rope scaling {kind!r} (only linear)")
-        factor = float(scaling.get("factor", 1.0)) if kind == "linear" else 1.0
+        if kind == "linear":
+            rope_kw = dict(rope_scaling_type="linear", rope_scaling_factor=float(scaling.get("factor", 1.0)))
+        elif kind == "llama3":
+            try:
+                rope_kw = dict(rope_scaling_type="llama3", rope_scaling_factor=float(scaling["factor"]),
+                               rope_low_freq_factor=float(scaling["low_freq_factor"]),
+                               rope_high_freq_factor=float(scaling["high_freq_factor"]),
+                               rope_original_max_positions=int(scaling["original_max_position_embeddings"]))
+            except KeyError as e:
+                raise CheckpointError(f"{source}: rope scaling 'llama3' lacks {e.args[0]!r}") from None
+        elif kind != "default":
+            raise CheckpointError(f"{source}: unsupported rope scaling {kind!r} (mdpo runs linear and llama3)")
 
-    sliding_window = d.get("sliding_window") or d.get("sliding_window_size")
-    layer_types = d.get("layer_types")
     num_layers = need("num_hidden_layers")
+    sliding_window = get("sliding_window")
+    if fam.layer_pattern != "full" and sliding_window is None:
+        sliding_window = d.get("sliding_window_size") or defaults.get("sliding_window")
+    if "use_sliding_window" in defaults and not get("use_sliding_window"):
+        sliding_window = None  # Qwen: the window is written out but only used with use_sliding_window
+    layer_types = d.get("layer_types")
     if layer_types is not None:
         inverse = {v: k for k, v in HF_LAYER_TYPES.items()}
         unknown = sorted(set(layer_types) - set(inverse))
         if unknown:
             raise CheckpointError(f"{source}: unknown layer_types {unknown}")
         layer_types = [inverse[t] for t in layer_types]
-    elif family == "gemma3":
+        if sliding_window is None:  # Qwen writes sliding layer types it does not use without use_sliding_window
+            layer_types = ["full"] * num_layers
+    elif fam.layer_pattern == "five_one":
         pattern = d.get("sliding_window_pattern") or d.get("_sliding_window_pattern") or 6
         layer_types = ["full" if (i + 1) % pattern == 0 else "sliding" for i in range(num_layers)]
-    if family == "gemma":
+    elif fam.layer_pattern == "full" and sliding_window is not None:
+        if "max_window_layers" in defaults:  # Qwen: layers from max_window_layers on slide
+            first = get("max_window_layers")
+            layer_types = ["sliding" if i >= first else "full" for i in range(num_layers)]
+        else:  # Mistral v0.1: every layer slides
+            layer_types = ["sliding"] * num_layers
+    if layer_types is not None and "sliding" not in layer_types:
         sliding_window = None
-    elif sliding_window is None:
-        sliding_window = 4096
+    if fam.name == "gemma":
+        sliding_window = None
 
-    eos = d.get("eos_token_id", 1)
-    defaults_g2 = family == "gemma2"
+    eos = get("eos_token_id", 1)
+    pad = get("pad_token_id")
+    bos = get("bos_token_id")
+    eos = eos[0] if isinstance(eos, list) else eos
+    if eos is None:
+        raise CheckpointError(f"{source}: missing key 'eos_token_id' (the sampler stops on it)")
+    heads = need("num_attention_heads")
+    hidden = need("hidden_size")
     try:
-        return GemmaConfig(
-            family=family,
+        return ModelConfig(
+            family=fam.name,
             vocab_size=need("vocab_size"),
-            hidden_size=need("hidden_size"),
+            hidden_size=hidden,
             intermediate_size=need("intermediate_size"),
             num_layers=num_layers,
-            num_heads=need("num_attention_heads"),
-            num_kv_heads=d.get("num_key_value_heads", d["num_attention_heads"]),
-            head_dim=d.get("head_dim", 256),
+            num_heads=heads,
+            num_kv_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or defaults.get("head_dim") or hidden // heads,
             max_position_embeddings=d.get("max_position_embeddings", 8192),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
             rope_base=rope_base,
             rope_local_base=rope_local_base,
-            rope_scaling_factor=factor,
-            query_pre_attn_scalar=None if family == "gemma" else d.get("query_pre_attn_scalar", 256),
-            attn_softcap=d.get("attn_logit_softcapping", 50.0 if defaults_g2 else None),
-            final_softcap=d.get("final_logit_softcapping", 30.0 if defaults_g2 else None),
+            query_pre_attn_scalar=get("query_pre_attn_scalar") if "query_pre_attn_scalar" in defaults else None,
+            attn_softcap=get("attn_logit_softcapping"),
+            final_softcap=get("final_logit_softcapping"),
             sliding_window=sliding_window,
             layer_types=layer_types,
-            bos_id=d.get("bos_token_id", 2),
-            eos_id=eos[0] if isinstance(eos, list) else eos,
-            pad_id=d.get("pad_token_id", 0),
+            tie_embeddings=bool(get("tie_word_embeddings", True)),
+            # Qwen ships no bos (its prompts start with a turn) and often no pad: eos stands in for either.
+            bos_id=bos if bos is not None else eos,
+            eos_id=eos,
+            pad_id=pad if pad is not None else eos,
+            **rope_kw,
         )
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{source}: {e}") from None
 
 
-def config_to_hf(config: GemmaConfig, dtype: torch.dtype = torch.float32) -> dict:
+def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
     """HF config.json dict for `config`, readable by transformers (v4 and v5 names) and vLLM."""
     c = config
-    model_type = {v: k for k, v in MODEL_TYPES.items()}[c.family]
+    fam = c.spec
+    act = "gelu_pytorch_tanh" if fam.activation == "gelu_tanh" else "silu"
     d = {
-        "architectures": [ARCHITECTURES[c.family]],
-        "model_type": model_type,
+        "architectures": [fam.architecture],
+        "model_type": fam.model_type,
         "vocab_size": c.vocab_size,
         "hidden_size": c.hidden_size,
         "intermediate_size": c.intermediate_size,
@@ -137,23 +175,41 @@ def config_to_hf(config: GemmaConfig, dtype: torch.dtype = torch.float32) -> dic
         "rms_norm_eps": c.rms_norm_eps,
         "rope_theta": c.rope_base,
         # Both spellings: Gemma 1 configs used hidden_act, later ones hidden_activation.
-        "hidden_act": "gelu_pytorch_tanh",
-        "hidden_activation": "gelu_pytorch_tanh",
-        "attention_bias": False,
-        "tie_word_embeddings": True,
+        "hidden_act": act,
+        "hidden_activation": act,
+        "attention_bias": fam.qkv_bias,
+        "tie_word_embeddings": c.tie_embeddings,
         "bos_token_id": c.bos_id,
         "eos_token_id": c.eos_id,
         "pad_token_id": c.pad_id,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
-    if c.family != "gemma":
+    if c.rope_scaling_factor != 1.0:
+        d["rope_scaling"] = {"rope_type": "linear", "factor": c.rope_scaling_factor}
+        if c.rope_scaling_type == "llama3":
+            d["rope_scaling"] = {"rope_type": "llama3", "factor": c.rope_scaling_factor,
+                                 "low_freq_factor": c.rope_low_freq_factor,
+                                 "high_freq_factor": c.rope_high_freq_factor,
+                                 "original_max_position_embeddings": c.rope_original_max_positions}
+    if fam.name.startswith("gemma") and fam.name != "gemma":
         d.update(query_pre_attn_scalar=c.query_pre_attn_scalar, attn_logit_softcapping=c.attn_softcap,
-                 final_logit_softcapping=c.final_softcap, sliding_window=c.sliding_window,
-                 layer_types=[HF_LAYER_TYPES[t] for t in c.layer_types])
-    if c.family == "gemma3":
+                 final_logit_softcapping=c.final_softcap)
+    sliding = [i for i, t in enumerate(c.layer_types) if t == "sliding"]
+    if fam.layer_pattern != "full" or "use_sliding_window" in fam.hf_defaults:
+        d.update(sliding_window=c.sliding_window, layer_types=[HF_LAYER_TYPES[t] for t in c.layer_types])
+    elif fam.name == "mistral":
+        # no layer_types: transformers reads a mistral config that has them as Ministral
+        if sliding and len(sliding) != c.num_layers:
+            raise ValueError(f"mistral slides on every layer or none; layer_types {c.layer_types} cannot be saved")
+        d["sliding_window"] = c.sliding_window if sliding else None
+    elif sliding and fam.name != "gemma":
+        raise ValueError(f"{fam.model_type} has no sliding layers; layer_types {c.layer_types} cannot be saved")
+    if "use_sliding_window" in fam.hf_defaults:
+        if sliding and sliding != list(range(sliding[0], c.num_layers)):
+            raise ValueError(f"{fam.model_type} slides from one layer on; layer_types {c.layer_types} cannot be saved")
+        d.update(use_sliding_window=bool(sliding), max_window_layers=sliding[0] if sliding else c.num_layers)
+    if "rope_local_base_freq" in fam.hf_defaults:
         d["rope_local_base_freq"] = c.rope_local_base
-        d["rope_scaling"] = None if c.rope_scaling_factor == 1.0 else {
-            "rope_type": "linear", "factor": c.rope_scaling_factor}
     return d
 
 
@@ -165,8 +221,8 @@ def read_json(path: Path) -> dict:
     return d
 
 
-def load_config(path) -> GemmaConfig:
-    """GemmaConfig from an HF-layout folder's config.json."""
+def load_config(path) -> ModelConfig:
+    """ModelConfig from an HF-layout folder's config.json."""
     file = Path(path) / CONFIG_NAME
     return config_from_hf(read_json(file), str(file))
 
@@ -221,29 +277,36 @@ def iter_tensors(path: Path):
             raise CheckpointError(f"{f}: corrupt safetensors file ({e})") from None
 
 
-def load_state_dict_into(model: Gemma, tensors, source: str = "checkpoint"):
+def hf_name(name: str) -> str:
+    """The checkpoint name of one of our parameters: the decoder's under "model.", the untied head as is."""
+    return name if name.startswith("lm_head.") else HF_PREFIX + name
+
+
+def load_state_dict_into(model: CausalLM, tensors, source: str = "checkpoint"):
     """Copy HF-named tensors into `model` strictly: each parameter exactly once, right shape, nothing extra.
 
     `tensors` yields (hf_name, tensor, file). A tied "lm_head.weight" is accepted only if it equals the
     embedding (some exporters write the tie out).
     """
     params = dict(model.named_parameters())
+    tied = model.config.tie_embeddings
     seen = set()
     lm_head = None
-    for hf_name, t, f in tensors:
-        if hf_name == "lm_head.weight":
+    for name_in_file, t, f in tensors:
+        if name_in_file == "lm_head.weight" and tied:
             lm_head = (t, f)
             continue
-        name = hf_name[len(HF_PREFIX):] if hf_name.startswith(HF_PREFIX) else None
+        name = name_in_file if name_in_file == "lm_head.weight" else (
+            name_in_file[len(HF_PREFIX):] if name_in_file.startswith(HF_PREFIX) else None)
         if name not in params:
-            raise CheckpointError(f"{f}: unexpected tensor {hf_name!r}")
+            raise CheckpointError(f"{f}: unexpected tensor {name_in_file!r}")
         p = params[name]
         if tuple(t.shape) != tuple(p.shape):
-            raise CheckpointError(f"{f}: tensor {hf_name!r} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+            raise CheckpointError(f"{f}: tensor {name_in_file!r} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
         with torch.no_grad():
             p.copy_(t.to(p.dtype))
         seen.add(name)
-    missing = [HF_PREFIX + n for n in params if n not in seen]
+    missing = [hf_name(n) for n in params if n not in seen]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"{source}: missing tensor {missing[0]!r}{more}")
@@ -251,7 +314,8 @@ def load_state_dict_into(model: Gemma, tensors, source: str = "checkpoint"):
         t, f = lm_head
         if t.shape != model.embed_tokens.weight.shape or not torch.equal(
                 t.to(model.embed_tokens.weight.dtype), model.embed_tokens.weight):
-            raise CheckpointError(f"{f}: 'lm_head.weight' differs from the embedding; Gemma ties them")
+            raise CheckpointError(f"{f}: 'lm_head.weight' differs from the embedding, but config.json ties them "
+                                  "(tie_word_embeddings)")
 
 
 def checkpoint_dtype(path) -> torch.dtype:
@@ -271,8 +335,8 @@ def checkpoint_dtype(path) -> torch.dtype:
     return found
 
 
-def load_pretrained(path, dtype: torch.dtype | None = torch.float32, device="cpu", attn_impl: str = "sdpa") -> Gemma:
-    """Gemma from an HF-layout folder, built on the meta device and filled strictly from safetensors.
+def load_pretrained(path, dtype: torch.dtype | None = torch.float32, device="cpu", attn_impl: str = "sdpa") -> CausalLM:
+    """A model from an HF-layout folder, built on the meta device and filled strictly from safetensors.
     dtype None: the dtype the checkpoint was saved in."""
     path = Path(path)
     if not path.is_dir():
@@ -280,13 +344,13 @@ def load_pretrained(path, dtype: torch.dtype | None = torch.float32, device="cpu
     config = load_config(path)
     dtype = dtype or checkpoint_dtype(path)
     with torch.device("meta"):
-        model = Gemma(config, attn_impl=attn_impl)
+        model = CausalLM(config, attn_impl=attn_impl)
     model = model.to_empty(device=device).to(dtype)
     load_state_dict_into(model, iter_tensors(path), str(path))
     return model
 
 
-def save_pretrained(model: Gemma, path, max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None,
+def save_pretrained(model: CausalLM, path, max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None,
                     tokenizer=None):
     """Write config.json and safetensors (sharded with an index above max_shard_bytes) into `path`, and the
     tokenizer's files when one is given: a folder transformers loads.
@@ -297,7 +361,7 @@ def save_pretrained(model: Gemma, path, max_shard_bytes: int = 5 * 2**30, dtype:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     dtype = dtype or model.embed_tokens.weight.dtype
-    tensors = {HF_PREFIX + n: p.detach().to("cpu", dtype).contiguous() for n, p in model.named_parameters()}
+    tensors = {hf_name(n): p.detach().to("cpu", dtype).contiguous() for n, p in model.named_parameters()}
 
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0

@@ -26,10 +26,10 @@ def gemma3_dir(gemma3_gguf, tmp_path_factory):
 
 def save_two_layer_gemma(folder):
     """A 2-layer Gemma 1 (vocab 512) saved to `folder`: for tests whose runs are mostly process work."""
-    from mdpo.model import GemmaConfig, build_model
+    from mdpo.model import ModelConfig, build_model
     from mdpo.weights import save_pretrained
 
-    cfg = GemmaConfig(family="gemma", vocab_size=512, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+    cfg = ModelConfig(family="gemma", vocab_size=512, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
                       num_kv_heads=1, head_dim=16, max_position_embeddings=256)
     save_pretrained(build_model(cfg, seed=0), folder)
 

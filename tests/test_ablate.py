@@ -15,7 +15,7 @@ import time
 import pytest
 
 from mdpo import ablate, demo, synth
-from mdpo.model import GemmaConfig, build_model
+from mdpo.model import ModelConfig, build_model
 from mdpo.tokenizer import Tokenizer
 from mdpo.trajectory import read_trajectories, write_trajectories
 from mdpo.weights import save_pretrained
@@ -47,7 +47,7 @@ def write_task(out):
     write_trajectories(data / "sft.jsonl", sft * 5)
     demo.write_problems(data / "prompts.jsonl", probs[:16])
     demo.write_problems(data / "test.jsonl", probs[16:22])
-    cfg = GemmaConfig(family="gemma", vocab_size=tok.vocab_size, **ARCH)
+    cfg = ModelConfig(family="gemma", vocab_size=tok.vocab_size, **ARCH)
     save_pretrained(build_model(cfg, seed=0), out / "init", tokenizer=tok)
     (data / "done.json").write_text(json.dumps({"sizes": {**demo.SIZES, **SIZES}, "model": {**demo.MODEL, **ARCH},
                                                 "seed": 0}))

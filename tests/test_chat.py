@@ -12,7 +12,7 @@ import pytest
 import mdpo
 from mdpo.chat import GEMMA, ChatFormat, for_tokenizer
 from mdpo.data import trajectory_from_turns
-from mdpo.model import GemmaConfig, build_model
+from mdpo.model import ModelConfig, build_model
 from mdpo.sampler import Request, Sampler, SamplingParams
 from mdpo.tokenizer import Tokenizer
 from mdpo.tools import Calculator
@@ -65,7 +65,7 @@ def test_a_new_format_changes_rollouts_and_sft_data_together(tok):
     fmt = ChatFormat("test", start_turn="<start_of_turn>", end_turn="<end_of_turn>", output_open="```result\n")
     sft = trajectory_from_turns(tok, "What is 6*7?", [("```calc\n6*7\n```", "42"), ("\\boxed{42}", None)], "q",
                                 chat=fmt)
-    model = build_model(GemmaConfig.from_name("tiny-gemma3", vocab_size=262144), seed=0).eval()
+    model = build_model(ModelConfig.from_name("tiny-gemma3", vocab_size=262144), seed=0).eval()
 
     def choose(prompt_id, sample_id, generated):
         return sft.tokens[sft.prompt_len + len(generated)]

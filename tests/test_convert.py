@@ -12,12 +12,12 @@ import torch
 gguf = pytest.importorskip("gguf")
 
 from mdpo.convert import BLOCK_NAMES, convert_gguf, main  # noqa: E402
-from mdpo.model import Gemma, GemmaConfig, build_model  # noqa: E402
+from mdpo.model import CausalLM, ModelConfig, build_model  # noqa: E402
 from mdpo.weights import CheckpointError, load_pretrained  # noqa: E402
 from test_tokenizer import _tiny_vocab  # noqa: E402
 
 
-def write_gguf(path, model: Gemma, arch: str, norm_offset=1.0, extra_tensor=None):
+def write_gguf(path, model: CausalLM, arch: str, norm_offset=1.0, extra_tensor=None):
     c = model.config
     w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(c.max_position_embeddings)
@@ -67,7 +67,7 @@ def write_gguf(path, model: Gemma, arch: str, norm_offset=1.0, extra_tensor=None
 
 
 def random_tiny(preset, seed=0, **overrides):
-    model = build_model(GemmaConfig.from_name(preset, **overrides), seed=seed)
+    model = build_model(ModelConfig.from_name(preset, **overrides), seed=seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.endswith("norm.weight"):

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 
 from mdpo import distributed
 from mdpo.config import load_config
-from mdpo.model import GemmaConfig, build_model
+from mdpo.model import ModelConfig, build_model
 from mdpo.trajectory import Role, Trajectory
 from mdpo.weights import save_pretrained
 
@@ -51,7 +51,7 @@ def _worker(rank, port, cfg, data, out, result):
 
 
 def test_two_rank_training_collectives_use_the_group_device(tmp_path):
-    model = build_model(GemmaConfig.from_name("tiny-gemma3"), seed=0)
+    model = build_model(ModelConfig.from_name("tiny-gemma3"), seed=0)
     save_pretrained(model, tmp_path / "init")
     g = torch.Generator().manual_seed(0)
     with open(tmp_path / "kto.jsonl", "w") as f:

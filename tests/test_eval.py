@@ -5,7 +5,7 @@ import json
 import pytest
 
 from mdpo import eval as ev
-from mdpo.model import GemmaConfig, build_model
+from mdpo.model import ModelConfig, build_model
 from mdpo.tokenizer import Tokenizer
 from mdpo.trajectory import Role, Trajectory, read_trajectories
 from mdpo.weights import save_pretrained
@@ -21,7 +21,7 @@ DATA = [
 @pytest.fixture(scope="module")
 def tiny_dir(gemma3_dir, tmp_path_factory):
     tok = Tokenizer.from_pretrained(gemma3_dir)
-    model = build_model(GemmaConfig.from_name("tiny-gemma3", vocab_size=262144), seed=0)
+    model = build_model(ModelConfig.from_name("tiny-gemma3", vocab_size=262144), seed=0)
     d = tmp_path_factory.mktemp("tiny") / "model"
     save_pretrained(model, d, tokenizer=tok)
     return d

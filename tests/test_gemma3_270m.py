@@ -9,7 +9,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
 from mdpo.generate import greedy_generate  # noqa: E402
-from mdpo.model import GemmaConfig  # noqa: E402
+from mdpo.model import ModelConfig  # noqa: E402
 from mdpo.tokenizer import Tokenizer  # noqa: E402
 from mdpo.weights import load_pretrained, save_pretrained
 
@@ -51,7 +51,7 @@ def long_ids(tok):
 
 
 def test_converted_config_is_the_270m_preset(ours):
-    assert ours.config == GemmaConfig.from_name("gemma-3-270m")
+    assert ours.config == ModelConfig.from_name("gemma-3-270m")
     assert ours.num_params() == 268_098_176
 
 

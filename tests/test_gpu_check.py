@@ -30,4 +30,6 @@ def test_gpu_check_smoke_runs_every_section():
     kv = out["kvread/tiny-gemma"]
     assert kv["gather_ms"] > 0 and kv["flex_ms"] > 0 and kv["flex_max_diff"] < 2e-2  # bf16, one layer
     assert out["rollout/tiny-gemma/kv_plan"]["plan"].startswith("kv cache: weights")
+    for name in ("tiny-qwen2", "tiny-mistral"):  # the other families' decode rows
+        assert out[f"families/{name}/rows=4"]["tok_per_s"] > 0 and f"families/{name}/weights_gb" in out
     assert out["demo"]["exit"] == 0 and out["demo"]["summary"]["final_accuracy"]["n"] == 6

@@ -93,11 +93,11 @@ def test_missing_extra_names_it(monkeypatch, tmp_path):
 def test_eval_runs_from_a_hub_id(offline_cache, gemma3_dir, tmp_path):
     """`python -m mdpo.eval --model org/name`: the id resolves to the cached snapshot and the model runs."""
     from mdpo import eval as ev
-    from mdpo.model import GemmaConfig, build_model
+    from mdpo.model import ModelConfig, build_model
     from mdpo.tokenizer import Tokenizer
 
     folder = tmp_path / "tiny"
-    save_pretrained(build_model(GemmaConfig.from_name("tiny-gemma3", vocab_size=262144), seed=0),
+    save_pretrained(build_model(ModelConfig.from_name("tiny-gemma3", vocab_size=262144), seed=0),
         folder, tokenizer=Tokenizer.from_pretrained(gemma3_dir))
     populate(offline_cache, "org/tiny-gemma", {p.name: p for p in folder.iterdir() if p.is_file()})
     data = tmp_path / "d.jsonl"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mdpo.logprobs import sequence_logprobs, token_logprobs
-from mdpo.model import GemmaConfig, build_model
+from mdpo.model import ModelConfig, build_model
 
 
 def naive_token_logprobs(hidden, weight, targets, softcap):
@@ -56,9 +56,9 @@ def test_gradcheck_in_float64():
         assert abs(fd.item() - gw[i, j].item()) < 2e-3
 
 
-@pytest.mark.parametrize("name", ["tiny-gemma", "tiny-gemma2", "tiny-gemma3"])
+@pytest.mark.parametrize("name", ["tiny-gemma", "tiny-gemma2", "tiny-gemma3", "tiny-llama", "tiny-qwen2"])
 def test_sequence_logprobs_match_naive_model_logits(name):
-    model = build_model(GemmaConfig.from_name(name), seed=0)
+    model = build_model(ModelConfig.from_name(name), seed=0)
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(4.0)  # sharper distributions, soft-cap active
@@ -88,7 +88,7 @@ def test_bf16_logprobs_and_grads_match_an_fp32_reference():
     fails. Every parameter's gradient within 10% in relative L2 norm [worst 3.3%, a k_norm weight]."""
     import copy
 
-    ref = build_model(GemmaConfig.from_name("tiny-gemma3"), seed=0)
+    ref = build_model(ModelConfig.from_name("tiny-gemma3"), seed=0)
     with torch.no_grad():
         for p in ref.parameters():
             p.mul_(3.0)  # peaked distributions: the log-probs are not all log(1/512)
@@ -111,6 +111,6 @@ def test_bf16_logprobs_and_grads_match_an_fp32_reference():
 
 
 def test_shape_mismatch_is_an_error():
-    model = build_model(GemmaConfig.from_name("tiny-gemma"), seed=0)
+    model = build_model(ModelConfig.from_name("tiny-gemma"), seed=0)
     with pytest.raises(ValueError, match="differ in shape"):
         sequence_logprobs(model, torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 4, dtype=torch.bool))

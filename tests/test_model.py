@@ -9,12 +9,12 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from mdpo.model import Gemma, GemmaConfig, KVCache, build_model  # noqa: E402
+from mdpo.model import CausalLM, ModelConfig, KVCache, build_model  # noqa: E402
 
 FAMILIES = ["tiny-gemma", "tiny-gemma2", "tiny-gemma3"]
 
 
-def hf_model(name: str, model: Gemma):
+def hf_model(name: str, model: CausalLM):
     """The transformers model of the same architecture, holding `model`'s weights."""
     c = model.config
     common = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
@@ -41,7 +41,7 @@ def hf_model(name: str, model: Gemma):
 
 
 def random_model(name, seed=0, attn_impl="eager", dtype=torch.float32):
-    model = build_model(GemmaConfig.from_name(name), attn_impl=attn_impl, seed=seed, dtype=dtype)
+    model = build_model(ModelConfig.from_name(name), attn_impl=attn_impl, seed=seed, dtype=dtype)
     # Norm weights are zero after init_weights; make them random so a (1 + w) vs w slip shows.
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
@@ -56,10 +56,10 @@ def random_model(name, seed=0, attn_impl="eager", dtype=torch.float32):
 def test_hf_config_layer_pattern_matches_ours():
     # The reference's own layer pattern (its defaults) must equal our family defaults.
     g2 = transformers.Gemma2Config(num_hidden_layers=6)
-    assert [t[:4] for t in g2.layer_types] == [t[:4] for t in GemmaConfig(family="gemma2", num_layers=6,
+    assert [t[:4] for t in g2.layer_types] == [t[:4] for t in ModelConfig(family="gemma2", num_layers=6,
                                                                           sliding_window=8).layer_types]
     g3 = transformers.Gemma3TextConfig(num_hidden_layers=18)
-    assert [t[:4] for t in g3.layer_types] == [t[:4] for t in GemmaConfig.from_name("gemma-3-270m").layer_types]
+    assert [t[:4] for t in g3.layer_types] == [t[:4] for t in ModelConfig.from_name("gemma-3-270m").layer_types]
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -150,9 +150,9 @@ def test_return_hidden_and_head_compose_to_logits():
 
 
 def test_meta_build_and_cost_accounting():
-    cfg = GemmaConfig.from_name("gemma-7b")
+    cfg = ModelConfig.from_name("gemma-7b")
     with torch.device("meta"):
-        model = Gemma(cfg)
+        model = CausalLM(cfg)
     n = model.num_params()
     # Hand count for gemma-7b: embedding + 28 * (attention + MLP + 2 norms) + final norm.
     d, ffn, hd = 3072, 24576, 16 * 256
@@ -160,7 +160,7 @@ def test_meta_build_and_cost_accounting():
     assert n == 256000 * d + 28 * per_layer + d == 8_537_680_896
     assert model.flops_per_token(2048) == 6 * n + 28 * 12 * 16 * 256 * 2048
     assert model.kv_bytes_per_token(torch.bfloat16) == 2 * 28 * 16 * 256 * 2
-    g3 = Gemma(GemmaConfig.from_name("gemma-3-270m"), attn_impl="eager").to(torch.bfloat16)
+    g3 = CausalLM(ModelConfig.from_name("gemma-3-270m"), attn_impl="eager").to(torch.bfloat16)
     assert g3.num_params() == 268_098_176  # the published count of google/gemma-3-270m
     # 15 sliding layers see at most 512 keys, 3 global layers see the full context.
     assert g3.flops_per_token(4096) == 6 * 268_098_176 + 12 * 4 * 256 * (15 * 512 + 3 * 4096)
@@ -168,13 +168,13 @@ def test_meta_build_and_cost_accounting():
 
 
 def test_presets_and_errors():
-    assert GemmaConfig.from_name("gemma-1.1-7b-it") == GemmaConfig.from_name("gemma-7b")
-    g2 = GemmaConfig.from_name("gemma-2-9b")
+    assert ModelConfig.from_name("gemma-1.1-7b-it") == ModelConfig.from_name("gemma-7b")
+    g2 = ModelConfig.from_name("gemma-2-9b")
     assert g2.layer_types[:3] == ["sliding", "full", "sliding"] and g2.query_scale == 256 ** -0.5
-    g3 = GemmaConfig.from_name("gemma-3-1b")
+    g3 = ModelConfig.from_name("gemma-3-1b")
     assert [i for i, t in enumerate(g3.layer_types) if t == "full"] == [5, 11, 17, 23]
-    assert GemmaConfig.from_name("gemma-2b").query_scale == 1 / 16
+    assert ModelConfig.from_name("gemma-2b").query_scale == 1 / 16
     with pytest.raises(ValueError, match="unknown model preset 'gemma-9'"):
-        GemmaConfig.from_name("gemma-9")
+        ModelConfig.from_name("gemma-9")
     with pytest.raises(ValueError, match="sliding layers need a sliding_window"):
-        GemmaConfig(family="gemma3", sliding_window=None, num_layers=6)
+        ModelConfig(family="gemma3", sliding_window=None, num_layers=6)

@@ -8,7 +8,7 @@ import torch
 
 from mdpo.config import LossConfig
 from mdpo.logprobs import sequence_logprobs
-from mdpo.model import GemmaConfig, build_model
+from mdpo.model import ModelConfig, build_model
 from mdpo.objectives import OBJECTIVES, Batch, Example, ObjectiveError, get_objective
 from mdpo.train import batch_tensors
 from mdpo.trajectory import Role, Trajectory
@@ -105,7 +105,7 @@ def test_turn_weights_follow_the_token_turns():
 
 def test_turn_weighted_sums_equal_a_naive_sum():
     g = torch.Generator().manual_seed(1)
-    model = build_model(GemmaConfig.from_name("tiny-gemma2"), seed=0).eval()
+    model = build_model(ModelConfig.from_name("tiny-gemma2"), seed=0).eval()
     seqs = [traj("a", 0, [(M, 1, 4), (S, 1, 2), (T, 1, 3), (S, 1, 2), (M, 2, 5)], g),
             traj("a", 1, [(M, 1, 6), (S, 1, 2), (T, 1, 2), (S, 1, 2), (M, 2, 2), (S, 2, 2), (T, 2, 1), (S, 2, 2),
                           (M, 3, 3)], g)]

@@ -4,13 +4,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mdpo.model import GemmaConfig, KVCache, build_model
+from mdpo.model import ModelConfig, KVCache, build_model
 from mdpo.packed import PackedEmbedding, PackedLinear, can_pack, is_fresh, pack_for_cpu
 from mdpo.sampler import Request, Sampler, SamplingParams
 
 
 def tiny(name, dtype=torch.float32, seed=0):
-    return build_model(GemmaConfig.from_name(name), seed=seed, dtype=dtype).eval()
+    return build_model(ModelConfig.from_name(name), seed=seed, dtype=dtype).eval()
 
 
 needs_bf16 = pytest.mark.skipif(not (torch.backends.mkldnn.is_available()
@@ -18,7 +18,7 @@ needs_bf16 = pytest.mark.skipif(not (torch.backends.mkldnn.is_available()
                                 reason="CPU without native bf16")
 
 
-@pytest.mark.parametrize("name", ["tiny-gemma", "tiny-gemma2", "tiny-gemma3"])
+@pytest.mark.parametrize("name", ["tiny-gemma", "tiny-gemma2", "tiny-gemma3", "tiny-llama", "tiny-qwen2", "tiny-qwen3"])
 def test_twin_logits_match_model_fp32(name):
     model = tiny(name)
     twin = pack_for_cpu(model, batch_size=2)

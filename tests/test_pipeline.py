@@ -15,7 +15,7 @@ import pytest
 
 from mdpo import synth
 from mdpo.data import DataError, read_pairs
-from mdpo.model import GemmaConfig, build_model
+from mdpo.model import ModelConfig, build_model
 from mdpo.pipeline import Pipeline
 from mdpo.config import load_config
 from mdpo.tokenizer import Tokenizer
@@ -68,7 +68,7 @@ def setup(tmp_path_factory):
     with open(d / "test.jsonl", "w") as f:
         for p in probs[16:22]:
             f.write(json.dumps({"idx": p["id"], "question": p["question"], "answer": p["gold"]}) + "\n")
-    cfg = GemmaConfig(family="gemma", vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_layers=2,
+    cfg = ModelConfig(family="gemma", vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_layers=2,
                       num_heads=2, num_kv_heads=1, head_dim=16, max_position_embeddings=256)
     save_pretrained(build_model(cfg, seed=0), d / "init", tokenizer=tok)
     return d

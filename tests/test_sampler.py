@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mdpo.model import GemmaConfig, build_model
+from mdpo.model import ModelConfig, build_model
 from mdpo.chat import GEMMA
 from mdpo.sampler import MAX_CALLS_TEXT, Request, Sampler, SamplingParams
 from mdpo.tokenizer import Tokenizer
@@ -21,7 +21,7 @@ def tok(gemma3_dir):
 
 
 def tiny(name="tiny-gemma3", seed=0, **kw):
-    model = build_model(GemmaConfig.from_name(name, **kw), seed=seed)
+    model = build_model(ModelConfig.from_name(name, **kw), seed=seed)
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(3.0)  # peaked distributions, so greedy paths are not near-ties
@@ -53,7 +53,7 @@ def prompts(n, lengths, vocab=512, seed=0):
 
 
 @pytest.mark.parametrize("graphs", [False, True])
-@pytest.mark.parametrize("name", ["tiny-gemma", "tiny-gemma2", "tiny-gemma3"])
+@pytest.mark.parametrize("name", ["tiny-gemma", "tiny-gemma2", "tiny-gemma3", "tiny-llama", "tiny-mistral-v0.1", "tiny-qwen2", "tiny-qwen3"])
 def test_greedy_batched_cached_equals_uncached_loop(tok, name, graphs):
     """graphs=True: the static-shape step the CUDA graphs replay (run eagerly here), every slot stepping and the
     attended length rounded up to a multiple of 8 (tiny-gemma2/3 slide a window of 8)."""

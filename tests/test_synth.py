@@ -8,7 +8,7 @@ import pytest
 
 from mdpo import synth
 from mdpo.executor import ExecutorPool, run_cells
-from mdpo.model import GemmaConfig, build_model
+from mdpo.model import ModelConfig, build_model
 from mdpo.sampler import Request, Sampler, SamplingParams
 from mdpo.tokenizer import Tokenizer
 from mdpo.trajectory import Role
@@ -83,7 +83,7 @@ def test_teacher_trajectory_layout_equals_the_samplers(tok):
         assert t.roles[i] == Role.MODEL, (prompt_id, i)  # the sampler asks only where the teacher has a model token
         return t.tokens[i]
 
-    model = build_model(GemmaConfig(family="gemma", vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+    model = build_model(ModelConfig(family="gemma", vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
                                     num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
                                     max_position_embeddings=512), seed=0).eval()
     reqs = [Request(p["id"], tok.encode(tok.render_chat([{"role": "user", "content": p["question"]}])))
@@ -118,7 +118,7 @@ def test_sft_data_and_rollouts_show_the_same_observations(tok):
     def choose(prompt_id, sample_id, generated):
         return teacher.tokens[teacher.prompt_len + len(generated)]
 
-    model = build_model(GemmaConfig(family="gemma", vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+    model = build_model(ModelConfig(family="gemma", vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
                                     num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
                                     max_position_embeddings=512), seed=0).eval()
     prompt = tok.encode(tok.render_chat([{"role": "user", "content": problem["question"]}]))

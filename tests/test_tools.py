@@ -9,7 +9,7 @@ import pytest
 
 from mdpo.chat import GEMMA
 from mdpo.executor import ExecutorPool, run_cells
-from mdpo.model import GemmaConfig, build_model
+from mdpo.model import ModelConfig, build_model
 from mdpo.sampler import Request, Sampler, SamplingParams
 from mdpo.tokenizer import Tokenizer
 from mdpo.tools import (EMPTY_OUTPUT, STOP, Calculator, FenceFinder, PythonTool, ToolResult, calculate,
@@ -108,7 +108,7 @@ def test_calculator_evaluates_arithmetic_and_nothing_else():
 def test_calculator_through_the_real_sampler(tok):
     """A second tool plugs into the sampler unchanged: its fence pauses the turn, its answer comes back as the
     TOOL turn of the chat format, token-exact, and the next model turn resumes after it."""
-    model = build_model(GemmaConfig.from_name("tiny-gemma3", vocab_size=262144), seed=0).eval()
+    model = build_model(ModelConfig.from_name("tiny-gemma3", vocab_size=262144), seed=0).eval()
     turn1 = tok.encode("Compute it.\n```calc\n2*(3+4)\n```")
     turn2 = tok.encode("The answer is \\boxed{14}.") + [tok.end_of_turn_id]
     script = iter(turn1 + turn2)
@@ -127,7 +127,7 @@ def test_calculator_through_the_real_sampler(tok):
 
 def test_python_tool_is_the_executor_in_the_sampler(tok):
     """The interpreter is one Tool: a cell that prints nothing shows the placeholder in the rollout."""
-    model = build_model(GemmaConfig.from_name("tiny-gemma3", vocab_size=262144), seed=0).eval()
+    model = build_model(ModelConfig.from_name("tiny-gemma3", vocab_size=262144), seed=0).eval()
     turn1 = tok.encode("```python\nx = 6 * 7\n```")
     turn2 = tok.encode("```python\nprint(x)\n```")
     turn3 = tok.encode("\\boxed{42}") + [tok.end_of_turn_id]
@@ -166,7 +166,7 @@ def test_a_failed_last_cell_reaches_the_filter_through_the_real_executor(tok, tm
         "wrong": script("```python\nx = 6 * 7\n```", "```python\nprint(x / 0)\n```", "\\boxed{41}"),
     }
     # One layer: the model's outputs are all forced, only the vocabulary must be the tokenizer's.
-    cfg = GemmaConfig.from_name("tiny-gemma", vocab_size=262144, num_layers=1, layer_types=None)
+    cfg = ModelConfig.from_name("tiny-gemma", vocab_size=262144, num_layers=1, layer_types=None)
     model = build_model(cfg, seed=0).eval()
     with ExecutorPool(max_workers=2, timeout=10) as pool:
         sampler = Sampler(model, tok, batch_size=2, max_length=256, tool=PythonTool(pool),

@@ -11,7 +11,7 @@ from mdpo.eval import EvalError, prefix_problem
 from mdpo.executor import ExecutorPool
 from mdpo.logprobs import sequence_logprobs
 from mdpo.losses import dpo_loss
-from mdpo.model import GemmaConfig, build_model
+from mdpo.model import ModelConfig, build_model
 from mdpo.objectives import Batch, Example, ObjectiveError, get_objective, turn_starts
 from mdpo.sampler import Request, Sampler, SamplingParams
 from mdpo.tokenizer import Tokenizer
@@ -39,7 +39,7 @@ CELL2 = "print(x, y, math.pi, sorted(k for k in globals() if not k.startswith('_
 
 def scripted_sampler(tok, pool, turns):
     """A sampler whose model writes `turns` ((text, ends the trajectory)) token by token (the choose hook)."""
-    model = build_model(GemmaConfig.from_name("tiny-gemma3", vocab_size=262144), seed=0).eval()
+    model = build_model(ModelConfig.from_name("tiny-gemma3", vocab_size=262144), seed=0).eval()
     script = iter([t for text, last in turns for t in tok.encode(text) + ([tok.end_of_turn_id] if last else [])])
     return Sampler(model, tok, batch_size=2, max_length=512, tool=PythonTool(pool),
                    choose=lambda pid, sid, generated: next(script))
@@ -137,8 +137,8 @@ def test_shared_prefix_contributes_nothing_to_the_loss():
     log-probs are sums over the continuation's model tokens only, against a naive full-softmax sum; plain
     M-DPO on the same pair also sums the prefix's model tokens, so the two differ by exactly that."""
     g = torch.Generator().manual_seed(2)
-    model = build_model(GemmaConfig.from_name("tiny-gemma2"), seed=0).eval()
-    ref = build_model(GemmaConfig.from_name("tiny-gemma2"), seed=1).eval()
+    model = build_model(ModelConfig.from_name("tiny-gemma2"), seed=0).eval()
+    ref = build_model(ModelConfig.from_name("tiny-gemma2"), seed=1).eval()
     chosen = traj("a>0@14", 0, TWO_TURNS, True, g, {"branch": 14})
     rejected = Trajectory(chosen.prompt_id, 1, chosen.tokens[:14] + torch.randint(5, 200, (7,), generator=g).tolist(),
                           chosen.roles[:14] + [M] * 7, chosen.turns[:14] + [2] * 7, correct=False, answer="2",

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mdpo.model import GemmaConfig, build_model
+from mdpo.model import ModelConfig, build_model
 from mdpo.weights import CheckpointError, config_from_hf, config_to_hf, load_pretrained, save_pretrained
 
 transformers = pytest.importorskip("transformers")
@@ -15,7 +15,7 @@ FAMILIES = ["tiny-gemma", "tiny-gemma2", "tiny-gemma3"]
 
 
 def tiny(name, seed=0):
-    model = build_model(GemmaConfig.from_name(name), seed=seed, attn_impl="eager")
+    model = build_model(ModelConfig.from_name(name), seed=seed, attn_impl="eager")
     with torch.no_grad():  # random norms, so a dropped or shifted norm changes the logits
         for n, p in model.named_parameters():
             if n.endswith("norm.weight"):
@@ -102,25 +102,25 @@ def test_old_and_new_config_names_agree():
     new["rope_parameters"] = {"full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
                               "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
     new["layer_types"] = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(18)]
-    assert config_from_hf(old) == config_from_hf(new) == GemmaConfig.from_name("gemma-3-270m")
+    assert config_from_hf(old) == config_from_hf(new) == ModelConfig.from_name("gemma-3-270m")
     # Gemma 2's legacy window key, Gemma 1's "gelu", and a list of eos ids.
     g2 = {"model_type": "gemma2", "vocab_size": 256000, "hidden_size": 3584, "intermediate_size": 14336,
           "num_hidden_layers": 42, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256,
           "sliding_window_size": 4096, "query_pre_attn_scalar": 256, "eos_token_id": [1, 107]}
-    assert config_from_hf(g2) == GemmaConfig.from_name("gemma-2-9b")
+    assert config_from_hf(g2) == ModelConfig.from_name("gemma-2-9b")
     g1 = {"model_type": "gemma", "vocab_size": 256000, "hidden_size": 3072, "intermediate_size": 24576,
           "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 16, "head_dim": 256,
           "hidden_act": "gelu", "rope_theta": 10000.0}
-    assert config_from_hf(g1) == GemmaConfig.from_name("gemma-7b")
+    assert config_from_hf(g1) == ModelConfig.from_name("gemma-7b")
     linear = dict(old, rope_scaling={"rope_type": "linear", "factor": 8.0})
     assert config_from_hf(linear).rope_scaling_factor == 8.0
     for preset in ("gemma-2b", "gemma-2-2b", "gemma-3-1b", "tiny-gemma2"):
-        cfg = GemmaConfig.from_name(preset)
+        cfg = ModelConfig.from_name(preset)
         assert config_from_hf(config_to_hf(cfg)) == cfg
 
 
 def test_linear_rope_scaling_matches_transformers():
-    cfg = GemmaConfig.from_name("tiny-gemma3", rope_scaling_factor=8.0)
+    cfg = ModelConfig.from_name("tiny-gemma3", rope_scaling_factor=8.0)
     model = build_model(cfg, seed=5, attn_impl="eager").eval()
     hf_cfg = transformers.Gemma3TextConfig(**{k: v for k, v in config_to_hf(cfg).items()
                                               if k not in ("architectures", "model_type", "torch_dtype")})
@@ -130,7 +130,7 @@ def test_linear_rope_scaling_matches_transformers():
     tokens = torch.randint(0, 512, (1, 30))
     with torch.no_grad():
         assert (ref(tokens).logits - model(tokens)).abs().max().item() <= 1e-4
-        unscaled = build_model(GemmaConfig.from_name("tiny-gemma3"), seed=5, attn_impl="eager")
+        unscaled = build_model(ModelConfig.from_name("tiny-gemma3"), seed=5, attn_impl="eager")
         assert (unscaled(tokens) - model(tokens)).abs().max().item() > 1e-3  # the factor does something
 
 
@@ -178,9 +178,9 @@ def test_untied_lm_head_is_rejected_and_tied_copy_accepted(saved):
 
 def test_unknown_model_type(saved):
     cfg = json.loads((saved / "config.json").read_text())
-    cfg["model_type"] = "llama"
+    cfg["model_type"] = "olmo2"
     (saved / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"config.json: unknown model_type 'llama'"):
+    with pytest.raises(CheckpointError, match=r"config.json: unknown model_type 'olmo2'; mdpo has the families"):
         load_pretrained(saved)
 
 

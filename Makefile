@@ -8,6 +8,7 @@ PROMPT  ?= The capital of France is
 EXP     ?= gemma7b_mdpo
 ARGS    ?=
 VARIANTS ?=
+FAMILY  ?=
 SEEDS   ?=
 
 .PHONY: install demo ablate fetch train sft generate test bench docs clean
@@ -23,12 +24,12 @@ install: $(STAMP)
 
 # The main job: the embedded CPU demo (synthetic task, tiny Gemma, SFT + 3 iterations of M-DPO), resumable.
 demo: $(STAMP)
-	$(PY) -m mdpo.demo $(ARGS)
+	$(PY) -m mdpo.demo $(if $(FAMILY),--family $(FAMILY)) $(ARGS)
 
 # The ablation bench: the paper's comparisons on the demo task, variants x seeds with confidence intervals
 # (mdpo/ablate.py). VARIANTS=mdpo,mkto SEEDS=3 select; ARGS=--quick is M-DPO against one variant, 2 seeds.
 ablate: $(STAMP)
-	$(PY) -m mdpo.ablate $(if $(VARIANTS),--variants $(VARIANTS)) $(if $(SEEDS),--seeds $(SEEDS)) $(ARGS)
+	$(PY) -m mdpo.ablate $(if $(VARIANTS),--variants $(VARIANTS)) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(FAMILY),--family $(FAMILY)) $(ARGS)
 
 # Download and verify GSM8K, MATH and MATH-500 into $MDPO_DATA (default ~/.cache/mdpo/data); afterwards no
 # run needs the network. Without this, the first run that names a dataset fetches it.
@@ -54,7 +55,7 @@ test: $(STAMP)
 	$(PY) -m pytest tests -q
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_model.py --out docs/results/bench_model.json
+	$(PY) benchmarks/bench_model.py --batches 1 --out docs/results/bench_model.json
 
 # Every measured table in README.md and docs/ from its results file (mdpo/docs.py; docs/README.md lists them):
 # copies runs/demo/report.md and runs/ablate/report.md of finished default runs to docs/results/ first.

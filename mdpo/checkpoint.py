@@ -114,9 +114,9 @@ def export(model, folder: Path, source: str, dtype: torch.dtype | None = None):
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tok = None
-    if (Path(source) / "tokenizer.model").is_file():
-        from mdpo.tokenizer import Tokenizer
-        tok = Tokenizer.from_pretrained(source)
+    if any((Path(source) / f).is_file() for f in ("tokenizer.model", "tokenizer.json")):
+        from mdpo.tokenizer import load_tokenizer
+        tok = load_tokenizer(source)
     save_pretrained(plain, tmp, tokenizer=tok, dtype=dtype)
     maybe_kill("export.write")
     replace_folder(tmp, folder, "export.swap")

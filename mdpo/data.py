@@ -330,12 +330,12 @@ def trajectory_from_turns(tok, question: str, turns: list[tuple[str, str | None]
     add(tok.encode(tok.render_chat([{"role": "user", "content": question}])), Role.PROMPT, 0)
     for k, (text, observation) in enumerate(turns, start=1):
         if k > 1:
-            add(tok.encode(chat.open(chat.model_role)), Role.TEMPLATE, k)
-        add(tok.encode(text), Role.MODEL, k)
+            add(tok.encode(chat.open(chat.model_role), start=False), Role.TEMPLATE, k)
+        add(tok.encode(text, start=False), Role.MODEL, k)
         if observation is None:
             add([tok.end_of_turn_id], Role.MODEL, k)  # the policy's own stop token is an action
         else:
-            add(tok.encode(chat.close), Role.TEMPLATE, k)
+            add(tok.encode(chat.close, start=False), Role.TEMPLATE, k)
             add(chat.tool_turn_ids(tok, observation_text(observation, empty)), Role.TOOL, k)
     return Trajectory(prompt_id, sample_id, tokens, roles, turn_ids, finish_reason="end_of_turn")
 
@@ -376,7 +376,7 @@ def trajectory_from_messages(tok, messages: list[dict], prompt_id: str, where: s
 
 def convert_messages(src, dst, tokenizer_dir) -> int:
     """JSONL of {"messages": [...]} (optionally "id", "correct") -> trajectory JSONL for `make sft`."""
-    from mdpo.tokenizer import Tokenizer
+    from mdpo.tokenizer import load_tokenizer
     from mdpo.trajectory import write_trajectories
 
     out = []
@@ -385,7 +385,7 @@ def convert_messages(src, dst, tokenizer_dir) -> int:
         if not isinstance(row.get("messages"), list):
             raise DataError(f"{where}: expected an object with a 'messages' list")
         _check_messages(row["messages"], where)
-    tok = Tokenizer.from_pretrained(tokenizer_dir)
+    tok = load_tokenizer(tokenizer_dir)
     for i, (where, row) in enumerate(rows):
         t = trajectory_from_messages(tok, row["messages"], str(row.get("id", i)), where)
         t.correct = row.get("correct")

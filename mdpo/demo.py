@@ -87,6 +87,19 @@ def parse_sizes(items: list[str], defaults: dict, flag: str) -> dict:
     return out
 
 
+def model_arch(arch: list[str], family: str | None) -> dict:
+    """--arch KEY=INT entries and --family NAME as replacements of MODEL: the demo's tiny model in another
+    family's architecture (mdpo/families.py). The synthetic task keeps its own tokenizer and chat format."""
+    from mdpo.families import FAMILIES
+
+    out = parse_sizes(arch, MODEL, "--arch")
+    if family is not None:
+        if family not in FAMILIES:
+            raise ConfigError(f"--family {family!r}: expected one of {', '.join(FAMILIES)}")
+        out["family"] = family
+    return out
+
+
 def paired_difference(a: dict, b: dict, z: float = 1.96) -> tuple[float, float, float]:
     """Mean of b - a over the problems both graded (0/1 each), with a 95% normal interval of the paired mean."""
     ids = sorted(set(a) & set(b))
@@ -166,6 +179,7 @@ def main(argv=None) -> int:
     # Smaller data or model than the demo's (tests, a quick look); the defaults are SIZES and MODEL above.
     ap.add_argument("--size", action="append", default=[], metavar="KEY=N", help=f"replace SIZES[KEY] {SIZES}")
     ap.add_argument("--arch", action="append", default=[], metavar="KEY=N", help=f"replace MODEL[KEY] {MODEL}")
+    ap.add_argument("--family", default=None, help="the tiny model's family: gemma (default), llama, qwen2, ...")
     args = ap.parse_intermixed_args(argv)  # overrides may come after the options
     import torch
 
@@ -176,7 +190,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     try:
         cfg = demo_config(out, args.overrides)
-        prepare(out, sizes=parse_sizes(args.size, SIZES, "--size"), model=parse_sizes(args.arch, MODEL, "--arch"))
+        prepare(out, sizes=parse_sizes(args.size, SIZES, "--size"), model=model_arch(args.arch, args.family))
         Pipeline(cfg, out / "run").run()
         summary = report(out / "run", cfg.training.iterations)
     except (ConfigError, PipelineError, TrainError) as e:

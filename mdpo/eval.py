@@ -237,7 +237,7 @@ def sample_graded(model_path, problems: list[dict], path, n: int | range, params
     from mdpo.executor import ExecutorPool, announce_sandbox
     from mdpo.tools import PythonTool
     from mdpo.sampler import Request, Sampler
-    from mdpo.tokenizer import Tokenizer
+    from mdpo.tokenizer import load_tokenizer
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -253,7 +253,7 @@ def sample_graded(model_path, problems: list[dict], path, n: int | range, params
     # Under torchrun each rank samples on its own GPU (the trainer set the current device); else the CPU.
     device = default_device()
     model = load_pretrained(model_path, dtype=dtype, device=device).eval()
-    tok = Tokenizer.from_pretrained(model_path)
+    tok = load_tokenizer(model_path)
 
     def request(p, missing):
         pre = p.get("prefix")

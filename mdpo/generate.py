@@ -49,11 +49,11 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's own dtype)")
     ap.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     args = ap.parse_args(argv)
-    from mdpo.tokenizer import Tokenizer
+    from mdpo.tokenizer import load_tokenizer
 
     try:
         model = load_pretrained(args.model, dtype=args.dtype and parse_dtype(args.dtype)).eval()
-        tok = Tokenizer.from_pretrained(args.model)
+        tok = load_tokenizer(args.model)
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

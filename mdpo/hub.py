@@ -16,11 +16,12 @@ from pathlib import Path
 
 EXTRA = "pip install 'mdpo[hub]'"  # the setup.py extra that installs huggingface_hub
 
-# Exactly what mdpo.weights (config.json, single or sharded safetensors) and mdpo.tokenizer (tokenizer.model)
-# read from a model folder, as snapshot_download patterns. Not "*": Hub model repos also carry .bin / .pth /
-# .gguf copies of the same weights, often tens of GB.
+# Exactly what mdpo.weights (config.json, single or sharded safetensors) and mdpo's tokenizers (tokenizer.model;
+# tokenizer.json for byte-level BPE; tokenizer_config.json for special and added tokens) read from a model folder,
+# as snapshot_download patterns. Not "*": Hub model repos also carry .bin / .pth / .gguf copies of the same
+# weights, often tens of GB.
 MODEL_FILES = ["config.json", "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
-               "tokenizer.model"]
+               "tokenizer.model", "tokenizer.json", "tokenizer_config.json"]
 DATA_FILES = ["*.parquet", "*.jsonl"]  # prompt sets on the Hub (RLHF4MATH/prompt_iter*) are Parquet
 
 # An id as the Hub spells it: one slash, no leading "." or "/", nothing a path would need beyond that.

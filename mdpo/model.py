@@ -105,7 +105,11 @@ class ModelConfig:
         key = PRESET_ALIASES.get(name, name)
         if key not in PRESETS:
             raise ValueError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}")
-        return replace(PRESETS[key], **overrides)
+        preset = PRESETS[key]
+        if "num_layers" in overrides and "layer_types" not in overrides and preset.layer_types == \
+                default_layer_types(preset.spec.layer_pattern, preset.num_layers):
+            overrides["layer_types"] = None  # the family's pattern at the new depth
+        return replace(preset, **overrides)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -325,16 +325,17 @@ class Sampler:
         self.eot_id = self._single_id(c.end_turn)
         self.sot_id = self._single_id(c.start_turn)  # sampled: ends the trajectory (module docstring)
         self.stop_ids = set(tokenizer.stop_ids) | {i for i in (self.eot_id, self.sot_id) if i is not None}
-        self.tokenizer_id = hashlib.sha256(tokenizer.model_proto).hexdigest()[:16]
+        self.tokenizer_id = tokenizer.fingerprint
         self._drawer = Drawer()
         self.stats = {"forward_calls": 0, "prefill_tokens": 0, "extend_tokens": 0, "decode_steps": 0,
                       "decode_tokens": 0, "recompute_tokens": 0, "preemptions": 0, "sampled_tokens": 0,
                       "tool_calls": 0}
         # Encoded once: the template pieces injected around every tool turn.
-        self._close_turn = tokenizer.encode(c.close)
-        self._after_eot = tokenizer.encode(c.close[len(c.end_turn):])  # the model wrote <end_of_turn> itself
-        self._open_model = tokenizer.encode(c.open(c.model_role))
-        self._max_calls = tokenizer.encode(MAX_CALLS_TEXT)
+        # (start=False: each continues a sequence; a dummy-prefix tokenizer puts no "▁" before it)
+        self._close_turn = tokenizer.encode(c.close, start=False)
+        self._after_eot = tokenizer.encode(c.close[len(c.end_turn):], start=False)  # the model wrote <end_of_turn> itself
+        self._open_model = tokenizer.encode(c.open(c.model_role), start=False)
+        self._max_calls = tokenizer.encode(MAX_CALLS_TEXT, start=False)
         # Which ids' bytes hold a backtick: only those can open or close a call (see _after_token).
         self._vocab = max(model.config.vocab_size, tokenizer.vocab_size)
         self._backtick = np.zeros(self._vocab, bool)

@@ -21,7 +21,7 @@ Both decode to the same text; runs of up to 31 spaces tokenize identically.
 
 from __future__ import annotations
 
-import codecs
+import hashlib
 import json
 import mmap
 import os
@@ -33,11 +33,13 @@ from typing import Any, Iterable, Mapping, Sequence
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-from mdpo.chat import FORMATS
+from mdpo.chat import FORMATS, chat_template, render
+from mdpo.decode_stream import DecodeStream
 
 __all__ = [
     "Tokenizer",
     "TokenizerError",
+    "load_tokenizer",
     "DecodeStream",
     "sentencepiece_model_from_gguf",
     "GEMMA_CHAT_TEMPLATE",
@@ -45,7 +47,7 @@ __all__ = [
     "TEMPLATES",
 ]
 
-TEMPLATES = ("gemma", "gemma3")  # "gemma": Gemma 1 and 2 (one shared template); "gemma3": Gemma 3
+TEMPLATES = ("gemma", "gemma3", "mistral")  # "gemma": Gemma 1 and 2 (one shared template); "gemma3": Gemma 3
 
 # The official Hub templates, verbatim. Only `save_pretrained` uses them (so that a saved folder is a
 # complete HF tokenizer); `render_chat` is a Python transcription of the same logic.
@@ -358,6 +360,17 @@ class Tokenizer:
         self.sp = spm.SentencePieceProcessor(model_proto=self._model_proto)
         proto = sp_pb2.ModelProto()
         proto.ParseFromString(self._model_proto)
+        # Llama-style models (Mistral) set add_dummy_prefix: SentencePiece then puts a "▁" before every text it
+        # encodes, but transformers' tokenizer of such a model (legacy=False, prepend_scheme "first") adds it only
+        # at the start of the whole text, not after a special token ("[/INST]The" -> "T", "he"). Text after the
+        # start is encoded by a twin model with the prefix off.
+        self.dummy_prefix = proto.normalizer_spec.add_dummy_prefix
+        self._sp_inner = self.sp
+        if self.dummy_prefix:
+            inner = sp_pb2.ModelProto()
+            inner.CopyFrom(proto)
+            inner.normalizer_spec.add_dummy_prefix = False
+            self._sp_inner = spm.SentencePieceProcessor(model_proto=inner.SerializeToString())
         self._pieces: list[str] = [p.piece for p in proto.pieces]
         self._types: list[int] = [p.type for p in proto.pieces]
         self._template = template
@@ -368,11 +381,12 @@ class Tokenizer:
         self.pad_id: int = self.sp.pad_id()
         self.unk_id: int = self.sp.unk_id()
         self.start_of_turn_id: int | None = self._lookup("<start_of_turn>")
-        self.end_of_turn_id: int | None = self._lookup("<end_of_turn>")
-        # Generation ends on either: base models emit <eos>, instruction-tuned ones <end_of_turn>.
-        self.stop_ids: tuple[int, ...] = tuple(
-            i for i in (self.eos_id, self.end_of_turn_id) if i is not None and i >= 0
-        )
+        chat = FORMATS.get(self._template or self.generation or "gemma", FORMATS["gemma"])
+        self.end_of_turn_id: int | None = self._lookup(chat.end_turn)
+        # Generation ends on either: base models emit <eos>, instruction-tuned ones <end_of_turn>. The paper stops
+        # Mistral at <s> as well (its stop list: <s>, </s>, [INST], ```output).
+        stops = (self.eos_id, self.end_of_turn_id) + ((self.bos_id,) if chat.name == "mistral" else ())
+        self.stop_ids: tuple[int, ...] = tuple(dict.fromkeys(i for i in stops if i is not None and i >= 0))
 
         # Text spans transformers' GemmaTokenizer matches whole before BPE ("added tokens"): the
         # control pieces (<bos>, <eos>, <pad>, <unk>, ...) and the user-defined ones (<start_of_turn>,
@@ -398,6 +412,27 @@ class Tokenizer:
             if t in (_CONTROL, _UNKNOWN) or (t == _USER_DEFINED and _GEMMA_SPECIAL_NAME.fullmatch(piece))
         )
 
+        self._extra: dict[str, int] = {}  # special tokens added after the SentencePiece vocabulary ([PAD])
+
+    def add_special_tokens(self, tokens: Sequence[str]) -> list[int]:
+        """Append special tokens after the SentencePiece vocabulary (as transformers' add_special_tokens does):
+        the paper adds "[PAD]" to Mistral's (useful_codes/set_padding_token.py). Their ids follow the last piece;
+        the model's embedding must have rows for them. Returns their ids (existing ones keep theirs)."""
+        ids = []
+        for token in tokens:
+            found = self._lookup(token)
+            if found is None:
+                found = self.vocab_size
+                self._pieces.append(token)
+                self._types.append(_CONTROL)
+                self._bytes.append(token.encode())
+                self._added[token] = self._extra[token] = found
+                self.special_ids = self.special_ids | {found}
+                self.vocab_size += 1
+            ids.append(found)
+        self._added_re = re.compile(_alternation_regex(self._added))
+        return ids
+
     # ---- construction / saving -------------------------------------------------------------
 
     @classmethod
@@ -412,12 +447,27 @@ class Tokenizer:
         if file.suffix == ".gguf":
             return cls(sentencepiece_model_from_gguf(file), template=template)
         try:
-            return cls(file.read_bytes(), template=template)
+            tok = cls(file.read_bytes(), template=template)
         except OSError as e:
             raise TokenizerError(f"{file}: cannot read ({e.strerror or e})") from None
         except RuntimeError:  # sentencepiece's parse failure
             raise TokenizerError(f"{file}: not a SentencePiece tokenizer model (it does not parse); copy the "
                                  "model's own tokenizer.model there") from None
+        # Tokens added after the SentencePiece vocabulary (Mistral's [PAD]) live in tokenizer_config.json.
+        cfg_file = file.parent / "tokenizer_config.json"
+        if cfg_file.is_file():
+            cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+            decoder = cfg.get("added_tokens_decoder") or {}
+            extra = sorted((int(i), t.get("content")) for i, t in decoder.items() if int(i) >= tok.vocab_size)
+            for i, content in extra:
+                if not isinstance(content, str) or tok.add_special_tokens([content]) != [i]:
+                    raise TokenizerError(f"{cfg_file}: added token {i} ({content!r}) does not follow the "
+                                         f"{tok.vocab_size}-piece vocabulary of {file.name}")
+            pad = cfg.get("pad_token")
+            pad = pad.get("content") if isinstance(pad, dict) else pad
+            if isinstance(pad, str) and pad in tok._extra:
+                tok.pad_id = tok._extra[pad]
+        return tok
 
     def save_pretrained(self, directory: str | os.PathLike) -> list[str]:
         """Write `tokenizer.model`, `tokenizer_config.json` and `special_tokens_map.json`.
@@ -444,8 +494,17 @@ class Tokenizer:
             "clean_up_tokenization_spaces": False,
             "padding_side": "left",
         }
+        if self._extra:
+            config["added_tokens_decoder"] = {str(i): {"content": t, "special": True, "normalized": False,
+                                                       "lstrip": False, "rstrip": False, "single_word": False}
+                                              for t, i in self._extra.items()}
         generation = self._template or self.generation
-        if generation is not None:
+        if generation == "mistral":
+            # transformers' Llama tokenizer of a SentencePiece model: legacy=False adds the dummy prefix at the
+            # text's start only, as encode does
+            config.update(tokenizer_class="LlamaTokenizer", legacy=False)
+            config["chat_template"] = chat_template(FORMATS["mistral"])
+        elif generation is not None:
             config["chat_template"] = _CHAT_TEMPLATES[generation]
         files = {
             "tokenizer.model": self._model_proto,
@@ -461,11 +520,18 @@ class Tokenizer:
     # ---- vocabulary ----------------------------------------------------------------------------
 
     @property
+    def fingerprint(self) -> str:
+        """A short digest of the vocabulary (rollout files record which tokenizer made their ids)."""
+        return hashlib.sha256(self._model_proto).hexdigest()[:16]
+
+    @property
     def model_proto(self) -> bytes:
         """The serialized SentencePiece model (the bytes of a `tokenizer.model`)."""
         return self._model_proto
 
     def _lookup(self, piece: str) -> int | None:
+        if piece in getattr(self, "_extra", ()):
+            return self._extra[piece]
         i = self.sp.piece_to_id(piece)
         return i if 0 <= i < self.vocab_size and self._pieces[i] == piece else None
 
@@ -474,12 +540,14 @@ class Tokenizer:
 
     @property
     def generation(self) -> str | None:
-        """Chat-template family inferred from the vocabulary: "gemma" (Gemma 1/2) or "gemma3".
+        """Chat-template family inferred from the vocabulary: "gemma" (Gemma 1/2), "gemma3" or "mistral".
 
         Gemma 1/2 put two extra specials (`<2mass>`, `[@BOS@]`) before `<unused0>`...`<unused98>`,
         Gemma 3 only one (`[multimodal]`), so `<start_of_turn>` moved from id 106 to 105. None if the
         vocabulary has no `<start_of_turn>` (then pass `template=`).
         """
+        if self._lookup("[INST]") == 3 and self._lookup("[/INST]") == 4:
+            return "mistral"  # Mistral v0.3's control tokens
         return {105: "gemma3", 106: "gemma"}.get(self.start_of_turn_id)  # type: ignore[arg-type]
 
     def __len__(self) -> int:
@@ -497,34 +565,36 @@ class Tokenizer:
 
     # ---- encode / decode ---------------------------------------------------------------------
 
-    def encode(self, text: str, bos: bool = False, special: bool = True) -> list[int]:
+    def encode(self, text: str, bos: bool = False, special: bool = True, start: bool = True) -> list[int]:
         """Token ids of `text`; special-token strings in it become their ids (as in transformers).
 
         `bos=True` prepends `<bos>` unless the text already starts with it (transformers would add a
         second one; Gemma was never trained on a double BOS). `special=False`: the text is data, not
         markup (interpreter output): special-token strings in it are spelled as ordinary tokens.
+        `start=False`: the text continues a sequence (a turn's piece in the middle of a trajectory), so a
+        dummy-prefix model (Mistral) puts no "▁" before it, as in the whole sequence's encoding.
         """
         if not special:
-            return self.encode_parts([(text, False)], bos=bos)
+            return self.encode_parts([(text, False)], bos=bos, start=start)
         ids: list[int] = []
         if self._added_re is None:
-            ids = self.sp.encode(text) if text else []
+            ids = self._sp_encode(text, 0 if start else 1)
         else:
             pos = 0
             for m in self._added_re.finditer(text):
                 if m.start() == m.end():
                     continue
                 if m.start() > pos:
-                    ids.extend(self.sp.encode(text[pos:m.start()]))
+                    ids.extend(self._sp_encode(text[pos:m.start()], pos if start else 1))
                 ids.append(self._added[m.group()])
                 pos = m.end()
             if pos < len(text):
-                ids.extend(self.sp.encode(text[pos:]))
+                ids.extend(self._sp_encode(text[pos:], pos if start else 1))
         if bos and self.bos_id >= 0 and not (ids and ids[0] == self.bos_id):
             ids.insert(0, self.bos_id)
         return ids
 
-    def encode_parts(self, parts: Sequence[tuple[str, bool]], bos: bool = False) -> list[int]:
+    def encode_parts(self, parts: Sequence[tuple[str, bool]], bos: bool = False, start: bool = True) -> list[int]:
         """`encode` of the joined texts of (text, special) parts, except that a special-token string
         touching a part with special=False never becomes its id (`special_ids`): it is cut after its
         first character and spelled by SentencePiece. Parts without such strings tokenize exactly as
@@ -537,7 +607,7 @@ class Tokenizer:
                 plain.append((pos, pos + len(t)))
             pos += len(t)
         if not plain or self._added_re is None:
-            return self.encode(text, bos=bos)
+            return self.encode(text, bos=bos, start=start)
         ids: list[int] = []
         seg = pos = 0  # seg: start of the text not yet encoded; pos: where the next search starts
         while (m := self._added_re.search(text, pos)) is not None:
@@ -549,18 +619,26 @@ class Tokenizer:
             if tid in self.special_ids and any(a < e and s < b for a, b in plain):
                 # Encode up to and including its first character on its own: no piece can then match
                 # the whole string, and the search goes on inside it (it may hide a real marker).
-                ids.extend(self.sp.encode(text[seg:s + 1]))
+                ids.extend(self._sp_encode(text[seg:s + 1], seg if start else 1))
                 seg = pos = s + 1
                 continue
             if s > seg:
-                ids.extend(self.sp.encode(text[seg:s]))
+                ids.extend(self._sp_encode(text[seg:s], seg if start else 1))
             ids.append(tid)
             seg = pos = e
         if seg < len(text):
-            ids.extend(self.sp.encode(text[seg:]))
+            ids.extend(self._sp_encode(text[seg:], seg if start else 1))
         if bos and self.bos_id >= 0 and not (ids and ids[0] == self.bos_id):
             ids.insert(0, self.bos_id)
         return ids
+
+    def _sp_encode(self, text: str, start: int) -> list[int]:  # start: the span's offset in the whole text
+        """SentencePiece ids of a span of text without special tokens that begins at `start` of the whole text
+        (only the text's start takes a dummy prefix, and not when it already starts with a space: transformers'
+        Metaspace prepends "▁" only where there is none)."""
+        if not text:
+            return []
+        return (self.sp if start == 0 and not text.startswith(" ") else self._sp_inner).encode(text)
 
     def _token_bytes(self, token_id: int) -> bytes:
         if not 0 <= token_id < self.vocab_size:
@@ -578,7 +656,10 @@ class Tokenizer:
         ids = [int(i) for i in ids]
         if skip_special_tokens:
             ids = [i for i in ids if i not in self.special_ids]
-        return b"".join(self._token_bytes(i) for i in ids).decode("utf-8", errors="replace")
+        data = b"".join(self._token_bytes(i) for i in ids)
+        if self.dummy_prefix and ids and ids[0] not in self.special_ids and data.startswith(b" "):
+            data = data[1:]  # the dummy prefix the text's start was given (transformers drops it too)
+        return data.decode("utf-8", errors="replace")
 
     def decode_stream(self, skip_special_tokens: bool = False) -> "DecodeStream":
         """A `DecodeStream` for decoding generated tokens one at a time."""
@@ -606,6 +687,8 @@ class Tokenizer:
         if not messages:
             raise ValueError("render_chat needs at least one message")
         bos = self._piece_or_none(self.bos_id) or ""
+        if template == "mistral":  # no logic of its own: the format's strings, as mdpo.chat.render spells them
+            return render(FORMATS[template], messages, bos, add_generation_prompt)
         out = [bos]
         chat = FORMATS[template]  # the turn strings; the official templates' logic is transcribed below
         if template == "gemma":
@@ -644,34 +727,12 @@ class Tokenizer:
         return f"Tokenizer(vocab_size={self.vocab_size}, generation={self.generation!r})"
 
 
-class DecodeStream:
-    """Incremental decoding for a sampler: `step(token_id)` returns the text this token completes.
+def load_tokenizer(path: str | os.PathLike, *, template: str | None = None):
+    """The tokenizer of a model folder: SentencePiece where it has a tokenizer.model (Gemma, Mistral), else the
+    byte-level BPE of its tokenizer.json (Llama 3, Qwen; mdpo.bpe, the "bpe" extra)."""
+    p = Path(path)
+    if p.is_dir() and not (p / "tokenizer.model").is_file() and (p / "tokenizer.json").is_file():
+        from mdpo.bpe import BPETokenizer
 
-    Bytes of a UTF-8 character split over byte-fallback tokens are held back (at most 3 bytes)
-    until the character is complete, so no step yields a U+FFFD fragment of a valid character.
-    `"".join(steps) + flush()` equals `tokenizer.decode(ids)`; each step is O(1).
-    """
-
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
-        self.tokenizer = tokenizer
-        self.skip_special_tokens = skip_special_tokens
-        # Python's incremental UTF-8 decoder keeps only an incomplete character's bytes, and its
-        # output concatenates to exactly what a one-shot decode("utf-8", "replace") returns.
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def step(self, token_id: int) -> str:
-        """Feed one token id; return the newly completed text (possibly "")."""
-        token_id = int(token_id)
-        if self.skip_special_tokens and token_id in self.tokenizer.special_ids:
-            return ""
-        return self._decoder.decode(self.tokenizer._token_bytes(token_id))
-
-    def steps(self, token_ids) -> str:
-        """Feed several token ids at once: the same text as their steps joined, in one decoder call."""
-        if self.skip_special_tokens:
-            token_ids = [t for t in token_ids if int(t) not in self.tokenizer.special_ids]
-        return self._decoder.decode(b"".join(self.tokenizer._token_bytes(int(t)) for t in token_ids))
-
-    def flush(self) -> str:
-        """End of sequence: return U+FFFD for a trailing incomplete character (else "")."""
-        return self._decoder.decode(b"", final=True)
+        return BPETokenizer.from_pretrained(p, template=template)
+    return Tokenizer.from_pretrained(p, template=template)

@@ -286,6 +286,15 @@ def test_every_shipped_experiment_loads_and_states_its_command():
     assert (by["gemma7b_mdpo_n6"].rollout.n_current, by["gemma7b_mdpo_n6"].rollout.n_previous) == (4, 2)
     assert by["gemma7b_mdpo_onpolicy"].rollout.n_previous == 0
     assert by["gemma2_9b_mdpo"].optimizer.lr == pytest.approx(2e-7)
+    # The paper's Mistral recipe: lr 2e-7 (M-DPO and M-KTO), SFT lr 1e-5 with 50 warmup steps; the rest Gemma-7B's.
+    for name, loss in (("mistral7b_mdpo", "mdpo"), ("mistral7b_mkto", "mkto")):
+        m = config_to_dict(by[name])
+        assert (by[name].optimizer.lr, by[name].loss.type, by[name].sft.lr, by[name].sft.warmup_steps) == \
+            (pytest.approx(2e-7), loss, pytest.approx(1e-5), 50)
+        same = {s: v for s, v in m.items() if s not in ("name", "model", "optimizer", "sft", "loss")}
+        assert same == {s: v for s, v in config_to_dict(base).items() if s in same}
+        assert {k: v for k, v in m["loss"].items() if k != "type"} == \
+            {k: v for k, v in config_to_dict(base)["loss"].items() if k != "type"}
     assert by["gemma7b_mdpo_nll"].loss.nll_coef == 1.0 and by["gemma7b_raft"].loss.type == "raft"
     assert [by[f"gemma7b_mdpo_beta{b}"].loss.beta for b in ("0.01", "0.5")] == [0.01, 0.5]
     fixed = config_to_dict(by["gemma7b_mdpo_fixed_ref"])

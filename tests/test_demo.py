@@ -77,6 +77,24 @@ def test_demo_stages_at_a_tiny_size(tmp_path, capsys):
     assert "--size 'layers=2': expected KEY=INT" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("family, model_type", [("llama", "llama"), ("qwen3", "qwen3")])
+def test_demo_runs_on_another_family(tmp_path, capsys, family, model_type):
+    """The demo pipeline (data, SFT, evaluation through the sampler and the interpreter, the report) on the tiny
+    model in another family's architecture; the task keeps its tokenizer and chat format. (An M-DPO iteration
+    at this size has no correct samples, so no pairs; test_train's FSDP test trains these families on pairs.)"""
+    out = tmp_path / family
+    assert demo.main(tiny_args(out) + ["--family", family]) == 0
+    init = json.loads((out / "init" / "config.json").read_text())
+    assert init["model_type"] == model_type and init["hidden_act"] == "silu"
+    final = json.loads((out / "run" / "sft" / "final" / "config.json").read_text())
+    assert final["model_type"] == model_type
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["final_accuracy"]["n"] == 6
+    assert not demo.is_default_run(out)
+    assert demo.main(tiny_args(tmp_path / "bad") + ["--family", "olmo"]) == 2
+    assert "--family 'olmo': expected one of gemma" in capsys.readouterr().err
+
+
 def shape(report: str) -> dict:
     """What must agree between README's demo table and a fresh report: the header, each row's cell count and
     how its cells are written (digits masked), and the gain line's form."""

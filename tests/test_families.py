@@ -203,13 +203,7 @@ def test_every_family_has_a_tiny_preset_and_declares_its_parts(fam):
     assert getattr(transformers, spec.architecture)  # a class transformers has, so saved checkpoints load
 
 
-# The Mistral, Llama 3 and ChatML formats land with the BPE / Mistral tokenizers (issue 24, part 2); strict, so
-# this fails (and must be removed) the day they do.
-_NO_CHAT_YET = pytest.mark.xfail(strict=True, reason="chat format not yet in mdpo/chat.py")
-
-
-@pytest.mark.parametrize("fam", [f if FAMILIES[f].chat.startswith("gemma") else pytest.param(f, marks=_NO_CHAT_YET)
-                                 for f in FAMILIES])
+@pytest.mark.parametrize("fam", list(FAMILIES))
 def test_every_family_has_its_chat_format(fam):
     from mdpo.chat import FORMATS
 
@@ -240,3 +234,12 @@ def test_every_family_round_trips_through_its_hf_layout(tmp_path, fam):
     assert back.config == model.config
     for (n, a), (m, b) in zip(model.state_dict().items(), back.state_dict().items()):
         assert n == m and torch.equal(a, b), n
+
+
+def test_a_shallower_preset_keeps_its_family_pattern():
+    assert ModelConfig.from_name("llama-3.2-1b", num_layers=4).layer_types == ["full"] * 4
+    g3 = ModelConfig.from_name("gemma-3-270m", num_layers=7).layer_types
+    assert g3 == ["sliding"] * 5 + ["full", "sliding"]
+    with pytest.raises(ValueError, match="layer_types has 3 entries for 2 layers"):
+        ModelConfig.from_name("tiny-mistral-v0.1", num_layers=2)  # an explicit pattern is not guessed
+

@@ -326,7 +326,11 @@ def plot(summary: dict, variants: list[str], path: Path) -> bool:
     if plt is None:
         return False
     T = summary["iterations"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
+    diffs = [(v, summary["differences"][v][-1]) for v in variants if v in summary["differences"]]
+    if diffs:
+        fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
+    else:  # M-DPO alone: no differences to draw
+        fig, a = plt.subplots(figsize=(8, 5))
     for k, v in enumerate(variants):
         m = [100 * x[0] for x in summary["variants"][v]]
         err = [[100 * (x[0] - x[1]) for x in summary["variants"][v]], [100 * (x[2] - x[0]) for x in summary["variants"][v]]]
@@ -337,7 +341,6 @@ def plot(summary: dict, variants: list[str], path: Path) -> bool:
     a.set_title(f"accuracy, mean over {summary['seeds']} seeds (95% CI)")
     a.grid(alpha=0.3)
     a.legend(fontsize=8)
-    diffs = [(v, summary["differences"][v][-1]) for v in variants if v in summary["differences"]]
     if diffs:
         ys = list(range(len(diffs)))[::-1]
         for y, (v, (m, lo, hi)) in zip(ys, diffs):
@@ -348,8 +351,6 @@ def plot(summary: dict, variants: list[str], path: Path) -> bool:
         b.set_xlabel("points")
         b.set_title(f"variant - M-DPO at iteration {T} (paired, 95% CI)")
         b.grid(alpha=0.3, axis="x")
-    else:
-        b.axis("off")
     fig.tight_layout()
     save(fig, path)
     return True

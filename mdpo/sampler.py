@@ -243,7 +243,7 @@ class Sampler:
     """Samples trajectories from `model`, running the model's tool calls with `tool` if one is given.
 
     Args:
-        model: a Gemma (eval mode, any dtype/device).
+        model: a CausalLM of any family (eval mode, any dtype/device).
         tokenizer: a mdpo Tokenizer (stop ids, incremental decoding, observation encoding).
         batch_size: most rows decoded together (with a paged cache, the pool may admit fewer).
         max_length: no trajectory grows beyond it.

@@ -39,6 +39,7 @@ setup(
             "pyarrow",
             "matplotlib",
             "tensorboard",
+            "peft>=0.13",  # reference for the LoRA adapter round trip (tests/test_lora.py), never imported by mdpo/
         ],
     },
 )

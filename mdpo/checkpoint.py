@@ -17,8 +17,9 @@ import torch
 
 from mdpo.distributed import barrier, world
 from mdpo.faults import maybe_kill
+from mdpo.lora import ADAPTER_DIR, has_lora, merge_state_dict, save_adapter
 from mdpo.model import CausalLM
-from mdpo.weights import save_pretrained
+from mdpo.weights import hf_name, save_pretrained
 
 
 def checkpoint_dirs(out: Path) -> list[Path]:
@@ -67,7 +68,7 @@ def save_checkpoint(out: Path, step: int, model, opt, sched, keep: int):
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
-    msd, osd = get_state_dict(model, opt)
+    msd, osd = get_state_dict(model, opt, options=_options(model))
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
     maybe_kill("checkpoint.save")
     barrier()
@@ -88,10 +89,11 @@ def load_checkpoint(path: Path, model, opt, sched) -> int:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    msd, osd = get_state_dict(model, opt)
+    msd, osd = get_state_dict(model, opt, options=_options(model))
     state = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=_options(model))
     extra = torch.load(path / "trainer_state.pt", weights_only=False)
     sched.load_state_dict(extra["scheduler"])
     torch.set_rng_state(extra["rng"])
@@ -99,9 +101,18 @@ def load_checkpoint(path: Path, model, opt, sched) -> int:
     return extra["step"]
 
 
-def export(model, folder: Path, source: str, dtype: torch.dtype | None = None):
+def _options(model):
+    """With adapters, a checkpoint holds only what trains: the frozen base is reloaded from its folder on resume
+    (a 7B base would otherwise be rewritten into every checkpoint)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, strict=False) if has_lora(model) else None
+
+
+def export(model, folder: Path, source: str, dtype: torch.dtype | None = None, lora=None):
     """The weights as an HF-layout folder (+ the source's tokenizer) in `dtype` (default: the weights' own),
-    written beside and renamed into place."""
+    written beside and renamed into place. With adapters (`lora`, the config section), the weights are merged
+    and the adapter goes beside them in PEFT's format, in `folder`/adapter (its base: `source`)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -110,7 +121,10 @@ def export(model, folder: Path, source: str, dtype: torch.dtype | None = None):
     with torch.device("meta"):
         plain = CausalLM(model.config)
     plain = plain.to_empty(device="cpu")
-    plain.load_state_dict(sd, strict=True)
+    adapted = has_lora(model)
+    if adapted and lora is None:
+        raise ValueError("export of a model with adapters needs its lora config")
+    plain.load_state_dict(merge_state_dict(sd, lora) if adapted else sd, strict=True)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tok = None
@@ -118,6 +132,8 @@ def export(model, folder: Path, source: str, dtype: torch.dtype | None = None):
         from mdpo.tokenizer import load_tokenizer
         tok = load_tokenizer(source)
     save_pretrained(plain, tmp, tokenizer=tok, dtype=dtype)
+    if adapted:
+        save_adapter(sd, tmp / ADAPTER_DIR, lora, str(source), model.config.tie_embeddings, hf_name)
     maybe_kill("export.write")
     replace_folder(tmp, folder, "export.swap")
 

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import yaml
 
 from mdpo.atomic import atomic_open
+from mdpo.lora import TARGETS as LORA_TARGETS
 from mdpo.objectives import ObjectiveError, get_objective
 from mdpo.paged import KV_READS
 from mdpo.textfile import read_text
@@ -123,6 +124,17 @@ class ReferenceConfig:
 
 
 @dataclass
+class LoraConfig:
+    enabled: bool = False  # train low-rank adapters on a frozen base (mdpo/lora.py) instead of every weight
+    rank: int = 16  # r: adapter rank
+    alpha: float = 32.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapters' input
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # projections adapted (names of every family)
+    train_embeddings: bool = False  # also train the input embedding fully (with a tied head: the head too)
+    train_head: bool = False  # also train an untied LM head fully
+
+
+@dataclass
 class OptimizerConfig:
     lr: float = 4e-7  # peak learning rate (AdamW)
     weight_decay: float = 0.0  # AdamW decoupled weight decay
@@ -188,6 +200,7 @@ class ExperimentConfig:
     filters: FilterConfig = field(default_factory=FilterConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     sft: SftConfig = field(default_factory=SftConfig)
@@ -400,6 +413,21 @@ def _contradiction(cfg: ExperimentConfig, objective) -> str | None:
         if cfg.reference.mode != default.reference.mode:
             return (f"reference.mode {cfg.reference.mode!r}, but loss.type {cfg.loss.type!r} uses no reference "
                     "model; drop reference.mode")
+    lo, dlo = cfg.lora, default.lora
+    if not lo.enabled:
+        set_ = [f"lora.{k}" for k in ("rank", "alpha", "dropout", "targets", "train_embeddings", "train_head")
+                if getattr(lo, k) != getattr(dlo, k)]
+        if set_:
+            return f"{set_[0]} is set but lora.enabled is false; set lora.enabled true or drop {set_[0]}"
+    if lo.rank < 1:
+        return f"lora.rank must be >= 1, got {lo.rank}"
+    if lo.alpha <= 0:
+        return f"lora.alpha must be > 0, got {lo.alpha}"
+    if not 0 <= lo.dropout < 1:
+        return f"lora.dropout must be in [0, 1), got {lo.dropout}"
+    unknown = [x for x in lo.targets if x not in LORA_TARGETS] or ([] if lo.targets else ["(none)"])
+    if unknown:
+        return f"lora.targets: unknown projection {unknown[0]!r}; choose from {', '.join(LORA_TARGETS)}"
     if not cfg.filters.long_answer and cfg.filters.max_answer_chars != default.filters.max_answer_chars:
         return (f"filters.max_answer_chars {cfg.filters.max_answer_chars} is the threshold of filters.long_answer, "
                 "which is false; drop one of them")

@@ -45,6 +45,7 @@ from mdpo.config import ConfigError, ExperimentConfig, load_config, save_config
 from mdpo.distributed import all_reduce_sum, barrier, default_device, process_group, run_cli, world
 from mdpo.hub import HubError, resolve_model_ranks
 from mdpo.logprobs import sequence_logprobs
+from mdpo.lora import LoRAError, adapters_disabled, apply_lora
 from mdpo.model import CausalLM
 from mdpo.objectives import Batch, Example, Objective, ObjectiveError, get_objective
 from mdpo.tracking import Tracker, check_tracker, job_of, open_tracker, scalars
@@ -55,6 +56,9 @@ from mdpo.weights import load_config as load_model_config
 
 class TrainError(RuntimeError):
     """Training cannot go on; the message says why and what was kept."""
+
+
+ADAPTERS_OFF = "adapters off"  # Step's reference model when it is the policy's base (mdpo/lora.py)
 
 
 # ---------------------------------------------------------------- data
@@ -226,7 +230,7 @@ def shard(model: CausalLM, dtype: torch.dtype):
     `dtype` and gradients are reduced in fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    same = dtype == model.embed_tokens.weight.dtype
+    same = all(p.dtype == dtype for p in model.parameters())  # adapters: a frozen base in dtype, fp32 adapters
     if same and world()[1] == 1:
         # Alone and without a cast, FSDP2 would only add hooks (no communication, the same numbers): the
         # model runs as it is, at full speed (3x faster steps for the CPU demo's small model).
@@ -264,7 +268,10 @@ class Step:
         tokens, lm = batch_tensors(seqs, self.cfg.loss.mask, self.device, self.obj)
         policy, counts = sequence_logprobs(self.model, tokens, lm)
         ref = None
-        if self.obj.reference and self.ref_model is not None:
+        if self.obj.reference and self.ref_model is ADAPTERS_OFF:
+            with torch.no_grad(), adapters_disabled(self.model):  # the base: the reference, no second model held
+                ref = sequence_logprobs(self.model, tokens, lm)[0]
+        elif self.obj.reference and self.ref_model is not None:
             with torch.no_grad():
                 ref = sequence_logprobs(self.ref_model, tokens, lm)[0]
         elif self.obj.reference:
@@ -360,7 +367,20 @@ def _train(cfg, data, out, resume, max_steps, reference, export_every) -> dict:
     folder = Path(cfg.model.name_or_path)
     vocab = load_model_config(folder).vocab_size if (folder / "config.json").is_file() else None
     examples, dropped = load_examples(data, objective, cfg.loss.mask, cfg.rollout.max_length, vocab)
-    model = load_pretrained(cfg.model.name_or_path, dtype=torch.float32, device=device, attn_impl=cfg.model.attn_impl)
+    lo = cfg.lora
+    # With adapters the base is frozen and only ever used in the compute dtype: loaded in it, it never exists in
+    # fp32 (a 7B base: 17 GB in bf16 instead of 34), unless a full embedding / head trains from its fp32 values.
+    frozen_dtype = dtype if lo.enabled and not (lo.train_embeddings or lo.train_head) else torch.float32
+    model = load_pretrained(cfg.model.name_or_path, dtype=frozen_dtype, device=device, attn_impl=cfg.model.attn_impl)
+    if lo.enabled:
+        try:
+            names = apply_lora(model, lo, dtype, cfg.training.seed)
+        except LoRAError as e:
+            raise TrainError(str(e)) from None
+        if rank == 0:
+            n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            print(f"lora: rank {lo.rank}, alpha {lo.alpha:g} on {', '.join(lo.targets)}: {n:,} trainable parameters "
+                  f"({100 * n / model.num_params():.2f}%, {len(names)} tensors)", file=sys.stderr)
     G = cfg.training.global_batch_size
     check_batch(cfg, len(examples), data, dropped)
     if rank == 0:
@@ -384,6 +404,7 @@ def _train(cfg, data, out, resume, max_steps, reference, export_every) -> dict:
     log = MetricsLog(out / "metrics.jsonl", start, cfg.metrics.log_every, rank,
                      open_tracker(cfg, out, job_of(out), start + 1))
     step_fn = Step(cfg, objective, model, ref_model, device)
+    lora = lo if lo.enabled else None
     last = {}
     bar = tqdm(range(start, end), initial=start, total=total, desc="train", disable=rank != 0)
     for step in bar:
@@ -406,13 +427,13 @@ def _train(cfg, data, out, resume, max_steps, reference, export_every) -> dict:
         log.write(last, step + 1 == end)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}")
         if export_every and (step + 1) % export_every == 0 and step + 1 < total:
-            export(model, out / "exports" / f"step_{step + 1}", cfg.model.name_or_path, dtype)
+            export(model, out / "exports" / f"step_{step + 1}", cfg.model.name_or_path, dtype, lora)
         if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 and step + 1 < end:
             save_checkpoint(out, step + 1, model, opt, sched, cfg.checkpoint.keep)
     bar.close()
     log.close()
     if end == total:
-        export(model, out / "final", cfg.model.name_or_path, dtype)
+        export(model, out / "final", cfg.model.name_or_path, dtype, lora)
         if rank == 0:
             write_json_atomic(out / "summary.json", {"steps": total, "examples": len(examples), "dropped": dropped,
                                                      "last": last})
@@ -425,7 +446,8 @@ def make_optimizer(cfg: ExperimentConfig, model, total: int):
     o = cfg.optimizer
     # fused: one kernel for the whole update on CUDA, instead of a chain of elementwise ops over every tensor
     # (the fp32 update of a 2.5B model moves ~70 GB a step).
-    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+    # Only what trains: with adapters the frozen base has neither gradients nor optimizer state.
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
                             fused=next(model.parameters()).is_cuda)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
 
@@ -461,16 +483,23 @@ def setup_reference(cfg, objective, model, examples, data, reference, dtype, out
     """The frozen reference model (reference.online), or None after storing its log-probs in the examples."""
     if not objective.reference:
         return None
+    same = Path(reference).resolve() == Path(cfg.model.name_or_path).resolve()
+    adapted = cfg.lora.enabled and same
+    if adapted and world()[0] == 0:
+        which = "the SFT model" if cfg.reference.mode == "sft" else "the previous iteration's merged model"
+        print(f"reference: {which} = the policy with its adapters off (no second model held)", file=sys.stderr)
+
     def load():  # loaded and sharded exactly as the policy is: the same forward
         return shard(load_pretrained(reference, dtype=torch.float32, device=device, attn_impl=cfg.model.attn_impl),
                      dtype)
     if cfg.reference.online:
-        # The option the paper's code used: a frozen copy evaluated next to the policy at every step.
-        return load().eval().requires_grad_(False)
-    same = Path(reference).resolve() == Path(cfg.model.name_or_path).resolve()
+        # The option the paper's code used: a frozen copy evaluated next to the policy at every step (with
+        # adapters on the reference itself: the same policy with them switched off).
+        return ADAPTERS_OFF if adapted else load().eval().requires_grad_(False)
     key = reference_key(cfg, objective, data, reference, dtype)
-    reference_logprobs(model if same else load(), objective, examples, cfg.loss.mask,
-                       first_epoch_groups(cfg, len(examples)), out / "reference.jsonl", key, device)
+    with adapters_disabled(model):  # B = 0 at step 0, so on or off is the same number; off skips their matmuls
+        reference_logprobs(model if same else load(), objective, examples, cfg.loss.mask,
+                           first_epoch_groups(cfg, len(examples)), out / "reference.jsonl", key, device)
     return None
 
 

@@ -387,3 +387,28 @@ def test_share_reuses_an_identical_sampling_job(setup, tmp_path, monkeypatch):
     pipeline.sample(str(setup / "init"), problems, tmp_path / "d.jsonl", 1, greedy, cfg, "d", 4, 7, share)
     pipeline.sample(str(setup / "init"), problems, tmp_path / "e.jsonl", 1, greedy, cfg, "e", 4, 9, share)
     assert calls == [1, 1] and (tmp_path / "e.jsonl").read_bytes() == (tmp_path / "d.jsonl").read_bytes()
+
+
+def test_lora_runs_every_stage_and_exports_merged_models(run, setup, tmp_path):
+    """lora.enabled through the pipeline's iterations (rollouts, M-DPO, selection, eval), from the module run's SFT
+    model (a rank-4 adapter on the random 2-layer init does not learn the task; the SFT objective with adapters is
+    in test_lora.py): every training stage writes a merged export, which rollouts and evaluation load, and beside
+    it the adapter on that stage's base."""
+    from safetensors.torch import load_file
+
+    sft = run[0] / "sft" / "final"
+    cfg = load_config(write_config(setup), ["lora.enabled=true", "lora.rank=4", "lora.alpha=8", "optimizer.lr=1.0e-2",
+                                            f"model.name_or_path={sft}", "sft.data=null"])
+    out = tmp_path / "lora"
+    results = Pipeline(cfg, out).run()
+    assert sorted(results) == ["iter_0", "iter_1", "iter_2"]
+    stages = [(out / "iter_1" / "train" / "final", sft), (out / "iter_2" / "train" / "final", out / "iter_1" / "policy")]
+    for final, base in stages:
+        conf = json.loads((final / "adapter" / "adapter_config.json").read_text())
+        assert Path(conf["base_model_name_or_path"]) == base and conf["r"] == 4
+        merged, start = load_file(final / "model.safetensors"), load_file(base / "model.safetensors")
+        assert merged.keys() == start.keys()  # a plain HF checkpoint: no adapter tensors in it
+        changed = {k for k in merged if not (merged[k] == start[k]).all()}
+        assert changed and all(k.endswith("_proj.weight") for k in changed), changed
+    # Rollouts of iteration 2 came from iteration 1's merged policy.
+    assert {t.model for t in read_trajectories(out / "iter_2" / "rollout.jsonl")} == {str(out / "iter_1" / "policy")}

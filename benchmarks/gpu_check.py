@@ -32,6 +32,9 @@ section runs on its own (a failure is reported in its row and the others go on):
               without activation checkpointing: tokens/s, MFU against the device's dense bf16 peak, peak memory.
               Three precisions: fp32; bf16 weights; and what train.py runs: fp32 weights under FSDP2 with
               bf16 mixed precision (a one-process group).
+4b. lora      the one-GPU recipe: an M-DPO step of a gemma-7b shape with LoRA rank 16 (frozen bf16 base, FSDP2
+              mixed precision as train.py runs it) on 2 pairs x 2048 tokens with activation checkpointing:
+              tokens/s, peak memory and mdpo.plan's estimate of the same step.
 5. demo       `python -m mdpo.demo` at a small size on this device (synthetic data, SFT, one M-DPO iteration
               with rollouts through the sandboxed interpreter, evaluation): wall time and its accuracy table.
 6. kvread     one gemma-7b attention layer of a decode step over 128 rows of lengths spread in [150, 2048], bf16:
@@ -256,9 +259,45 @@ def section_step(args, device, out):
                 torch.cuda.empty_cache()
 
 
+def section_lora(args, device, out):
+    """The one-GPU recipe: an M-DPO step of a gemma-7b-shaped policy with LoRA (rank 16 on the 7 projections, a
+    frozen bf16 base, fp32 adapters under FSDP2's bf16 mixed precision, as train.py builds it) on 2 pairs x 2048
+    tokens with activation checkpointing; peak memory beside mdpo.plan's estimate of the same step."""
+    from mdpo.config import load_config
+    from mdpo.distributed import process_group
+    from mdpo.lora import apply_lora
+    from mdpo.plan import device_gb, plan
+    from mdpo.train import shard
+    T, pairs = args.lora_tokens, 2
+    cfg = load_config(ROOT / "experiments" / "gemma7b_mdpo.yaml",
+                      ["lora.enabled=true", "model.dtype=bfloat16", "training.activation_checkpointing=true",
+                       f"training.micro_batch_size={pairs}", f"training.global_batch_size={pairs}"])
+    g = torch.Generator(device="cpu").manual_seed(3)
+    mc = ModelConfig.from_name(args.lora_model)
+    tokens = torch.randint(3, mc.vocab_size, (2 * pairs, T), generator=g).to(device)
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    mask[:, : T // 8] = False
+    with process_group():
+        model = build_model(mc, device=device, dtype=torch.bfloat16, seed=0).train()
+        apply_lora(model, cfg.lora, torch.bfloat16, seed=0)
+        shard(model, torch.bfloat16)
+        model.activation_checkpointing = True
+        row = time_steps(model, tokens, mask, args.step_repeats, device)
+        row.pop("mfu", None)  # counts 6 N flops a token; a frozen base computes no weight gradients
+        del model
+    p = plan(cfg, 1, device_gb(device), args.lora_model, micro_batch=pairs, seq_len=T)
+    row["plan_gb"] = round(p.train_total / 2**30, 1)
+    if "peak_gb" in row:
+        row["plan_over_peak"] = round(row["plan_gb"] / max(row["peak_gb"], 1e-9), 2)
+    out[f"lora/{args.lora_model}/r{cfg.lora.rank}/ac=True"] = row
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def time_steps(model, tokens, mask, repeats: int, device) -> dict:
     """Best of `repeats` M-DPO forward + backward + AdamW steps (after one warm-up): tokens/s, MFU, peak memory."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-7, fused=device.type == "cuda")  # as train.py
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-7,
+                            fused=device.type == "cuda")  # as train.py: only what trains
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
@@ -505,7 +544,7 @@ def section_families(args, device, out):
 
 
 SECTIONS = {"decode": section_decode, "rollout": section_rollout, "parity": section_parity, "step": section_step,
-            "demo": section_demo, "kvread": section_kvread, "families": section_families}
+            "lora": section_lora, "demo": section_demo, "kvread": section_kvread, "families": section_families}
 
 
 def report(out: dict, keys) -> None:
@@ -553,6 +592,7 @@ def main(argv=None) -> int:
     args.family_rows = [1, 64] if big else [1, 4]
     args.step_model, args.step_tokens = ("gemma-2b", 2048) if big else ("tiny-gemma", 32)
     args.step_repeats = 3 if big else 1
+    args.lora_model, args.lora_tokens = ("gemma-7b", 2048) if big else ("tiny-gemma", 32)
     # The demo's own SFT size: with sft=2000 (first GPU run) the SFT model left 9 usable pairs, under a batch.
     args.demo_sizes = ["prompts=300", "test=100"] if big else \
         ["sft=40", "prompts=8", "test=6", "tokenizer_corpus=40"]

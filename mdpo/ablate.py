@@ -44,6 +44,10 @@ from mdpo.demo import EXPERIMENT, MODEL, SIZES, model_arch, parse_sizes, prepare
 from mdpo.plots import pyplot, save
 from mdpo.trajectory import read_trajectories
 
+RL = ["rollout.n_current=8", "rollout.n_previous=0", "training.iterations=12", "data.prompts_per_iteration=50",
+      "eval.every=4", "eval.select=false", "training.epochs=1", "training.global_batch_size=64",
+      "training.micro_batch_size=16", "optimizer.lr=2.0e-4"]
+
 # name: (what the row is, overrides of experiments/demo.yaml). The paper's rows (Tables 1-3) that fit the task.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "mdpo": ("M-DPO (the recipe)", []),
@@ -57,6 +61,15 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # The same 8 samples per prompt, all from the current policy: the mixture is the only difference.
     "onpolicy": ("on-policy sampling only", ["rollout.n_current=8", "rollout.n_previous=0"]),
     "turn_dpo": ("turn-level M-DPO", ["loss.type=turn_dpo"]),
+    # Adapters on the 7 projections (rank 16, alpha 32); lr 1e-3 = 5x full M-DPO's, the best of 5e-4 / 1e-3 / 2e-3
+    # (2e-3 fell to 15% at iteration 2; docs/LOG.md). With the tied embedding trained too: what full M-DPO moves.
+    "lora": ("M-DPO, LoRA r16", ["lora.enabled=true", "lora.rank=16", "lora.alpha=32", "optimizer.lr=1.0e-3"]),
+    "lora_embed": ("M-DPO, LoRA r16 + embedding", ["lora.enabled=true", "lora.rank=16", "lora.alpha=32",
+                                                   "optimizer.lr=1.0e-3", "lora.train_embeddings=true"]),
+    # Online RL at M-DPO's trajectory budget: 4 small on-policy iterations (50 prompts x 8 samples) for each of
+    # M-DPO's (200 x 8), evaluated every 4th, a few optimizer steps each (budget_scale).
+    **{name: (label, [f"loss.type={name}", *RL]) for name, label in
+       (("grpo", "GRPO"), ("drgrpo", "Dr. GRPO"), ("rloo", "RLOO"))},
 }
 BASELINE = "mdpo"
 QUICK = (["mdpo", "dpo_nomask"], 2)  # --quick: M-DPO against one variant, 2 seeds
@@ -153,7 +166,7 @@ def launch(cmd: list[str], folder: Path, threads: int) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
-def run_all(jobs: list[tuple[str, int]], out: Path, overrides: list[str], iterations: int, workers: int,
+def run_all(jobs: list[tuple[str, int]], out: Path, overrides: list[str], iterations: dict[str, int], workers: int,
             threads: int) -> list[str]:
     """Run the pipelines, `workers` at a time; returns the runs that failed (their log.txt says why)."""
     from tqdm import tqdm
@@ -163,7 +176,7 @@ def run_all(jobs: list[tuple[str, int]], out: Path, overrides: list[str], iterat
 
     for j in jobs:
         check_record(run_dir(out, *j), args(*j))
-    todo = [j for j in jobs if not finished(run_dir(out, *j), iterations)]
+    todo = [j for j in jobs if not finished(run_dir(out, *j), iterations[j[0]])]
     running: dict[tuple[str, int], tuple[subprocess.Popen, float]] = {}
     failed = []
 
@@ -202,6 +215,24 @@ def run_all(jobs: list[tuple[str, int]], out: Path, overrides: list[str], iterat
     return failed
 
 
+def budget_scale(name: str, cfg, base) -> int:
+    """How many of a variant's iterations make one of M-DPO's: 1, or k when it samples the same trajectories in k
+    smaller iterations (k x the iterations, 1/k the prompts each, evaluated every k-th): its columns then compare at
+    equal numbers of trajectories sampled. Anything else would compare unequal budgets, so it is refused."""
+    T, t = base.training.iterations, cfg.training.iterations
+    if t == T:
+        return 1
+    k = t // T
+    per, base_per = cfg.data.prompts_per_iteration, base.data.prompts_per_iteration
+    samples = cfg.rollout.n_current + cfg.rollout.n_previous
+    base_samples = base.rollout.n_current + base.rollout.n_previous
+    if t % T or cfg.eval.every != k or per is None or base_per is None or per * k * samples != base_per * base_samples:
+        raise ConfigError(f"variant {name}: training.iterations {t} against M-DPO's {T} must be k x as many "
+                          f"iterations of 1/k the trajectories (data.prompts_per_iteration x samples per prompt) with "
+                          f"eval.every k, so each column compares equal numbers of trajectories sampled")
+    return k
+
+
 def seed_value(k: int) -> int:
     """training.seed of seed number k: the demo's seed (42), then 43, 44, ..."""
     return 42 + k
@@ -224,8 +255,13 @@ def stage_seconds(folders: list[Path]) -> dict[str, float]:
     return total
 
 
-def report(out: Path, variants: list[str], seeds: int, iterations: int, wall: float | None) -> dict:
-    """Tables, verdicts, results.jsonl and ablation.png from the finished runs."""
+def report(out: Path, variants: list[str], seeds: int, iterations: int, wall: float | None,
+           scale: dict[str, int] | None = None) -> dict:
+    """Tables, verdicts, results.jsonl and ablation.png from the finished runs.
+
+    Column t is a budget point: M-DPO's iteration t, and iteration scale[v] x t of a variant that runs scale[v]
+    smaller iterations for each of M-DPO's (an online-RL variant): the same trajectories sampled by then."""
+    scale = scale or {}
     problems = None
     acc: dict[str, dict[int, list[list[float]]]] = {}  # variant -> iteration -> x[seed][problem]
     rows = []
@@ -234,13 +270,14 @@ def report(out: Path, variants: list[str], seeds: int, iterations: int, wall: fl
         for s in range(seeds):
             folder = run_dir(out, v, s)
             for it in range(iterations + 1):
-                g = graded(folder, it)
+                g = graded(folder, it * scale.get(v, 1))
                 problems = problems or sorted(g)
                 if sorted(g) != problems:
                     raise SystemExit(f"error: {folder / f'iter_{it}'}: graded other test problems than the first run")
                 acc[v].setdefault(it, []).append([float(g[p]) for p in problems])
                 rows.append({"kind": "run", "variant": v, "seed": s, "training.seed": seed_value(s), "iteration": it,
-                             "accuracy": sum(g.values()) / len(g), "problems": len(g)})
+                             "variant_iteration": it * scale.get(v, 1), "accuracy": sum(g.values()) / len(g),
+                             "problems": len(g)})
     # Iteration 0 is the shared SFT model: the same file in every run (the shared sampling job).
     sft = acc[variants[0]][0]
     summary = {"variants": {}, "differences": {}, "directions": [], "seeds": seeds, "iterations": iterations,
@@ -269,6 +306,9 @@ def report(out: Path, variants: list[str], seeds: int, iterations: int, wall: fl
                  "verdict": verdict(lo, hi, strict)}
             summary["directions"].append(d)
             rows.append({"kind": "direction", **d})
+    summary["scale"] = {v: scale.get(v, 1) for v in variants}
+    # What a run of each variant cost (its stages' seconds, mean over seeds): the wall-time side of a comparison.
+    summary["minutes_per_run"] = {v: sum(stage_seconds([run_dir(out, v, s)]).values()) / 60 / seeds for v in variants}
     seconds = stage_seconds([run_dir(out, v, s) for v in variants for s in range(seeds)] + [out / "base"])
     summary["stage_seconds"] = seconds
     summary["wall_seconds"] = wall
@@ -292,7 +332,8 @@ def pct(m, lo, hi, sign=False) -> str:
 
 def table(summary: dict, variants: list[str]) -> str:
     T, S = summary["iterations"], summary["seeds"]
-    head = ["variant", "SFT"] + [f"iteration {t}" for t in range(1, T + 1)] + [f"vs M-DPO, iteration {T}"]
+    head = ["variant", "SFT"] + [f"iteration {t}" for t in range(1, T + 1)] + [f"vs M-DPO, iteration {T}",
+                                                                           "min / run"]
     lines = [f"Test accuracy (%) on {summary['problems']} problems, mean over {S} seed{'s' * (S > 1)} "
              f"[95% CI]; last column: paired difference against M-DPO (points).", "",
              "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
@@ -302,7 +343,13 @@ def table(summary: dict, variants: list[str]) -> str:
         cells += [pct(*summary["variants"][v][t]) for t in range(1, T + 1)]
         d = summary["differences"].get(v)
         cells.append(pct(*d[-1], sign=True) if d else "-")
+        cells.append(f"{summary.get('minutes_per_run', {}).get(v, 0.0):.1f}")
         lines.append("| " + " | ".join(cells) + " |")
+    scaled = {v: k for v, k in summary.get("scale", {}).items() if k > 1}
+    if scaled:
+        lines += ["", "Columns are equal numbers of trajectories sampled: iteration t of "
+                  + ", ".join(VARIANTS[v][0] if v in VARIANTS else v for v in scaled)
+                  + f" is after {' / '.join(str(k) for k in sorted(set(scaled.values())))} x t of its smaller iterations."]
     if summary["directions"]:
         lines += ["", f"The paper's directions at iteration {T}:", "", "| direction | difference (points) | verdict |",
                   "| --- | --- | --- |"]
@@ -387,8 +434,7 @@ def main(argv=None) -> int:
         # Every variant's config is checked before anything runs: a bad override fails in seconds, not hours.
         cfgs = {v: load_config(EXPERIMENT, [*args.overrides, *VARIANTS[v][1]]) for v in variants}
         iterations = cfgs[BASELINE].training.iterations
-        if any(c.training.iterations != iterations for c in cfgs.values()):
-            raise ConfigError("training.iterations: every variant needs the same number of iterations")
+        scale = {v: budget_scale(v, c, cfgs[BASELINE]) for v, c in cfgs.items()}
         prepare(out, sizes=parse_sizes(args.size, SIZES, "--size"), model=model_arch(args.arch, args.family))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -398,7 +444,8 @@ def main(argv=None) -> int:
                   key=lambda j: (j[0] != BASELINE, variants.index(j[0]), j[1]))
     try:
         sft_model = train_sft(out, args.overrides, max(args.threads, args.workers * args.threads))
-        failed = run_all(jobs, out, [*base_overrides(out, sft_model), *args.overrides], iterations, args.workers,
+        its = {v: c.training.iterations for v, c in cfgs.items()}
+        failed = run_all(jobs, out, [*base_overrides(out, sft_model), *args.overrides], its, args.workers,
                          args.threads)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -407,7 +454,7 @@ def main(argv=None) -> int:
         print(f"error: {len(failed)} runs failed ({', '.join(failed)}); their log.txt says why. Rerun to resume.",
               file=sys.stderr)
         return 1
-    summary = report(out, variants, seeds, iterations, time.monotonic() - start)
+    summary = report(out, variants, seeds, iterations, time.monotonic() - start, scale)
     print(json.dumps({"ablate": {v: summary["variants"][v][-1][0] for v in variants},
                       "directions": {d["claim"]: d["verdict"] for d in summary["directions"]},
                       "wall_minutes": round((time.monotonic() - start) / 60, 1)}))

@@ -44,6 +44,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.attn_impl": ("sdpa", "eager"),
     "loss.dpo_variant": ("sigmoid", "ipo", "hinge"),
     "loss.mask": ("model", "paper", "completion"),  # see mdpo/trajectory.py
+    "loss.token_norm": ("sequence", "token"),  # grpo / rloo: see mdpo/objectives.py
     "reference.mode": ("previous", "sft"),
     "training.schedule": ("cosine", "linear", "constant"),
     "metrics.tracker": ("none", "tensorboard", "wandb"),  # see mdpo/tracking.py
@@ -102,7 +103,7 @@ class FilterConfig:
 
 @dataclass
 class LossConfig:
-    type: str = "mdpo"  # a name in mdpo.objectives.OBJECTIVES: mdpo, mdpo_discount, turn_dpo, simpo, mkto, sft, raft
+    type: str = "mdpo"  # a name in mdpo.objectives.OBJECTIVES: mdpo, mdpo_discount, turn_dpo, simpo, mkto, sft, raft, grpo, drgrpo, rloo
     dpo_variant: str = "sigmoid"  # one of CHOICES["loss.dpo_variant"]
     beta: float = 0.1  # KL-regularisation strength (SimPO: reward scale)
     label_smoothing: float = 0.0  # conservative-DPO smoothing of the sigmoid loss
@@ -115,6 +116,10 @@ class LossConfig:
     desirable_weight: float = 1.0  # M-KTO weight of correct trajectories
     undesirable_weight: float = 1.0  # M-KTO weight of wrong trajectories
     pairs_per_prompt: int = 1  # preference pairs built per prompt
+    clip_low: float = 0.2  # grpo / drgrpo / rloo: the ratio is clipped to [1 - clip_low, 1 + clip_high]
+    clip_high: float = 0.2  # above clip_low: DAPO's clip-higher
+    kl_coef: float = 0.0  # grpo / drgrpo / rloo: weight of the k3 KL to the reference (> 0 needs reference.online)
+    token_norm: str = "sequence"  # grpo / rloo, one of CHOICES["loss.token_norm"]: mean over each sequence's tokens, or over the batch's tokens
 
 
 @dataclass
@@ -175,6 +180,7 @@ class EvalConfig:
     max_new_tokens_per_turn: int = 512  # generation budget of one model turn
     batch_size: int = 64  # trajectories decoded together
     select: bool = True  # pick the best of the checkpoints exported every training.eval_every steps
+    every: int = 1  # evaluate after every N-th iteration and the last (many small online-RL iterations)
 
 
 @dataclass
@@ -395,6 +401,8 @@ def _contradiction(cfg: ExperimentConfig, objective) -> str | None:
         if budget != getattr(getattr(default, section), name) and budget >= r.max_length:
             return (f"{key} {budget} >= rollout.max_length {r.max_length}: one turn could never use its budget "
                     f"(max_length counts the prompt and every turn); lower {key} or raise rollout.max_length")
+    if cfg.eval.every < 1:
+        return f"eval.every must be >= 1 (evaluate after every N-th iteration), got {cfg.eval.every}"
     if t.global_batch_size % t.micro_batch_size:
         return (f"training.global_batch_size {t.global_batch_size} is not a multiple of training.micro_batch_size "
                 f"{t.micro_batch_size} (each optimizer step is a whole number of micro-batches)")
@@ -406,6 +414,9 @@ def _contradiction(cfg: ExperimentConfig, objective) -> str | None:
     if r.first_previous and r.n_previous == 0:
         return (f"rollout.first_previous {r.first_previous!r} is set but rollout.n_previous is 0: no sample would "
                 "come from it; set rollout.n_previous or drop rollout.first_previous")
+    if objective.token_level and objective.reference and not cfg.reference.online:
+        return (f"loss.kl_coef {cfg.loss.kl_coef} needs the reference's per-token log-probs, which are not stored: "
+                "set reference.online true (with LoRA it holds no second model) or loss.kl_coef 0")
     if not objective.reference:
         if cfg.reference.online:
             return (f"reference.online true, but loss.type {cfg.loss.type!r} uses no reference model; "

@@ -47,6 +47,18 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    """Elementwise maximum of `x` over ranks (in place when no copy was needed), on x's own device."""
+    if world()[1] == 1:
+        return x
+    dev = comm_device()
+    y = x if x.device == dev else x.to(dev)
+    dist.all_reduce(y, op=dist.ReduceOp.MAX)
+    if y is not x:
+        x.copy_(y)
+    return x
+
+
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean of `x` over ranks (a new tensor when world > 1)."""
     ws = world()[1]

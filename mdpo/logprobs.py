@@ -3,8 +3,9 @@
 Gemma's vocabulary is 256k: fp32 logits for two DPO pairs of 2k tokens are 8 GB, and a naive log-softmax
 keeps another copy for backward. Here the LM head runs only at the selected positions, in chunks, inside
 a custom autograd function whose backward recomputes each chunk's logits instead of saving them (the
-Cut-Cross-Entropy / Liger idea). Peak extra memory is O(chunk x vocab) in forward and in backward, and the
-result is an ordinary differentiable (B,) tensor, so any sequence-level loss (DPO, KTO) can sit on top.
+Cut-Cross-Entropy / Liger idea). Peak extra memory is one (chunk, vocab) fp32 buffer in forward and in
+backward (mdpo/plan.py counts it), and the result is an ordinary differentiable (B,) tensor, so any
+sequence-level loss (DPO, KTO) can sit on top.
 
 Log-softmax is always fp32, and Gemma 2's final soft-cap is applied before it, as in the model's head.
 """
@@ -33,8 +34,13 @@ class _TokenLogprobs(torch.autograd.Function):
         lse = torch.empty(M, dtype=torch.float32, device=hidden.device)
         for s in range(0, M, chunk_size):
             logits, _ = _chunk_logits(hidden[s:s + chunk_size], weight, softcap)
-            lse[s:s + chunk_size] = logits.logsumexp(-1)
-            out[s:s + chunk_size] = logits.gather(1, targets[s:s + chunk_size, None])[:, 0] - lse[s:s + chunk_size]
+            picked = logits.gather(1, targets[s:s + chunk_size, None])[:, 0]
+            # logsumexp in place (max, then exp and sum in the buffer itself): torch.logsumexp would allocate a
+            # second (c, V) buffer, doubling this function's peak.
+            m = logits.amax(-1, keepdim=True)
+            lse[s:s + chunk_size] = logits.sub_(m).exp_().sum(-1).log_() + m[:, 0]
+            out[s:s + chunk_size] = picked - lse[s:s + chunk_size]
+            del logits  # freed before the next chunk's is made: one (c, V) buffer at a time
         # Saved: inputs and the (M,) normalisers, never the (M, V) logits.
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.softcap, ctx.chunk_size = softcap, chunk_size
@@ -65,6 +71,7 @@ class _TokenLogprobs(torch.autograd.Function):
                     grad_w.addmm_(p.T, h)  # accumulate in place: no (V, d) temporary per chunk
                 else:
                     grad_w.add_((p.T @ h).float())  # bf16 matmul, fp32 accumulation
+            del logits, t, p  # as in forward: the next chunk's buffer is made after this one is freed
         return grad_h, (grad_w.to(weight.dtype) if grad_w is not None else None), None, None, None
 
 
@@ -82,17 +89,13 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     return _TokenLogprobs.apply(hidden, weight, targets, softcap, chunk_size)
 
 
-def sequence_logprobs(model: CausalLM, tokens: torch.Tensor, loss_mask: torch.Tensor,
-                      positions: torch.Tensor | None = None, chunk_size: int = 512):
-    """Sum over the masked tokens of each row of log p(token | earlier tokens), with gradients.
+def masked_token_logprobs(model: CausalLM, tokens: torch.Tensor, loss_mask: torch.Tensor,
+                          positions: torch.Tensor | None = None, chunk_size: int = 512):
+    """log p(token | earlier tokens) at each masked token, with gradients: (logps (M,) fp32, rows (M,), select).
 
-    Args:
-        tokens: (B, T) right-padded token ids.
-        loss_mask: (B, T) bool, True at the tokens whose log-probs count (the policy's own tokens). Token t
-            is predicted from position t - 1, so position 0 can never count. A float mask weights each
-            token's log-prob instead (0 = not counted): per-turn weights of a turn-weighted objective.
-    Returns:
-        (sums (B,) fp32, counts (B,) int64): (weighted) summed log-probs and the number of tokens summed per row.
+    `select` (B, T-1) is where loss_mask[:, 1:] != 0, in row-major order: logps[k] is the k-th True entry's token
+    (token t + 1, predicted at position t), rows[k] its row. Token-level objectives (GRPO) use these directly;
+    sequence_logprobs sums them.
     """
     if tokens.shape != loss_mask.shape:
         raise ValueError(f"tokens {tuple(tokens.shape)} and loss_mask {tuple(loss_mask.shape)} differ in shape")
@@ -101,7 +104,22 @@ def sequence_logprobs(model: CausalLM, tokens: torch.Tensor, loss_mask: torch.Te
     h = hidden[:, :-1][select]  # (M, d)
     targets = tokens[:, 1:][select]  # (M,)
     rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None].expand_as(select)[select]  # (M,)
-    lp = token_logprobs(h, model.head_weight, targets, model.config.final_softcap, chunk_size)
+    return token_logprobs(h, model.head_weight, targets, model.config.final_softcap, chunk_size), rows, select
+
+
+def sequence_logprobs(model: CausalLM, tokens: torch.Tensor, loss_mask: torch.Tensor,
+                      positions: torch.Tensor | None = None, chunk_size: int = 512):
+    """Sum over the masked tokens of each row of log p(token | earlier tokens), with gradients.
+
+    Args:
+        tokens: (B, T) right-padded token ids.
+        loss_mask: (B, T) bool, True at the tokens whose log-probs count (the policy's own tokens). Token t is
+            predicted from position t - 1, so position 0 can never count. A float mask weights each token's
+            log-prob instead (0 = not counted): per-turn weights of a turn-weighted objective.
+    Returns:
+        (sums (B,) fp32, counts (B,) int64): (weighted) summed log-probs and the number of tokens summed per row.
+    """
+    lp, rows, select = masked_token_logprobs(model, tokens, loss_mask, positions, chunk_size)
     if loss_mask.is_floating_point():
         lp = lp * loss_mask[:, 1:][select].float()
     sums = torch.zeros(tokens.shape[0], dtype=torch.float32, device=tokens.device).index_add(0, rows, lp)

@@ -122,3 +122,63 @@ def simpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, chose
     return losses, {"rewards/chosen": rc.mean(), "rewards/rejected": rr.mean(), "rewards/margin": (rc - rr).mean(),
                     "rewards/accuracy": (rc > rr).float().mean(), "logps/chosen": policy_chosen.detach().mean(),
                     "logps/rejected": policy_rejected.detach().mean()}
+
+
+# ---------------------------------------------------------------- policy gradient (online RL baselines)
+ADVANTAGES = ("grpo", "drgrpo", "rloo")
+
+
+def group_advantages(rewards: torch.Tensor, kind: str = "grpo", eps: float = 1e-4) -> torch.Tensor:
+    """Advantages of one prompt's group of N sampled trajectories from their rewards (N,).
+
+      grpo:   (r - mean) / (std + eps), std with Bessel's correction (Shao et al. 2024, DeepSeekMath, sec. 4.1.2:
+              "outcome supervision" normalises each reward by the group's mean and standard deviation).
+      drgrpo: r - mean (Liu et al. 2025, "Understanding R1-Zero-Like Training", eq. 3 / Dr. GRPO): dividing by
+              the std weights prompts that are almost always right or wrong up, a question-level difficulty bias.
+      rloo:   r_i - mean_{j != i} r_j = N / (N - 1) (r_i - mean) (Ahmadian et al. 2024, "Back to Basics", eq. 6):
+              each sample's baseline is the other samples' mean, so it is independent of the sample itself.
+    A group whose rewards are all equal gets zeros under all three (the caller skips it).
+    """
+    if kind not in ADVANTAGES:
+        raise ValueError(f"unknown advantage {kind!r}; expected one of {ADVANTAGES}")
+    r = rewards.double()
+    n = r.numel()
+    if n < 2:
+        return torch.zeros_like(rewards, dtype=torch.float32)
+    centred = r - r.mean()
+    if kind == "grpo":
+        out = centred / (r.std(unbiased=True) + eps)
+    elif kind == "drgrpo":
+        out = centred
+    else:
+        out = centred * n / (n - 1)
+    return out.float()
+
+
+def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                        clip_low: float = 0.2, clip_high: float = 0.2, ref_logp: torch.Tensor | None = None,
+                        kl_coef: float = 0.0):
+    """Per-token PPO clipped surrogate (Schulman et al. 2017, eq. 7) as GRPO uses it (DeepSeekMath, eq. 3).
+
+    For token t of a sampled trajectory with advantage A (the trajectory's, broadcast to its tokens):
+        ratio = exp(logp - old_logp)             old_logp: the sampling policy's log-prob, recorded by the sampler
+        loss  = -min(ratio A, clip(ratio, 1 - clip_low, 1 + clip_high) A) + kl_coef k3
+        k3    = exp(ref - logp) - (ref - logp) - 1   (Schulman's unbiased, non-negative estimator of KL(pi || ref),
+                                                     DeepSeekMath eq. 4)
+    Where the clip is active the loss is constant in logp: no gradient (the trust region). clip_high > clip_low is
+    DAPO's "clip-higher" (Yu et al. 2025). Returns (losses (M,), stats): stats are detached per-token tensors.
+    """
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * advantages
+    losses = -torch.minimum(unclipped, clipped)
+    stats = {"ratio": ratio.detach(), "clipped": (clipped < unclipped).detach()}
+    if ref_logp is not None and kl_coef:
+        d = ref_logp - logp
+        k3 = torch.exp(d) - d - 1
+        losses = losses + kl_coef * k3
+        stats["kl"] = k3.detach()
+    elif ref_logp is not None:
+        d = (ref_logp - logp).detach()
+        stats["kl"] = torch.exp(d) - d - 1
+    return losses, stats

@@ -2,7 +2,8 @@
 
 An objective declares
     data        what one line of its training file is: "pairs" ({"chosen", "rejected"} trajectories),
-                "labelled" (one trajectory whose `correct` field is its label) or "sequences" (one trajectory);
+                "labelled" (one trajectory whose `correct` field is its label), "scored" (one trajectory with
+                meta reward and advantage and the sampler's log-probs: GRPO) or "sequences" (one trajectory);
     reference   whether it needs reference log-probs (computed once before training, or online);
     options     the loss.* config keys it reads: a key it ignores, set away from its default, is a config
                 error rather than a silently dropped option;
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 
 from mdpo.data import build_kto, build_pairs, build_raft, write_pairs
-from mdpo.losses import dpo_loss, kto_kl_estimate, kto_loss, sft_loss, simpo_loss
+from mdpo.losses import clipped_policy_loss, dpo_loss, group_advantages, kto_kl_estimate, kto_loss, sft_loss, simpo_loss
 from mdpo.trajectory import Role, Trajectory, write_trajectories
 
 
@@ -50,6 +51,24 @@ class Batch:
     counts: torch.Tensor  # (N,) tokens in each sum
     examples: list[Example]
     state: dict = field(default_factory=dict)  # from Objective.step_state (M-KTO's z0)
+    tokens: "TokenBatch | None" = None  # token-level objectives (Objective.token_level): per-token values
+
+
+@dataclass
+class TokenBatch:
+    """Per-token values of a micro-batch's trained tokens (mdpo.logprobs.masked_token_logprobs' order)."""
+
+    policy: torch.Tensor  # (M,) the policy's log-probs, with gradients
+    old: torch.Tensor  # (M,) the sampling policy's, as the sampler recorded them
+    ref: torch.Tensor | None  # (M,) the reference's (reference.online), or None
+    rows: torch.Tensor  # (M,) which sequence of the micro-batch each token belongs to
+
+
+@dataclass
+class Max:
+    """A metric reduced by its maximum over the global batch instead of a mean."""
+
+    value: torch.Tensor
 
 
 class ObjectiveError(ValueError):
@@ -61,6 +80,7 @@ class Objective(abc.ABC):
     data = "pairs"
     reference = True
     iterative = True  # the pipeline can build its data from rollouts (`build`)
+    token_level = False  # the loss needs per-token log-probs (Batch.tokens), not only per-sequence sums
     options: tuple[str, ...] = ()
 
     def __init__(self, cfg):  # the `loss` section (mdpo.config.LossConfig)
@@ -111,6 +131,10 @@ class Objective(abc.ABC):
     def token_weights(self, t: Trajectory, mask: list[bool]) -> list[float] | None:
         """Per-token weights of the summed log-probs, or None for the plain mask (weight 1 where trained)."""
         return None
+
+    def build_info(self) -> dict:
+        """What the last `build` counted beyond its rows (GRPO's skipped groups), for the data stage's record."""
+        return {}
 
     # ---- the step
     def normaliser(self, examples: list[Example]) -> float:
@@ -347,7 +371,135 @@ class RAFT(SFT):
         return build_raft(kept, self.cfg.pairs_per_prompt, seed)
 
 
-OBJECTIVES: dict[str, type[Objective]] = {o.name: o for o in (MDPO, DiscountedMDPO, TurnDPO, SimPO, MKTO, SFT, RAFT)}
+# ---------------------------------------------------------------- online RL baselines
+class GRPO(Objective):
+    """GRPO (Shao et al. 2024, DeepSeekMath, eq. 3 with outcome rewards, sec. 4.1.2), multi-turn masked.
+
+    Each prompt's sampled group (the iteration's rollouts of it) gets reward 1 for a correct final answer, else 0,
+    and advantages from `mdpo.losses.group_advantages`; every model token of a trajectory carries its advantage
+    into the PPO clipped surrogate against the log-probs the sampler recorded (`clipped_policy_loss`). Tool
+    tokens are outside the mask exactly as for M-DPO, so the interpreter's output never enters a ratio. A group
+    whose rewards are all equal has zero advantages and is left out (counted in `build_info`).
+
+    loss.token_norm: "sequence" averages each sequence's token losses, then the sequences (GRPO as published);
+    "token" averages over every trained token of the global batch (DAPO, Yu et al. 2025, sec. 3.3), so long
+    trajectories weigh by their length. The recorded log-probs are the model's own distribution (the sampler's
+    temperature and top-p shape the draw, not the ratio), so the ratio is exactly 1 at the first step.
+    """
+
+    name = "grpo"
+    data = "scored"
+    advantage = "grpo"
+    token_level = True
+    options = ("clip_low", "clip_high", "kl_coef", "token_norm")
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.reference = cfg.kl_coef > 0  # the k3 term reads the reference's per-token log-probs
+        self._info: dict = {}
+
+    @property
+    def token_norm(self) -> str:
+        return self.cfg.token_norm
+
+    def check(self) -> None:
+        super().check()
+        c = self.cfg
+        if not (0 <= c.clip_low < 1 and c.clip_high >= 0):
+            raise ObjectiveError(f"loss.clip_low must be in [0, 1) and loss.clip_high >= 0, got {c.clip_low}, "
+                                 f"{c.clip_high}")
+        if c.kl_coef < 0:
+            raise ObjectiveError(f"loss.kl_coef must be >= 0, got {c.kl_coef}")
+
+    def build(self, kept, seed, branches=()):
+        """Trajectories with meta["reward"] and meta["advantage"], the groups of one prompt in a row."""
+        groups: dict[str, list[Trajectory]] = {}
+        for t in kept:
+            groups.setdefault(t.prompt_id, []).append(t)
+        rows, equal, single = [], 0, 0
+        for pid in sorted(groups):
+            g = sorted(groups[pid], key=lambda t: t.sample_id)
+            rewards = torch.tensor([1.0 if t.correct else 0.0 for t in g])
+            if len(g) < 2:
+                single += 1
+                continue
+            if bool((rewards == rewards[0]).all()):
+                equal += 1  # no signal: every advantage is 0
+                continue
+            adv = group_advantages(rewards, self.advantage)
+            for t, r, a in zip(g, rewards.tolist(), adv.tolist()):
+                rows.append(dataclasses.replace(t, meta={**t.meta, "reward": r, "advantage": a}))
+        random.Random(seed).shuffle(rows)
+        advs = [t.meta["advantage"] for t in rows]
+        self._info = {"groups": len(groups), "groups_trained": len(groups) - equal - single,
+                      "groups_all_equal": equal, "groups_of_one": single,
+                      "mean_reward": sum(bool(t.correct) for t in kept) / max(1, len(kept)),
+                      "advantage": _quantiles(advs)}
+        return rows
+
+    def build_info(self) -> dict:
+        return self._info
+
+    def normaliser(self, examples):
+        return float(sum(ex.tokens for ex in examples)) if self.token_norm == "token" else float(len(examples))
+
+    def loss(self, b: Batch):
+        tb = b.tokens
+        adv = torch.tensor([ex.seqs[0].meta["advantage"] for ex in b.examples], device=tb.policy.device)
+        c = self.cfg
+        losses, st = clipped_policy_loss(tb.policy, tb.old, adv[tb.rows], c.clip_low, c.clip_high, tb.ref, c.kl_coef)
+        n = len(b.examples)
+        per = torch.zeros(n, dtype=torch.float32, device=losses.device).index_add(0, tb.rows, losses)
+        if self.token_norm == "sequence":
+            per = per / b.counts.clamp(min=1)  # a mean over each sequence's own tokens
+        M = torch.tensor(float(tb.policy.numel()))
+        rewards = torch.tensor([ex.seqs[0].meta["reward"] for ex in b.examples])
+        metrics = {"reward": rewards.mean(), "advantage/mean": adv.detach().cpu().mean(),
+                   "advantage/abs": adv.detach().cpu().abs().mean(),
+                   "ratio/mean": (st["ratio"].sum().cpu(), M), "ratio/max": Max(st["ratio"].max().cpu()),
+                   "clip_fraction": (st["clipped"].sum().float().cpu(), M),
+                   "logps/old": (tb.old.detach().sum().cpu(), M), "logps/policy": (tb.policy.detach().sum().cpu(), M)}
+        if "kl" in st:
+            metrics["kl"] = (st["kl"].sum().cpu(), M)
+        return per, metrics
+
+
+class DrGRPO(GRPO):
+    """Dr. GRPO (Liu et al. 2025, sec. 3.2): GRPO without the std scaling of advantages and without per-sequence
+    length normalisation; each sequence's token losses are summed (the paper's constant divisor, a generation
+    budget, only rescales the learning rate, so mdpo leaves it out)."""
+
+    name = "drgrpo"
+    advantage = "drgrpo"
+    options = ("clip_low", "clip_high", "kl_coef")
+
+    @property
+    def token_norm(self) -> str:
+        return "none"
+
+
+class RLOO(GRPO):
+    """RLOO (Ahmadian et al. 2024, sec. 3.2; Kool et al. 2019): each sample's baseline is the mean reward of the
+    group's other samples; the rest is GRPO's clipped token-level update."""
+
+    name = "rloo"
+    advantage = "rloo"
+
+
+def _quantiles(xs: list[float]) -> dict:
+    """min / 10% / median / 90% / max and the mean of a list (the advantage distribution in data_stats.json)."""
+    if not xs:
+        return {}
+    v = sorted(xs)
+
+    def q(f):
+        return v[min(len(v) - 1, int(round(f * (len(v) - 1))))]
+    return {"min": v[0], "p10": q(0.1), "median": q(0.5), "p90": q(0.9), "max": v[-1], "mean": sum(v) / len(v),
+            "n": len(v)}
+
+
+OBJECTIVES: dict[str, type[Objective]] = {o.name: o for o in (MDPO, DiscountedMDPO, TurnDPO, SimPO, MKTO, SFT, RAFT,
+                                                             GRPO, DrGRPO, RLOO)}
 
 
 def get_objective(cfg) -> Objective:

@@ -52,13 +52,14 @@ from mdpo.atomic import atomic_open, write_json_atomic
 from mdpo.checkpoint import discard, replace_folder
 from mdpo.config import ConfigError, ExperimentConfig, LossConfig, ReferenceConfig, load_config, save_config
 from mdpo.data import DataError, apply_filters, file_digest, pair_stats, split_heldout, verify_file
-from mdpo.distributed import barrier, run_cli, world
+from mdpo.distributed import barrier, default_device, run_cli, world
 from mdpo.datasets import DATASETS, PROMPT_SETS, DatasetError, load_problems
 from mdpo.eval import EvalError, compute_metrics, prefix_problem, sample_graded
 from mdpo.executor import announce_sandbox
 from mdpo.hub import HubError, resolve_model_ranks
 from mdpo.sampler import SamplingParams
 from mdpo.objectives import get_objective
+from mdpo.plan import announce as announce_plan
 from mdpo.plots import plot_run
 from mdpo.tracking import check_tracker, iteration_scalars, open_tracker
 from mdpo.train import TrainError, model_identity, train
@@ -399,7 +400,7 @@ class Pipeline:
             self.objective.write(path, rows)
         barrier()
         info = {"rollout": pair_stats(trajs), "filters": removed, "after_filters": pair_stats(kept),
-                "examples": len(rows)}
+                "examples": len(rows), **self.objective.build_info()}
         if branch_info:
             branch_info["pairs"] = sum(isinstance(r, tuple) and r[0].meta.get("branch") is not None for r in rows)
             info["branches"] = branch_info
@@ -466,6 +467,8 @@ class Pipeline:
         prompts = self.prompts()  # first: a bad data.train file is refused before anything else runs
         # Which isolation the rollouts' cells get, said once at the start (rank 0), not after the SFT stage.
         announce_sandbox(show=self.rank == 0)
+        if self.rank == 0:  # the memory plan of an iteration's training and rollout on this device
+            announce_plan(cfg, world()[1], default_device())
         heldout = [p for p in prompts if p["split"] == "heldout"]
         sft_model = self.sft()
         self.record("iter_0", {"eval": self.evaluate(sft_model, 0)})
@@ -477,8 +480,10 @@ class Pipeline:
             train_info = self.train_iteration(it, policy, sft_model, data)
             sel = self.select(it, heldout)
             new = str(self.out / f"iter_{it}" / "policy")
-            self.record(f"iter_{it}", {"data": data_info, "train": train_info, "select": sel,
-                                       "eval": self.evaluate(new, it)})
+            rec = {"data": data_info, "train": train_info, "select": sel}
+            if it % cfg.eval.every == 0 or it == cfg.training.iterations:  # eval.every: small online iterations
+                rec["eval"] = self.evaluate(new, it)
+            self.record(f"iter_{it}", rec)
             policy, previous = new, policy
         if self.tracker is not None:
             self.tracker.close()

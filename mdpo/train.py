@@ -42,12 +42,13 @@ from mdpo import faults
 from mdpo.checkpoint import (checkpoint_dirs, export, load_checkpoint, peak_memory_gb, remove_leftovers,
                              save_checkpoint)
 from mdpo.config import ConfigError, ExperimentConfig, load_config, save_config
-from mdpo.distributed import all_reduce_sum, barrier, default_device, process_group, run_cli, world
+from mdpo.distributed import all_reduce_max, all_reduce_sum, barrier, default_device, process_group, run_cli, world
 from mdpo.hub import HubError, resolve_model_ranks
-from mdpo.logprobs import sequence_logprobs
+from mdpo.logprobs import masked_token_logprobs, sequence_logprobs
 from mdpo.lora import LoRAError, adapters_disabled, apply_lora
 from mdpo.model import CausalLM
-from mdpo.objectives import Batch, Example, Objective, ObjectiveError, get_objective
+from mdpo.objectives import Batch, Example, Max, Objective, ObjectiveError, TokenBatch, get_objective
+from mdpo.plan import announce
 from mdpo.tracking import Tracker, check_tracker, job_of, open_tracker, scalars
 from mdpo.trajectory import Trajectory, TrajectoryError, read_jsonl
 from mdpo.weights import CheckpointError, load_pretrained, parse_dtype
@@ -82,6 +83,9 @@ def load_examples(path, objective: Objective, mask: str, max_length: int, vocab_
             if vocab_size is not None and t.tokens and max(t.tokens) >= vocab_size:
                 raise TrainError(f"{where}: token id {max(t.tokens)} >= the model's vocabulary ({vocab_size}); "
                                  "was this data made with another tokenizer?")
+        if objective.data == "scored" and ("advantage" not in seqs[0].meta or seqs[0].logprobs is None):
+            raise TrainError(f"{where}: loss.type {objective.name} trains on scored rollouts: each trajectory needs "
+                             "meta.advantage and the sampler's logprobs (the pipeline's data stage writes them)")
         if objective.data == "labelled" and seqs[0].correct is None:
             raise TrainError(f"{where}: loss.type {objective.name} needs each trajectory's 'correct' label "
                              "(desirable or not)")
@@ -248,6 +252,10 @@ class Step:
 
     def __init__(self, cfg: ExperimentConfig, objective: Objective, model, ref_model, device):
         self.cfg, self.obj, self.model, self.ref_model, self.device = cfg, objective, model, ref_model, device
+        # Token-level objectives, at the first step (before any update): how far the trainer's log-probs are from
+        # those the sampler recorded for the trajectories this very model sampled (mdpo.train.MISMATCH).
+        self.check_mismatch = False
+        self.sampled_by = str(Path(cfg.model.name_or_path).resolve())
 
     def logprobs(self, examples: list[Example], k: int | None = None):
         """(policy, reference, counts, padded tokens) of the examples' trained sequences: the reference online
@@ -264,7 +272,31 @@ class Step:
         per = len(seqs) // len(examples)
         return self._logprobs(seqs, [ex.ref[:per] if ex.ref else None for ex in examples])
 
+    def _token_logprobs(self, seqs: list[Trajectory]):
+        """A token-level objective's micro-batch: per-token policy log-probs with the sampler's recorded ones (and
+        the online reference's) at the same tokens, and the per-sequence sums and counts."""
+        tokens, lm = batch_tensors(seqs, self.cfg.loss.mask, self.device, self.obj)
+        lp, rows, select = masked_token_logprobs(self.model, tokens, lm)
+        old = torch.zeros(tokens.shape, dtype=torch.float32)
+        for i, t in enumerate(seqs):
+            old[i, : len(t.tokens)] = torch.tensor(t.logprobs, dtype=torch.float32)
+        old = old.to(self.device)[:, 1:][select]
+        ref = None
+        if self.obj.reference:  # reference.online (mdpo.config): the frozen copy, or the base with adapters off
+            with torch.no_grad():
+                if self.ref_model is ADAPTERS_OFF:
+                    with adapters_disabled(self.model):
+                        ref = masked_token_logprobs(self.model, tokens, lm)[0]
+                else:
+                    ref = masked_token_logprobs(self.ref_model, tokens, lm)[0]
+        n = tokens.shape[0]
+        policy = torch.zeros(n, dtype=torch.float32, device=lp.device).index_add(0, rows, lp)
+        ref_sums = None if ref is None else torch.zeros(n, device=lp.device).index_add(0, rows, ref)
+        return policy, ref_sums, select.sum(-1), tokens.numel(), TokenBatch(lp, old, ref, rows)
+
     def _logprobs(self, seqs: list[Trajectory], stored: list):
+        if self.obj.token_level:
+            return self._token_logprobs(seqs)
         tokens, lm = batch_tensors(seqs, self.cfg.loss.mask, self.device, self.obj)
         policy, counts = sequence_logprobs(self.model, tokens, lm)
         ref = None
@@ -276,7 +308,7 @@ class Step:
                 ref = sequence_logprobs(self.ref_model, tokens, lm)[0]
         elif self.obj.reference:
             ref = torch.tensor([v for row in stored for v in row], device=self.device, dtype=torch.float32)
-        return policy, ref, counts, tokens.numel()
+        return policy, ref, counts, tokens.numel(), None
 
     def __call__(self, batch: list[Example], mine: list[Example]) -> tuple[dict, int]:
         """Accumulate gradients for this rank's examples; returns the global metric sums and tokens seen."""
@@ -284,19 +316,32 @@ class Step:
         norm = self.obj.normaliser(batch)  # the same on every rank, without communication
         state = self.obj.step_state(self.logprobs, mine)
         sums: dict[str, list[float]] = {}
+        maxes: dict[str, float] = {}
         tokens_seen = 0
         mb = self.cfg.training.micro_batch_size
         for s in range(0, len(mine), mb):  # mine is never empty: G is a multiple of world x micro batch
             exs = mine[s:s + mb]
-            policy, ref, counts, n = self.logprobs(exs)
+            policy, ref, counts, n, tok = self.logprobs(exs)
             tokens_seen += n
-            losses, metrics = self.obj.loss(Batch(policy, ref, counts, exs, state))
+            if tok is not None and self.check_mismatch:
+                own = torch.tensor([bool(t.model) and str(Path(t.model).resolve()) == self.sampled_by
+                                    for ex in exs for t in self.obj.sequences(ex)], device=tok.rows.device)
+                d = (tok.policy.detach() - tok.old).abs()[own[tok.rows]]
+                acc = sums.setdefault("mismatch/mean_abs", [0.0, 0.0])
+                acc[0] += float(d.sum())
+                acc[1] += float(d.numel())
+                top = float(d.max()) if d.numel() else 0.0
+                maxes["mismatch/max_abs"] = max(maxes.get("mismatch/max_abs", 0.0), top)
+            losses, metrics = self.obj.loss(Batch(policy, ref, counts, exs, state, tok))
             # FSDP averages gradients over ranks (gloo cannot sum with a pre-scale, so its divide factor
             # cannot be set to 1); multiplying by the world size turns that average back into the sum
             # of every rank's share of (sum of per-example losses) / (global normaliser).
             (losses.sum() * ws / norm).backward()
             metrics["loss"] = (losses.detach().sum(), norm / len(batch) * len(exs))
             for key, v in metrics.items():
+                if isinstance(v, Max):  # a maximum over the global batch, reduced apart
+                    maxes[key] = max(maxes.get(key, float("-inf")), float(v.value))
+                    continue
                 # A scalar is a mean over the micro-batch's examples; a pair is (sum, count) of a finer mean.
                 total, count = v if isinstance(v, tuple) else (v * len(exs), len(exs))
                 acc = sums.setdefault(key, [0.0, 0.0])
@@ -307,6 +352,10 @@ class Step:
         all_reduce_sum(packed)
         out = {k: packed[2 * i].item() / packed[2 * i + 1].item() if packed[2 * i + 1].item() else float("nan")
                for i, k in enumerate(keys)}
+        if maxes:  # maxima over ranks: one all-reduce with MAX
+            names = sorted(maxes)
+            top = all_reduce_max(torch.tensor([maxes[k] for k in names], dtype=torch.float64))
+            out.update({k: top[i].item() for i, k in enumerate(names)})
         return out, int(packed[-1].item())
 
 
@@ -367,6 +416,8 @@ def _train(cfg, data, out, resume, max_steps, reference, export_every) -> dict:
     folder = Path(cfg.model.name_or_path)
     vocab = load_model_config(folder).vocab_size if (folder / "config.json").is_file() else None
     examples, dropped = load_examples(data, objective, cfg.loss.mask, cfg.rollout.max_length, vocab)
+    if rank == 0:
+        announce(cfg, ws, device)  # what this step will need per rank, before the weights load
     lo = cfg.lora
     # With adapters the base is frozen and only ever used in the compute dtype: loaded in it, it never exists in
     # fp32 (a 7B base: 17 GB in bf16 instead of 34), unless a full embedding / head trains from its fp32 values.
@@ -404,6 +455,7 @@ def _train(cfg, data, out, resume, max_steps, reference, export_every) -> dict:
     log = MetricsLog(out / "metrics.jsonl", start, cfg.metrics.log_every, rank,
                      open_tracker(cfg, out, job_of(out), start + 1))
     step_fn = Step(cfg, objective, model, ref_model, device)
+    step_fn.check_mismatch = objective.token_level and start == 0
     lora = lo if lo.enabled else None
     last = {}
     bar = tqdm(range(start, end), initial=start, total=total, desc="train", disable=rank != 0)
@@ -416,6 +468,9 @@ def _train(cfg, data, out, resume, max_steps, reference, export_every) -> dict:
             kept = checkpoint_dirs(out)
             raise TrainError(f"non-finite loss ({metrics['loss']}) at step {step}; stopped before the update; "
                              f"last good checkpoint: {kept[-1] if kept else 'none'}")
+        if step_fn.check_mismatch:
+            step_fn.check_mismatch = False
+            check_mismatch(metrics, dtype, out)
         grad_norm = apply_update(cfg, model, opt, sched)
         dt = time.perf_counter() - t0
         last = dict(metrics, step=step + 1, lr=sched.get_last_lr()[0], grad_norm=grad_norm,
@@ -439,6 +494,25 @@ def _train(cfg, data, out, resume, max_steps, reference, export_every) -> dict:
                                                      "last": last})
     barrier()  # rank 0 writes the exports: no rank returns before they are complete
     return last
+
+
+# Largest mean |trainer - sampler| per-token log-prob at the first step, per compute dtype, before a token-level
+# objective refuses to train. benchmarks/bench_mismatch.py on the demo's SFT model (256 rollouts, ~7.8k model
+# tokens) measured a mean of 5.3e-7 in fp32 and 4.8e-4 in bf16 (docs/LOG.md): the limits are ~20x and ~40x that,
+# so float rounding passes and a real mismatch (other weights, dtype or tokenizer; a sampler bug) does not.
+MISMATCH = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def check_mismatch(metrics: dict, dtype: torch.dtype, out: Path) -> None:
+    """Refuse to train on log-probs the trainer does not reproduce (the first step, before any update)."""
+    mean, top = metrics.get("mismatch/mean_abs", float("nan")), metrics.get("mismatch/max_abs", 0.0)
+    if math.isnan(mean):
+        return  # no trajectory of this model in the batch (mixture sampling's previous model only)
+    limit = MISMATCH.get(dtype, MISMATCH[torch.bfloat16])
+    if mean > limit:
+        raise TrainError(f"{out}: the sampler's recorded log-probs differ from this model's forward by {mean:.3g} per "
+                         f"token on average (max {top:.3g}; limit {limit:g} in {str(dtype).split('.')[-1]}) at the "
+                         "first step: were these rollouts sampled by this model, in this dtype, with this tokenizer?")
 
 
 def make_optimizer(cfg: ExperimentConfig, model, total: int):

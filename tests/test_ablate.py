@@ -177,3 +177,24 @@ def test_bad_variant_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --variants: unknown nope; known: mdpo, mkto") and "\n" not in err
     assert not (tmp_path / "data").exists()  # checked before anything was prepared
+
+
+def test_rl_variants_compare_at_equal_trajectory_budgets():
+    """An online-RL variant runs k x M-DPO's iterations of 1/k the trajectories, evaluated every k-th: its column t
+    is its iteration k t. A variant whose budget would not match is refused in one line."""
+    from mdpo.config import ConfigError, load_config
+
+    base = load_config(ablate.EXPERIMENT, ablate.VARIANTS["mdpo"][1])
+    for name in ("grpo", "drgrpo", "rloo"):
+        cfg = load_config(ablate.EXPERIMENT, ablate.VARIANTS[name][1])
+        k = ablate.budget_scale(name, cfg, base)
+        assert k == 4 and cfg.loss.type == name and cfg.rollout.n_previous == 0  # on-policy
+        per = cfg.data.prompts_per_iteration * (cfg.rollout.n_current + cfg.rollout.n_previous)
+        assert per * cfg.training.iterations == base.data.prompts_per_iteration * 8 * base.training.iterations
+    assert ablate.budget_scale("mkto", load_config(ablate.EXPERIMENT, ablate.VARIANTS["mkto"][1]), base) == 1
+    bad = load_config(ablate.EXPERIMENT, [*ablate.VARIANTS["grpo"][1], "eval.every=2"])
+    with pytest.raises(ConfigError, match="variant grpo: training.iterations 12 against M-DPO's 3"):
+        ablate.budget_scale("grpo", bad, base)
+    bad = load_config(ablate.EXPERIMENT, [*ablate.VARIANTS["grpo"][1], "data.prompts_per_iteration=60"])
+    with pytest.raises(ConfigError, match="equal numbers of trajectories"):
+        ablate.budget_scale("grpo", bad, base)

@@ -155,7 +155,7 @@ def test_exponent_without_dot_is_a_float(tmp_path):
 
 def test_invalid_choice_names_key_and_allowed_values(tmp_path):
     msg = error_of(write(tmp_path, "loss:\n  type: dpo\n"))
-    assert "loss.type: must be one of 'mdpo', 'mdpo_discount', 'turn_dpo', 'simpo', 'mkto', 'sft', 'raft', got 'dpo'" in msg
+    assert "loss.type: must be one of 'mdpo', 'mdpo_discount', 'turn_dpo', 'simpo', 'mkto', 'sft', 'raft', 'grpo', 'drgrpo', 'rloo', got 'dpo'" in msg
     # An option the chosen objective would ignore is an error naming the file and the key.
     msg = error_of(write(tmp_path, "loss:\n  type: mkto\n  nll_coef: 0.5\n"))
     assert msg.startswith(str(tmp_path / "x.yaml")) and "loss.nll_coef: not used by loss.type 'mkto'" in msg

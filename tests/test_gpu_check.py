@@ -21,6 +21,8 @@ def test_gpu_check_smoke_runs_every_section():
         assert out[f"parity/{name}/2L"] == {"max_abs_diff": 0.0, "top1_agree": 1.0}
     assert out["step/tiny-gemma/bfloat16/ac=True"]["tok_per_s"] > 0
     assert out["step/tiny-gemma/fsdp_mixed_bf16/ac=True"]["tok_per_s"] > 0  # train.py's own path
+    lora = out["lora/tiny-gemma/r16/ac=True"]  # the one-GPU recipe's step, and the plan of it
+    assert lora["tok_per_s"] > 0 and lora["plan_gb"] >= 0
     # The static-shape paged decode step (what CUDA graphs replay) gives the eager dense step's greedy tokens.
     assert out["rollout/tiny-gemma/greedy_graphs_paged_vs_eager_dense"] == {"rows_identical": "8/8"}
     row = out["rollout/tiny-gemma/rows=4"]

@@ -279,3 +279,30 @@ def test_sft_with_adapters_learns_and_only_adapters_move(setup, tmp_path):  # no
         else:
             b = ad["base_model.model." + k.replace(".weight", ".lora_B.weight")]
             torch.testing.assert_close(merged[k], w + (8 / 4) * b @ a, rtol=0, atol=1e-6)
+
+
+def test_mkto_with_adapters_starts_at_the_base_and_moves_only_adapters(setup, tmp_path):  # noqa: F811
+    """M-KTO with adapters: step 1's reference (and its KL sequences' z0) is the base with adapters off, so every
+    log-ratio and z0 are 0 and each loss is w (1 - sigmoid(0)); afterwards only the 7 projections changed."""
+    import random as _r
+
+    from test_train import make_traj
+
+    g = torch.Generator().manual_seed(4)
+    data = tmp_path / "kto.jsonl"
+    labels = [i % 3 != 0 for i in range(8)]
+    with open(data, "w") as f:
+        for i in range(8):
+            t = make_traj(g, f"k{i}", 0, [2] + torch.randint(5, 512, (5,), generator=g).tolist())
+            t.correct = labels[i]
+            f.write(t.to_json() + "\n")
+    out = tmp_path / "kto"
+    train(lora_run(setup, loss__type="mkto", training__global_batch_size=4, loss__undesirable_weight=1.5,
+                   checkpoint__every=0), data, out)
+    m = metrics(out)
+    first = _r.Random(42).sample(range(8), 8)[:4]
+    assert m[0]["loss"] == pytest.approx(sum(0.5 * (1.0 if labels[i] else 1.5) for i in first) / 4, abs=1e-6)
+    assert m[0]["kl"] == 0.0 and m[-1]["loss"] != pytest.approx(m[0]["loss"], abs=1e-4)
+    base, merged = load_file(setup / "init" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert changed and all(k.split(".")[-2].endswith("_proj") for k in changed), changed

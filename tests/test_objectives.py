@@ -43,7 +43,7 @@ def test_ignored_options_are_config_errors():
     # Options an objective reads are accepted.
     obj("mdpo", label_smoothing=0.1, nll_coef=1.0)
     obj("mdpo_discount", turn_discount=0.5)
-    assert set(OBJECTIVES) == {"mdpo", "mdpo_discount", "turn_dpo", "simpo", "mkto", "sft", "raft"}
+    assert set(OBJECTIVES) == {"mdpo", "mdpo_discount", "turn_dpo", "simpo", "mkto", "sft", "raft", "grpo", "drgrpo", "rloo"}
 
 
 def test_ipo_averages_log_probs_per_token_by_default():

@@ -412,3 +412,31 @@ def test_lora_runs_every_stage_and_exports_merged_models(run, setup, tmp_path):
         assert changed and all(k.endswith("_proj.weight") for k in changed), changed
     # Rollouts of iteration 2 came from iteration 1's merged policy.
     assert {t.model for t in read_trajectories(out / "iter_2" / "rollout.jsonl")} == {str(out / "iter_1" / "policy")}
+
+
+@pytest.mark.parametrize("loss", ["grpo", "rloo"])
+def test_online_rl_objectives_run_through_the_pipeline(run, setup, tmp_path, loss):
+    """GRPO / RLOO as pipeline iterations from the module run's SFT model: on-policy rollouts (no previous model),
+    groups of one prompt scored in data.jsonl (all-equal groups left out and counted), training on the sampler's
+    recorded log-probs (ratio 1 and the mismatch checked at the first step), evaluation only where eval.every says."""
+    sft = run[0] / "sft" / "final"
+    cfg = load_config(write_config(setup), [f"loss.type={loss}", f"model.name_or_path={sft}", "sft.data=null",
+                                            "rollout.n_current=4", "rollout.n_previous=0", "eval.select=false",
+                                            "eval.every=2", "training.iterations=3", "data.prompts_per_iteration=4",
+                                            "optimizer.lr=1.0e-3"])
+    out = tmp_path / loss
+    results = Pipeline(cfg, out).run()
+    assert sorted(results) == ["iter_0", "iter_1", "iter_2", "iter_3"]
+    assert "eval" not in results["iter_1"] and "eval" in results["iter_2"] and "eval" in results["iter_3"]
+    for it in (1, 2, 3):
+        info = json.loads((out / f"iter_{it}" / "data_stats.json").read_text())
+        assert info["groups"] == info["groups_trained"] + info["groups_all_equal"] + info["groups_of_one"]
+        rows = list(read_trajectories(out / f"iter_{it}" / "data.jsonl"))
+        assert len(rows) == info["examples"] and all("advantage" in t.meta for t in rows)
+        by: dict = {}
+        for t in rows:
+            by.setdefault(t.prompt_id, []).append(t.meta["advantage"])
+        assert all(abs(sum(a)) < 1e-4 for a in by.values())  # advantages are centred within each group
+        m = [json.loads(x) for x in (out / f"iter_{it}" / "train" / "metrics.jsonl").read_text().splitlines()]
+        if m:
+            assert m[0]["ratio/mean"] == pytest.approx(1.0, abs=1e-4) and m[0]["mismatch/mean_abs"] < 1e-4

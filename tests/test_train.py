@@ -320,6 +320,18 @@ def test_cli_exit_codes(setup, tmp_path, capsys):
     assert "loss.beta" in capsys.readouterr().err
 
 
+def test_a_run_starts_with_its_memory_plan(setup, tmp_path, capsys):
+    """mdpo.train says, before the weights load, the plan mdpo.plan makes of the same config on this machine."""
+    from mdpo.plan import device_gb, plan
+
+    cfg = cfg_for(setup, checkpoint__every=0)
+    train(cfg, setup / "pairs.jsonl", tmp_path / "p", max_steps=1)
+    printed = [line for line in capsys.readouterr().err.splitlines() if line.startswith("plan:")]
+    want = plan(cfg, 1, device_gb(torch.device("cpu")), device_name="CPU", fused_optimizer=False).lines()
+    assert printed == want and want[0].startswith("plan: gemma3 ") and "1 CPU x" in want[0]
+    assert "fits in" in want[1]
+
+
 def test_every_loss_metric_reaches_metrics_jsonl(setup, tmp_path):
     """nll_coef > 0: the chosen side's per-token NLL is logged; at step 1 (policy == reference) it is the mean over
     the batch of -reference(chosen) / chosen tokens, from the stored reference log-probs."""

@@ -44,9 +44,12 @@ from mdpo.demo import EXPERIMENT, MODEL, SIZES, model_arch, parse_sizes, prepare
 from mdpo.plots import pyplot, save
 from mdpo.trajectory import read_trajectories
 
+# Every sample of a group is scored (reward 0 for a wrong or malformed answer), none filtered out: M-DPO's filters
+# pick clean pairs, but dropping a group's samples would bias its baseline.
 RL = ["rollout.n_current=8", "rollout.n_previous=0", "training.iterations=12", "data.prompts_per_iteration=50",
-      "eval.every=4", "eval.select=false", "training.epochs=1", "training.global_batch_size=64",
-      "training.micro_batch_size=16", "optimizer.lr=2.0e-4"]
+      "eval.every=4", "eval.select=false", "training.epochs=1", "training.global_batch_size=32",
+      "training.micro_batch_size=16", "filters.no_tool_call=false", "filters.long_answer=false",
+      "filters.correct_after_error=false", "filters.duplicate_first_turn=false", "filters.overlong=false"]
 
 # name: (what the row is, overrides of experiments/demo.yaml). The paper's rows (Tables 1-3) that fit the task.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
@@ -68,7 +71,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                                                    "optimizer.lr=1.0e-3", "lora.train_embeddings=true"]),
     # Online RL at M-DPO's trajectory budget: 4 small on-policy iterations (50 prompts x 8 samples) for each of
     # M-DPO's (200 x 8), evaluated every 4th, a few optimizer steps each (budget_scale).
-    **{name: (label, [f"loss.type={name}", *RL]) for name, label in
+    # lr: M-DPO's 2e-4 (1e-3 reached 51.4% at the first budget point against 75.6%, seed 0; docs/LOG.md).
+    **{name: (label, [f"loss.type={name}", *RL, "optimizer.lr=2.0e-4"]) for name, label in
        (("grpo", "GRPO"), ("drgrpo", "Dr. GRPO"), ("rloo", "RLOO"))},
 }
 BASELINE = "mdpo"
@@ -256,7 +260,7 @@ def stage_seconds(folders: list[Path]) -> dict[str, float]:
 
 
 def report(out: Path, variants: list[str], seeds: int, iterations: int, wall: float | None,
-           scale: dict[str, int] | None = None) -> dict:
+           scale: dict[str, int] | None = None, per_iteration: int | None = None) -> dict:
     """Tables, verdicts, results.jsonl and ablation.png from the finished runs.
 
     Column t is a budget point: M-DPO's iteration t, and iteration scale[v] x t of a variant that runs scale[v]
@@ -307,6 +311,7 @@ def report(out: Path, variants: list[str], seeds: int, iterations: int, wall: fl
             summary["directions"].append(d)
             rows.append({"kind": "direction", **d})
     summary["scale"] = {v: scale.get(v, 1) for v in variants}
+    summary["trajectories_per_iteration"] = per_iteration
     # What a run of each variant cost (its stages' seconds, mean over seeds): the wall-time side of a comparison.
     summary["minutes_per_run"] = {v: sum(stage_seconds([run_dir(out, v, s)]).values()) / 60 / seeds for v in variants}
     seconds = stage_seconds([run_dir(out, v, s) for v in variants for s in range(seeds)] + [out / "base"])
@@ -383,7 +388,12 @@ def plot(summary: dict, variants: list[str], path: Path) -> bool:
         err = [[100 * (x[0] - x[1]) for x in summary["variants"][v]], [100 * (x[2] - x[0]) for x in summary["variants"][v]]]
         xs = [t + (k - (len(variants) - 1) / 2) * 0.04 for t in range(T + 1)]  # dodge overlapping bars
         a.errorbar(xs, m, yerr=err, marker="o", capsize=3, label=VARIANTS[v][0] if v in VARIANTS else v)
-    a.set_xticks(range(T + 1), ["SFT"] + [f"iter {t}" for t in range(1, T + 1)])
+    per = summary.get("trajectories_per_iteration")
+    if per and any(k > 1 for k in summary.get("scale", {}).values()):  # budget points: trajectories sampled
+        a.set_xticks(range(T + 1), ["SFT"] + [f"{t * per:,}" for t in range(1, T + 1)])
+        a.set_xlabel("trajectories sampled (M-DPO: one iteration each; online RL: its small iterations)")
+    else:
+        a.set_xticks(range(T + 1), ["SFT"] + [f"iter {t}" for t in range(1, T + 1)])
     a.set_ylabel("test accuracy (%)")
     a.set_title(f"accuracy, mean over {summary['seeds']} seeds (95% CI)")
     a.grid(alpha=0.3)
@@ -396,7 +406,9 @@ def plot(summary: dict, variants: list[str], path: Path) -> bool:
         b.axvline(0, color="black", lw=0.8)
         b.set_yticks(ys, [VARIANTS[v][0] if v in VARIANTS else v for v, _ in diffs], fontsize=8)
         b.set_xlabel("points")
-        b.set_title(f"variant - M-DPO at iteration {T} (paired, 95% CI)")
+        at = f"{T * per:,} trajectories" if per and any(k > 1 for k in summary.get("scale", {}).values()) else \
+            f"iteration {T}"
+        b.set_title(f"variant - M-DPO at {at} (paired, 95% CI)")
         b.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     save(fig, path)
@@ -454,7 +466,9 @@ def main(argv=None) -> int:
         print(f"error: {len(failed)} runs failed ({', '.join(failed)}); their log.txt says why. Rerun to resume.",
               file=sys.stderr)
         return 1
-    summary = report(out, variants, seeds, iterations, time.monotonic() - start, scale)
+    b = cfgs[BASELINE]
+    per_iteration = (b.data.prompts_per_iteration or 0) * (b.rollout.n_current + b.rollout.n_previous) or None
+    summary = report(out, variants, seeds, iterations, time.monotonic() - start, scale, per_iteration)
     print(json.dumps({"ablate": {v: summary["variants"][v][-1][0] for v in variants},
                       "directions": {d["claim"]: d["verdict"] for d in summary["directions"]},
                       "wall_minutes": round((time.monotonic() - start) / 60, 1)}))

@@ -73,6 +73,7 @@ class Plan:
     typical: int = 700
     knobs: list[str] = field(default_factory=list)
     device: str = "GPU"
+    checkpointing: bool = False  # training.activation_checkpointing of the plan
 
     @property
     def peak_phase(self) -> str:
@@ -98,7 +99,8 @@ class Plan:
                f"plan: training {gb(self.train_total)} GB per {self.device} = weights {gb(t['weights'])} + optimizer "
                f"{gb(t['optimizer'])} + {gb(self.phases[self.peak_phase])} at the peak ({self.peak_phase}): "
                f"{verdict} in {gb(self.gpu_bytes)} GB (budget {gb(HEADROOM * self.gpu_bytes)})",
-               f"plan:   activations {gb(t['activations'])}, head logits {gb(t['head_logits'])}, head gradient "
+               f"plan:   activations {gb(t['activations'])} (checkpointing {'off' if self.checkpointing else 'on'}: "
+               f"{gb(t['activations_other'])}), head logits {gb(t['head_logits'])}, head gradient "
                f"{gb(t['head_gradient'])}, gradients {gb(t['gradients'])}; "
                + ", ".join(f"{k} {gb(v)}" for k, v in self.phases.items()),
                f"plan: rollout {gb(self.rollout_total)} GB = weights {gb(self.rollout['weights'])} + KV pool "
@@ -232,7 +234,9 @@ def plan(cfg: ExperimentConfig, gpus: int = 1, gpu_gb: float = 80.0, model: str 
     ckpt = cfg.training.activation_checkpointing
     # Blocks (each block's input only, with checkpointing), the embedding output and final norm's saved tensors
     # and the hidden states handed to the head.
-    acts = c.num_layers * (n * d * b if ckpt else block) + n * d * (3 * b + 4)
+    outside = n * d * (3 * b + 4)
+    acts = c.num_layers * (n * d * b if ckpt else block) + outside
+    acts_other = c.num_layers * (block if ckpt else n * d * b) + outside  # the other checkpointing setting
     # mdpo.logprobs: one chunk's fp32 logits at a time (in bf16, beside the bf16 product they are cast from).
     cv = min(CHUNK, n) * V
     head_logits = cv * (4 + (b if b != 4 else 0))
@@ -252,9 +256,10 @@ def plan(cfg: ExperimentConfig, gpus: int = 1, gpu_gb: float = 80.0, model: str 
               "blocks backward": carried + acts + work + (4 * embed if head_trains else 0),
               "backward end": grads + lookup,
               "optimizer step": update}
-    p = Plan(what="", gpu_bytes=int(gpu_gb * GB), typical=typical, device=device_name,
+    p = Plan(what="", gpu_bytes=int(gpu_gb * GB), typical=typical, device=device_name, checkpointing=ckpt,
              train={"weights": int(weights), "optimizer": int(optim), "activations": int(acts),
-                    "head_logits": int(head_logits), "head_gradient": int(head_grad), "gradients": int(grads)},
+                    "head_logits": int(head_logits), "head_gradient": int(head_grad), "gradients": int(grads),
+                    "activations_other": int(acts_other)},
              phases={k: int(v) for k, v in phases.items()})
     # Rollout: the sampler's own weights in the compute dtype, and its KV pool.
     kv_tok = 2 * c.num_layers * c.num_kv_heads * c.head_dim * b

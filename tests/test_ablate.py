@@ -198,3 +198,30 @@ def test_rl_variants_compare_at_equal_trajectory_budgets():
     bad = load_config(ablate.EXPERIMENT, [*ablate.VARIANTS["grpo"][1], "data.prompts_per_iteration=60"])
     with pytest.raises(ConfigError, match="equal numbers of trajectories"):
         ablate.budget_scale("grpo", bad, base)
+
+
+def test_report_reads_an_rl_variant_at_its_budget_points(tmp_path):
+    """report() with scale: M-DPO's iteration t against the RL variant's iteration 4 t (hand-made eval files)."""
+    from mdpo.trajectory import Trajectory
+
+    def evals(folder, it, correct):
+        write_trajectories(folder / f"iter_{it}" / "eval" / "test.jsonl",
+                           [Trajectory(f"p{i}", 0, [2], [0], [0], correct=c) for i, c in enumerate(correct)])
+
+    out = tmp_path / "bench"
+    for s in range(2):
+        m, g = ablate.run_dir(out, "mdpo", s), ablate.run_dir(out, "grpo", s)
+        for it, c in enumerate([[0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0]]):
+            evals(m, it, c)
+        for it, c in [(0, [0, 0, 0, 0]), (4, [1, 1, 1, 0]), (8, [1, 1, 1, 1]), (12, [1, 1, 1, 1])]:
+            evals(g, it, c)
+        evals(g, 5, [0, 0, 0, 0])  # an iteration between budget points is never read
+    summary = ablate.report(out, ["mdpo", "grpo"], 2, 3, None, {"grpo": 4}, 1600)
+    assert [round(x[0], 4) for x in summary["variants"]["grpo"]] == [0.0, 0.75, 1.0, 1.0]
+    assert [round(x[0], 4) for x in summary["variants"]["mdpo"]] == [0.0, 0.25, 0.5, 0.75]
+    assert [round(d[0], 4) for d in summary["differences"]["grpo"]] == [0.5, 0.5, 0.25]
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert {(r["iteration"], r["variant_iteration"]) for r in rows if r["kind"] == "run" and r["variant"] == "grpo"} \
+        == {(0, 0), (1, 4), (2, 8), (3, 12)}
+    report = (out / "report.md").read_text()
+    assert "iteration t of GRPO is after 4 x t of its smaller iterations" in report and "min / run" in report

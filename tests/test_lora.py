@@ -44,6 +44,21 @@ def test_forward_is_base_plus_scaled_low_rank_update():
     assert torch.count_nonzero(fresh.lora_B.weight) == 0
 
 
+def test_frozen_weights_get_no_gradient():
+    """After backward through an adapted model, every frozen tensor's .grad is None and every adapter's is set."""
+    model = build_model(ModelConfig.from_name("tiny-llama"), seed=0)
+    apply_lora(model, LoraConfig(enabled=True, rank=2, alpha=4.0), torch.float32, seed=0)
+    for _, m in lora_modules(model):
+        with torch.no_grad():
+            m.lora_B.weight.normal_()  # B = 0 would leave A's gradient exactly zero
+    model(torch.randint(0, 512, (2, 9))).float().logsumexp(-1).sum().backward()
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert not p.requires_grad and p.grad is None, name
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_every_family_is_adapted_in_its_seven_projections(name):
     model = build_model(ModelConfig.from_name(name), seed=0)

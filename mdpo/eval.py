@@ -34,7 +34,7 @@ from mdpo.hub import HubError, resolve_model
 from mdpo.textfile import read_lines
 from mdpo.tokenizer import TokenizerError
 from mdpo.trajectory import Role, Trajectory, TrajectoryError
-from mdpo.weights import DTYPES, CheckpointError, load_pretrained, parse_dtype
+from mdpo.weights import DTYPES, CheckpointError, load_pretrained, parse_dtype, resident_model
 
 
 class EvalError(ValueError):
@@ -252,7 +252,9 @@ def sample_graded(model_path, problems: list[dict], path, n: int | range, params
         return done
     # Under torchrun each rank samples on its own GPU (the trainer set the current device); else the CPU.
     device = default_device()
-    model = load_pretrained(model_path, dtype=dtype, device=device).eval()
+    # The weights this process has just trained, when these are they (mdpo.weights.keep_resident): no reload.
+    model = resident_model(model_path, dtype, device) or load_pretrained(model_path, dtype=dtype, device=device)
+    model.eval()
     tok = load_tokenizer(model_path)
 
     def request(p, missing):

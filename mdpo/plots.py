@@ -27,7 +27,14 @@ _warned = False
 TRAINING_PANELS = [
     ("reward margin", "beta * (chosen - rejected log-ratio)", ["rewards/margin"]),
     ("rewards", "beta * log-ratio to the reference", ["rewards/chosen", "rewards/rejected"]),
-    ("log-probs", "summed log-prob of the masked tokens", ["logps/chosen", "logps/rejected", "logps/policy"]),
+    ("log-probs", "log-prob of the masked tokens (sum; online RL: a token's)", ["logps/chosen", "logps/rejected",
+                                                                              "logps/policy"]),
+    # Online RL (grpo / drgrpo / rloo): the batch's reward, how far the policy moved from the sampler, the clip.
+    ("reward", "mean reward of the batch's samples", ["reward"]),
+    ("policy / sampler ratio", "exp(policy - recorded log-prob) per token", ["ratio/mean", "ratio/max"]),
+    ("clipped tokens", "fraction of model tokens outside the clip", ["clip_fraction"]),
+    ("advantage", "per sequence", ["advantage/mean", "advantage/abs"]),
+    ("KL", "estimate against the reference", ["kl"]),
 ]
 
 
@@ -135,9 +142,13 @@ def plot_training(runs: list[tuple[int, list[dict]]], path: Path) -> Path | None
     from matplotlib.ticker import MaxNLocator
 
     # Constrained layout keeps the legends below the axes inside the figure; inside, they would cover lines.
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False, layout="constrained")
+    cols = min(3, len(panels))  # more panels (online RL's) wrap onto further rows
+    rows_ = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(5.5 * cols, 4.2 * rows_), squeeze=False, layout="constrained")
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
     colours = {}
-    for ax, (title, ylabel, keys) in zip(axes[0], panels):
+    for ax, (title, ylabel, keys) in zip(axes.flat, panels):
         offset = 0
         for n, (it, rows) in enumerate(runs):
             for key in keys:
@@ -148,8 +159,9 @@ def plot_training(runs: list[tuple[int, list[dict]]], path: Path) -> Path | None
             end = offset + max(r["step"] for r in rows)
             if n + 1 < len(runs):
                 ax.axvline(end + 0.5, color="grey", linestyle=":", linewidth=1)
-            ax.text((offset + 1 + end) / 2, 1.0, f"iter {it}", transform=ax.get_xaxis_transform(),
-                    ha="center", va="bottom", fontsize=8, color="grey")
+            if n % -(-len(runs) // 8) == 0:  # at most 8 labels: online RL runs many small iterations
+                ax.text((offset + 1 + end) / 2, 1.0, f"iter {it}", transform=ax.get_xaxis_transform(),
+                        ha="center", va="bottom", fontsize=8, color="grey")
             offset = end
         if title == "reward margin":
             ax.axhline(0, color="black", linewidth=0.6)

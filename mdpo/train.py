@@ -51,7 +51,7 @@ from mdpo.objectives import Batch, Example, Max, Objective, ObjectiveError, Toke
 from mdpo.plan import announce
 from mdpo.tracking import Tracker, check_tracker, job_of, open_tracker, scalars
 from mdpo.trajectory import Trajectory, TrajectoryError, read_jsonl
-from mdpo.weights import CheckpointError, load_pretrained, parse_dtype
+from mdpo.weights import CheckpointError, keep_resident, load_pretrained, parse_dtype
 from mdpo.weights import load_config as load_model_config
 
 
@@ -489,6 +489,13 @@ def _train(cfg, data, out, resume, max_steps, reference, export_every) -> dict:
     log.close()
     if end == total:
         export(model, out / "final", cfg.model.name_or_path, dtype, lora)
+        from torch.distributed.tensor import DTensor
+        if ws == 1 and not lo.enabled and all(p.dtype == dtype and not isinstance(p, DTensor)
+                                              for p in model.parameters()):
+            # One process, the exported weights exactly: the next rollout here samples from this model in memory.
+            model.activation_checkpointing = False
+            model.zero_grad(set_to_none=True)
+            keep_resident(out / "final", model.eval())
         if rank == 0:
             write_json_atomic(out / "summary.json", {"steps": total, "examples": len(examples), "dropped": dropped,
                                                      "last": last})

@@ -335,6 +335,35 @@ def checkpoint_dtype(path) -> torch.dtype:
     return found
 
 
+# The model a process has just trained (mdpo.train: one process, weights not sharded), kept so that the next rollout of
+# the same weights in this process uses it instead of reading back what was just written (online RL's many small
+# iterations). One at a time; matched by the folder's files, never by path alone (a copy of the folder matches).
+_RESIDENT: list = []
+
+
+def folder_identity(folder) -> tuple:
+    """config.json's bytes and each *.safetensors file's name, size and modification time (copies keep them)."""
+    p = Path(folder)
+    config = (p / "config.json").read_bytes() if (p / "config.json").is_file() else b""
+    return config, tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(p.glob("*.safetensors")))
+
+
+def keep_resident(folder, model: CausalLM) -> None:
+    """Remember `model` as the in-memory copy of the checkpoint just written to `folder` (replacing any other)."""
+    _RESIDENT[:] = [(folder_identity(folder), model)]
+
+
+def resident_model(folder, dtype: torch.dtype | None, device) -> CausalLM | None:
+    """The kept model if `folder` holds the very files it was saved as, in `dtype` on `device`; else None."""
+    if not _RESIDENT or dtype is None or not Path(folder).is_dir():
+        return None
+    ident, model = _RESIDENT[0]
+    p = next(model.parameters())
+    if ident != folder_identity(folder) or p.dtype != dtype or p.device != torch.device(device):
+        return None
+    return model
+
+
 def load_pretrained(path, dtype: torch.dtype | None = torch.float32, device="cpu", attn_impl: str = "sdpa") -> CausalLM:
     """A model from an HF-layout folder, built on the meta device and filled strictly from safetensors.
     dtype None: the dtype the checkpoint was saved in."""

@@ -222,3 +222,30 @@ def test_a_mismatched_rollout_is_refused_at_the_first_step(tiny, tmp_path):
         t.model = "another/model"  # not this model's samples: nothing to compare, training goes on
     write_trajectories(tmp_path / "other.jsonl", seqs)
     train(cfg, str(tmp_path / "other.jsonl"), tmp_path / "out2")
+
+
+def test_the_next_rollout_samples_the_trained_model_in_memory(tiny, tmp_path):
+    """One process trains, then samples: the sampler gets the trained model object (no reload) exactly when the
+    folder holds the files it was exported as (a copy, as the pipeline's policy folder, matches; rewritten files do
+    not), and it equals the weights read back from disk (the pipeline test checks the rollout uses it)."""
+    import shutil
+
+    from mdpo import weights
+    d, model = tiny
+    g = torch.Generator().manual_seed(5)
+    seqs = [scored(g, f"q{i // 2}", i % 2, 1.0 if i % 2 == 0 else -1.0, model) for i in range(4)]
+    write_trajectories(tmp_path / "s.jsonl", seqs)
+    cfg = load_config(_cfg_path(), ["loss.type=grpo", f"model.name_or_path={d / 'init'}", "training.global_batch_size=4",
+                                    "training.micro_batch_size=4", "checkpoint.every=0", "optimizer.lr=1e-2"])
+    train(cfg, str(tmp_path / "s.jsonl"), tmp_path / "out")
+    final = tmp_path / "out" / "final"
+    kept = weights.resident_model(final, torch.float32, "cpu")
+    assert kept is not None and not kept.training
+    disk = weights.load_pretrained(final)
+    for (k, a), b in zip(kept.state_dict().items(), disk.state_dict().values()):
+        assert torch.equal(a, b), k
+    shutil.copytree(final, tmp_path / "policy")  # what the pipeline's selection stage does
+    assert weights.resident_model(tmp_path / "policy", torch.float32, "cpu") is kept
+    assert weights.resident_model(final, torch.bfloat16, "cpu") is None  # another dtype: read from disk
+    (final / "config.json").write_text((final / "config.json").read_text() + " ")
+    assert weights.resident_model(final, torch.float32, "cpu") is None  # the files changed

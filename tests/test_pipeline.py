@@ -415,7 +415,7 @@ def test_lora_runs_every_stage_and_exports_merged_models(run, setup, tmp_path):
 
 
 @pytest.mark.parametrize("loss", ["grpo", "rloo"])
-def test_online_rl_objectives_run_through_the_pipeline(run, setup, tmp_path, loss):
+def test_online_rl_objectives_run_through_the_pipeline(run, setup, tmp_path, loss, monkeypatch):
     """GRPO / RLOO as pipeline iterations from the module run's SFT model: on-policy rollouts (no previous model),
     groups of one prompt scored in data.jsonl (all-equal groups left out and counted), training on the sampler's
     recorded log-probs (ratio 1 and the mismatch checked at the first step), evaluation only where eval.every says."""
@@ -425,8 +425,15 @@ def test_online_rl_objectives_run_through_the_pipeline(run, setup, tmp_path, los
                                             "eval.every=2", "training.iterations=3", "data.prompts_per_iteration=4",
                                             "optimizer.lr=1.0e-3"])
     out = tmp_path / loss
+    from mdpo import eval as ev
+    loads, real = [], ev.load_pretrained
+    monkeypatch.setattr(ev, "load_pretrained", lambda path, *a, **k: loads.append(str(path)) or real(path, *a, **k))
     results = Pipeline(cfg, out).run()
     assert sorted(results) == ["iter_0", "iter_1", "iter_2", "iter_3"]
+    # Rollouts of iterations 2 and 3 sample the model this process just trained, in memory: no reload from disk.
+    assert not any("iter_1" in p or "iter_2" in p for p in loads), loads
+    a = list(read_trajectories(out / "iter_2" / "rollout.jsonl"))
+    assert a and {t.model for t in a} == {str(out / "iter_1" / "policy")}
     assert "eval" not in results["iter_1"] and "eval" in results["iter_2"] and "eval" in results["iter_3"]
     for it in (1, 2, 3):
         info = json.loads((out / f"iter_{it}" / "data_stats.json").read_text())

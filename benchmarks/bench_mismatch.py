@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from mdpo.datasets import load_problems  # noqa: E402
 from mdpo.eval import sample_graded  # noqa: E402
 from mdpo.sampler import SamplingParams  # noqa: E402
-from mdpo.train import batch_tensors  # noqa: E402
+from mdpo.train import batch_tensors, recorded_logprobs  # noqa: E402
 from mdpo.logprobs import masked_token_logprobs  # noqa: E402
 from mdpo.weights import load_pretrained  # noqa: E402
 
@@ -43,11 +43,8 @@ def measure(model_dir: str, problems: list[dict], samples: int, dtype: torch.dty
         for s in range(0, len(trajs), 16):
             seqs = trajs[s:s + 16]
             tokens, lm = batch_tensors(seqs, "model", "cpu")
-            lp, rows, select = masked_token_logprobs(model, tokens, lm)
-            old = torch.zeros(tokens.shape)
-            for i, t in enumerate(seqs):
-                old[i, : len(t.tokens)] = torch.tensor(t.logprobs)
-            diffs.append((lp - old[:, 1:][select]).abs())
+            lp, _, select = masked_token_logprobs(model, tokens, lm)
+            diffs.append((lp - recorded_logprobs(seqs, select)).abs())  # as the trainer's first-step check
     d = torch.cat(diffs).double()
     ratio = torch.exp(d)
     return {"tokens": d.numel(), "trajectories": len(trajs), "mean_abs": d.mean().item(),

@@ -92,8 +92,14 @@ def load_checkpoint(path: Path, model, opt, sched) -> int:
     msd, osd = get_state_dict(model, opt, options=_options(model))
     state = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=_options(model))
+    result = set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                            options=_options(model, loading=True))
+    # Loading only what trains is not strict by itself: the keys it did not set must be exactly the frozen base.
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    unset = {k for k in result.missing_keys if k not in frozen} if result else set()
+    if result and (unset or result.unexpected_keys):
+        raise RuntimeError(f"{path}: checkpoint does not fit the model: not set {sorted(unset)[:5]}, unexpected "
+                           f"{sorted(result.unexpected_keys)[:5]}")
     extra = torch.load(path / "trainer_state.pt", weights_only=False)
     sched.load_state_dict(extra["scheduler"])
     torch.set_rng_state(extra["rng"])
@@ -101,12 +107,15 @@ def load_checkpoint(path: Path, model, opt, sched) -> int:
     return extra["step"]
 
 
-def _options(model):
+def _options(model, loading: bool = False):
     """With adapters, a checkpoint holds only what trains: the frozen base is reloaded from its folder on resume
-    (a 7B base would otherwise be rewritten into every checkpoint)."""
+    (a 7B base would otherwise be rewritten into every checkpoint). Loading it then leaves the base's keys unset,
+    which strict loading refuses; load_checkpoint checks instead that exactly those were left."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(ignore_frozen_params=True, strict=False) if has_lora(model) else None
+    if not has_lora(model):
+        return None
+    return StateDictOptions(ignore_frozen_params=True, strict=not loading)
 
 
 def export(model, folder: Path, source: str, dtype: torch.dtype | None = None, lora=None):

@@ -35,28 +35,26 @@ def comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum `x` over ranks (in place when no copy was needed); returns the result on x's own device."""
+def _all_reduce(x: torch.Tensor, op) -> torch.Tensor:
+    """`op` over ranks in place (through the communication device when x lives elsewhere); x's own device."""
     if world()[1] == 1:
         return x
     dev = comm_device()
     y = x if x.device == dev else x.to(dev)
-    dist.all_reduce(y, op=dist.ReduceOp.SUM)  # SUM: gloo has no AVG
+    dist.all_reduce(y, op=op)
     if y is not x:
         x.copy_(y)
     return x
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum `x` over ranks (in place when no copy was needed); returns the result on x's own device."""
+    return _all_reduce(x, dist.ReduceOp.SUM)  # SUM: gloo has no AVG
 
 
 def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
     """Elementwise maximum of `x` over ranks (in place when no copy was needed), on x's own device."""
-    if world()[1] == 1:
-        return x
-    dev = comm_device()
-    y = x if x.device == dev else x.to(dev)
-    dist.all_reduce(y, op=dist.ReduceOp.MAX)
-    if y is not x:
-        x.copy_(y)
-    return x
+    return _all_reduce(x, dist.ReduceOp.MAX)
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:

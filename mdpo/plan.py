@@ -148,40 +148,48 @@ def _probe(config: ModelConfig, dtype: torch.dtype, cfg: ExperimentConfig) -> tu
     from dataclasses import replace
 
     from mdpo.lora import apply_lora
-    from mdpo.model import attention_mask, rope_tables
 
     # One block of the larger kind: a full-attention one (a sliding window longer than the probe changes nothing).
     kind = "full" if "full" in config.layer_types else "sliding"
-    model = build_model(replace(config, num_layers=1, layer_types=[kind], vocab_size=8), dtype=dtype, seed=0)
+    model = build_model(replace(config, num_layers=1, layer_types=[kind], vocab_size=8), dtype=dtype, seed=0,
+                        attn_impl=cfg.model.attn_impl)
     if cfg.lora.enabled:
         apply_lora(model, cfg.lora, dtype, seed=0)
         for p in model.parameters():
             p.data = p.data.to(dtype)  # under FSDP2 the fp32 adapters run in the compute dtype too
-    block = model.layers[0]
-    fused = cfg.model.attn_impl == "sdpa" and config.attn_softcap is None
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+    shared: set[int] = set()
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in shared:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    ctx = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+    def enter(_, args):
+        # The block as it runs in the middle of a model: its input carries gradients (with a frozen base the
+        # embedding output would not). Not the block's own: that input (the previous block's output, counted
+        # there), the RoPE tables and masks every block shares, and the parameters.
+        x = args[0].detach().requires_grad_(True)
+        shared.clear()
+        shared.update(params, {x.untyped_storage().data_ptr()},
+                      {t.untyped_storage().data_ptr() for pair in args[1].values() for t in pair if t is not None},
+                      {m.untyped_storage().data_ptr() for m in args[2].values() if m is not None})
+        ctx.__enter__()
+        return (x, *args[1:])
+
+    def leave(*_):
+        ctx.__exit__(None, None, None)
+
+    model.layers[0].register_forward_pre_hook(enter)
+    model.layers[0].register_forward_hook(leave)
 
     def measure(T: int) -> int:
-        x = torch.randn(1, T, config.hidden_size, dtype=dtype, requires_grad=True)
-        pos = torch.arange(T)[None]
-        rope = {s: rope_tables(pos, model._inv_freq(s, x.device), dtype) for s in (False, True)}
-        mask = None if fused else attention_mask(pos, pos[0], None, dtype)
-        seen: dict[int, int] = {}
-        # Not the block's own: its input (the previous block's output, counted there) and the RoPE tables and mask,
-        # which every block of the model shares.
-        shared = params | {x.untyped_storage().data_ptr()} | {
-            t.untyped_storage().data_ptr() for pair in rope.values() for t in pair if t is not None}
-        if mask is not None:
-            shared.add(mask.untyped_storage().data_ptr())
-
-        def pack(t):
-            st = t.untyped_storage()
-            if st.data_ptr() not in shared:
-                seen[st.data_ptr()] = st.nbytes()  # a storage saved by several ops is kept once
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            block(x, rope, {False: mask, True: mask}, pos, None, T, cfg.model.attn_impl)
+        seen.clear()  # a storage saved by several ops is kept once
+        model(torch.zeros(1, T, dtype=torch.long), return_hidden=True)
         return sum(seen.values())
 
     t1 = PROBE_TOKENS // 2

@@ -51,7 +51,7 @@ from mdpo.objectives import Batch, Example, Max, Objective, ObjectiveError, Toke
 from mdpo.plan import announce
 from mdpo.tracking import Tracker, check_tracker, job_of, open_tracker, scalars
 from mdpo.trajectory import Trajectory, TrajectoryError, read_jsonl
-from mdpo.weights import CheckpointError, keep_resident, load_pretrained, parse_dtype
+from mdpo.weights import CheckpointError, folder_identity, keep_resident, load_pretrained, parse_dtype
 from mdpo.weights import load_config as load_model_config
 
 
@@ -118,14 +118,20 @@ def batch_tensors(seqs: list[Trajectory], mask: str, device, objective: Objectiv
     return tokens.to(device), loss_mask.to(device)
 
 
+def recorded_logprobs(seqs: list[Trajectory], select: torch.Tensor) -> torch.Tensor:
+    """The sampler's recorded log-probs of `seqs` at the tokens masked_token_logprobs selected, in its order (M,)."""
+    old = torch.zeros(len(seqs), select.shape[1] + 1, dtype=torch.float32)
+    for i, t in enumerate(seqs):
+        old[i, : len(t.tokens)] = torch.tensor(t.logprobs, dtype=torch.float32)
+    return old.to(select.device)[:, 1:][select]
+
+
 # ---------------------------------------------------------------- reference log-probs
 def model_identity(path) -> dict:
     """What identifies a checkpoint folder without reading its weights: path, config, weight files' size and time."""
     p = Path(path).resolve()
-    files = sorted(p.glob("*.safetensors")) if p.is_dir() else []
-    config = (p / "config.json").read_bytes() if (p / "config.json").is_file() else b""
-    return {"path": str(p), "config_sha256": hashlib.sha256(config).hexdigest(),
-            "weights": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+    config, files = folder_identity(p)
+    return {"path": str(p), "config_sha256": hashlib.sha256(config).hexdigest(), "weights": [list(f) for f in files]}
 
 
 def reference_key(cfg: ExperimentConfig, objective: Objective, data, reference: str, dtype: torch.dtype) -> dict:
@@ -277,10 +283,7 @@ class Step:
         the online reference's) at the same tokens, and the per-sequence sums and counts."""
         tokens, lm = batch_tensors(seqs, self.cfg.loss.mask, self.device, self.obj)
         lp, rows, select = masked_token_logprobs(self.model, tokens, lm)
-        old = torch.zeros(tokens.shape, dtype=torch.float32)
-        for i, t in enumerate(seqs):
-            old[i, : len(t.tokens)] = torch.tensor(t.logprobs, dtype=torch.float32)
-        old = old.to(self.device)[:, 1:][select]
+        old = recorded_logprobs(seqs, select)
         ref = None
         if self.obj.reference:  # reference.online (mdpo.config): the frozen copy, or the base with adapters off
             with torch.no_grad():
